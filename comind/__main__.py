@@ -1,0 +1,5 @@
+import sys
+
+from comind.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""Shared-token authentication and TLS (ARCHITECTURE.md, decision 9).
+
+Every call carries ``authorization: Bearer <token>`` metadata; the ps
+compares it in constant time. TLS encrypts the channel; when the ps is given
+a CA, it also requires client certificates signed by it (mutual TLS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "authorization"
+
+
+def load_token(token: str | None, token_file: str | None) -> str | None:
+    """The token given inline or in a file (trailing whitespace dropped)."""
+    if token and token_file:
+        raise ValueError("Give the token or a token file, not both. Received: token=<hidden>, "
+                         f"token_file={token_file!r}")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as error:
+            raise ValueError(f"Cannot read the token file: {error}. Received: token_file={token_file!r}") from None
+        if not token:
+            raise ValueError(f"The token file is empty. Received: token_file={token_file!r}")
+    return token or None
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return ((METADATA_KEY, f"Bearer {token}"),) if token else ()
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED, every call without the right token."""
+
+    def __init__(self, token: str, on_failure: Callable[[], None] = lambda: None):
+        self._expected = f"Bearer {token}".encode()
+        self._on_failure = on_failure
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+            return None
+        sent = dict(details.invocation_metadata or ()).get(METADATA_KEY)
+        if sent is not None and hmac.compare_digest(sent.encode(), self._expected):
+            return handler
+        self._on_failure()
+        reason = "no token was sent" if sent is None else "the token is wrong"
+        log.warning("Refused %s: %s.", details.method, reason)
+        return _refusal(handler, f"Authentication failed: {reason}. Set COMIND_TOKEN or COMIND_TOKEN_FILE "
+                                 f"to the ps's token.")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def abort(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    return kinds[(handler.request_streaming, handler.response_streaming)](
+        abort, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """PEM files. On the ps: its certificate and key, and a CA to require client
+    certificates. On a worker: the CA that signed the ps's certificate, and a
+    certificate and key of its own for mutual TLS."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key or self.ca)
+
+    def _read(self, name: str) -> bytes | None:
+        path = getattr(self, name)
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"Cannot read the TLS {name} file: {error}. Received: tls_{name}={path!r}") from None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if not (self.cert and self.key):
+            raise ValueError("The ps needs both COMIND_TLS_CERT and COMIND_TLS_KEY for TLS. "
+                             f"Received: tls_cert={self.cert!r}, tls_key={self.key!r}")
+        ca = self._read("ca")
+        return grpc.ssl_server_credentials(
+            [(self._read("key"), self._read("cert"))], root_certificates=ca, require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("A client certificate needs its key, and a key its certificate. "
+                             f"Received: tls_cert={self.cert!r}, tls_key={self.key!r}")
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read("ca"), private_key=self._read("key"),
+            certificate_chain=self._read("cert"))

@@ -1,0 +1,102 @@
+"""Durable global models: one ``.npz`` file per round, written atomically.
+
+A checkpoint is a plain NumPy ``.npz`` (``np.load(path)`` opens it; no
+pickle): ``round``, ``names`` and the tensors as ``tensor_00000``,
+``tensor_00001``, ... It is written to a temporary file, fsynced, renamed
+into place and the directory fsynced, so a crash leaves either the old
+checkpoint or the new one, never half of one. The ps saves before it lets any
+worker pull the model (durability before visibility), so no worker can hold a
+round that a restarted ps has forgotten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from comind.tensors import Layout, LayoutError
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^round-(\d{9})\.npz$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    layout: Layout
+    packed: np.ndarray  # the model as one flat uint8 buffer
+
+
+class CheckpointStore:
+    """Saves each round's global model in ``directory`` and keeps the last ``keep``."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"At least one checkpoint must be kept. Received: keep={keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob("*.tmp"):
+            leftover.unlink()  # an interrupted save; its round was never published
+
+    def rounds(self) -> list[int]:
+        found = (_NAME.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, round: int) -> Path:
+        return self.directory / f"round-{round:09d}.npz"
+
+    def save(self, round: int, layout: Layout, packed: np.ndarray) -> Path:
+        saved = self.rounds()
+        if saved and round < saved[-1]:
+            raise ValueError(
+                f"Refusing to save round {round} over round {saved[-1]}: the round number never "
+                f"goes backwards."
+            )
+        final = self.path(round)
+        temporary = final.with_name(final.name + ".tmp")
+        arrays = {f"tensor_{i:05d}": view for i, view in enumerate(layout.views(packed))}
+        with open(temporary, "wb") as file:
+            np.savez(file, round=np.int64(round), names=np.array([s.name for s in layout.specs], dtype=str),
+                     **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, final)
+        _fsync_directory(self.directory)
+        for old in self.rounds()[: -self.keep]:
+            self.path(old).unlink(missing_ok=True)
+        return final
+
+    def latest(self) -> Checkpoint | None:
+        """The newest readable checkpoint; unreadable ones are reported and skipped."""
+        for round in reversed(self.rounds()):
+            try:
+                return self.load(round)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, LayoutError) as error:
+                log.error("Checkpoint %s is unreadable (%s); trying the one before it.", self.path(round), error)
+        return None
+
+    def load(self, round: int) -> Checkpoint:
+        with np.load(self.path(round), allow_pickle=False) as data:
+            stored = int(data["round"])
+            if stored != round:
+                raise ValueError(f"file says round {stored}")
+            names = [str(n) for n in data["names"]]
+            arrays = [data[f"tensor_{i:05d}"] for i in range(len(names))]
+        layout = Layout.of(arrays, names)
+        return Checkpoint(round, layout, layout.pack(arrays))
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

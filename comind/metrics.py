@@ -1,0 +1,73 @@
+"""Prometheus series of the ps and the workers (ARCHITECTURE.md, decision 8).
+
+Each class takes the registry to register in, so tests build a fresh
+``CollectorRegistry`` and read values with ``get_sample_value``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+#: Rounds last from milliseconds (a small model on loopback) to many minutes
+#: (a CNN on CPUs); the default buckets are sized for web requests.
+ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+UPDATE_RESULTS = ("accepted", "stale", "rejected")
+
+
+class PsMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.round = Gauge("comind_round", "Last completed round.", registry=registry)
+        self.rounds_completed = Counter(
+            "comind_rounds_completed", "Rounds completed by this ps process.", registry=registry)
+        self.round_duration = Histogram(
+            "comind_round_duration_seconds", "Seconds from a round opening to its model being published.",
+            buckets=ROUND_BUCKETS, registry=registry)
+        self.train_loss = Gauge(
+            "comind_train_loss", "Example-weighted training loss of the last round's updates.", registry=registry)
+        self.train_accuracy = Gauge(
+            "comind_train_accuracy", "Example-weighted training accuracy of the last round's updates.",
+            registry=registry)
+        self.eval_loss = Gauge(
+            "comind_eval_loss", "Loss of the global model on held-out data.", registry=registry)
+        self.eval_accuracy = Gauge(
+            "comind_eval_accuracy", "Accuracy of the global model on held-out data.", registry=registry)
+        self.workers = Gauge("comind_workers", "Live workers (registered, lease not expired).", registry=registry)
+        self.updates = Counter(
+            "comind_updates", "Updates received, by result.", ["result"], registry=registry)
+        self.update_bytes = Counter(
+            "comind_update_bytes", "Model bytes streamed, by direction.", ["direction"], registry=registry)
+        self.auth_failures = Counter(
+            "comind_auth_failures", "Calls refused for a missing or wrong token.", registry=registry)
+        self.checkpoint_seconds = Histogram(
+            "comind_checkpoint_duration_seconds", "Seconds to write a checkpoint durably.",
+            buckets=ROUND_BUCKETS, registry=registry)
+        self.model_bytes = Gauge("comind_model_bytes", "Size of the global model.", registry=registry)
+        # Pre-create labelled series so that they read 0 rather than being absent.
+        for result in UPDATE_RESULTS:
+            self.updates.labels(result)
+        for direction in ("received", "sent"):
+            self.update_bytes.labels(direction)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.steps = Counter("comind_worker_steps", "Local training steps.", registry=registry)
+        self.examples = Counter("comind_worker_examples", "Local training examples.", registry=registry)
+        self.loss = Gauge("comind_worker_loss", "Running local training loss.", registry=registry)
+        self.sync_duration = Histogram(
+            "comind_worker_sync_duration_seconds", "Seconds from pushing an update to holding the next model.",
+            buckets=ROUND_BUCKETS, registry=registry)
+        self.round = Gauge("comind_worker_round", "Round of the global model this worker holds.",
+                           registry=registry)
+
+
+def serve(port: int, registry: CollectorRegistry, address: str = "0.0.0.0") -> None:
+    """Serves ``/metrics`` on ``port``; 0 turns metrics off."""
+    if port:
+        start_http_server(port, addr=address, registry=registry)
+        log.info("Metrics on http://%s:%d/metrics", address, port)

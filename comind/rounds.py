@@ -1,0 +1,174 @@
+"""The ps's round state machine: membership, leases, quorum and deadlines.
+
+Pure bookkeeping with an injected clock: no I/O, no threads, no tensors, so
+every rule here can be tested by stepping time by hand. The server asks it
+what to do and carries the answer out.
+
+Rules (ARCHITECTURE.md, decision 4):
+
+* Workers register and hold a lease that heartbeats renew; a worker whose
+  lease ends is no longer live.
+* Round ``r + 1`` is open once the global model of round ``r`` exists. It
+  closes when its quorum is in: ``replicas_to_aggregate`` updates if that is
+  set (later ones are stale, as with the original backup workers), otherwise
+  an update from every live worker. Until ``num_workers`` workers have
+  registered, the first round also waits for them, so a fast chief does not
+  close it alone.
+* It also closes when its deadline passes with at least ``min_updates``
+  updates; with fewer, the deadline is extended and the wait is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import secrets
+import time
+from collections.abc import Callable
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    EARLY = "early"          # for a round that is not open yet
+    UNKNOWN_WORKER = "unknown_worker"
+    NO_MODEL = "no_model"    # nothing to train from yet
+
+
+@dataclasses.dataclass
+class Member:
+    task_index: int
+    description: str
+    expires_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPolicy:
+    num_workers: int = 2
+    replicas_to_aggregate: int | None = None
+    min_updates: int = 1
+    lease_seconds: float = 10.0
+    round_timeout: float = 600.0
+    total_rounds: int = 20
+
+    def __post_init__(self):
+        checks = {
+            "num_workers": self.num_workers >= 1,
+            "replicas_to_aggregate": self.replicas_to_aggregate is None or self.replicas_to_aggregate >= 1,
+            "min_updates": self.min_updates >= 1,
+            "lease_seconds": self.lease_seconds > 0,
+            "round_timeout": self.round_timeout > 0,
+            "total_rounds": self.total_rounds >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} must be positive. Received: {name}={getattr(self, name)!r}")
+
+
+class Rounds:
+    """Who is live, which round is open, and whether it may close."""
+
+    def __init__(self, policy: RoundPolicy, round: int = -1, clock: Callable[[], float] = time.monotonic):
+        self.policy = policy
+        self.round = round  # last completed round; -1 until the first model exists
+        self.members: dict[str, Member] = {}
+        self.contributors: set[str] = set()
+        self.closing = False
+        self._clock = clock
+        self._seen_tasks: set[int] = set()
+        self._warmed_up = False
+        self.deadline = clock() + policy.round_timeout
+
+    @property
+    def open_round(self) -> int:
+        return self.round + 1
+
+    @property
+    def done(self) -> bool:
+        return self.round >= self.policy.total_rounds
+
+    @property
+    def has_model(self) -> bool:
+        return self.round >= 0
+
+    def register(self, task_index: int, description: str = "") -> str:
+        member_id = secrets.token_hex(16)
+        self.members[member_id] = Member(task_index, description, self._clock() + self.policy.lease_seconds)
+        self._seen_tasks.add(task_index)
+        return member_id
+
+    def renew(self, member_id: str) -> bool:
+        member = self.members.get(member_id)
+        if member is None:
+            return False
+        member.expires_at = self._clock() + self.policy.lease_seconds
+        return True
+
+    def leave(self, member_id: str) -> Member | None:
+        return self.members.pop(member_id, None)
+
+    def expire(self) -> list[Member]:
+        """Drops the members whose lease has ended, and returns them."""
+        now = self._clock()
+        gone = [mid for mid, m in self.members.items() if m.expires_at <= now]
+        return [self.members.pop(mid) for mid in gone]
+
+    def check(self, member_id: str, round: int) -> Verdict:
+        """Whether an update from this member for this round may be aggregated."""
+        if member_id not in self.members:
+            return Verdict.UNKNOWN_WORKER
+        if not self.has_model:
+            return Verdict.NO_MODEL
+        if round < self.open_round or self.closing or self.done:
+            return Verdict.STALE
+        if round > self.open_round:
+            return Verdict.EARLY
+        if member_id in self.contributors:
+            return Verdict.DUPLICATE
+        return Verdict.ACCEPT
+
+    def record(self, member_id: str) -> None:
+        self.contributors.add(member_id)
+
+    def ready_to_close(self) -> bool:
+        if not self.has_model or self.closing or self.done or not self.contributors:
+            return False
+        policy = self.policy
+        if policy.replicas_to_aggregate is not None:
+            if len(self.contributors) >= policy.replicas_to_aggregate:
+                return True
+        elif self._warmed_up or len(self._seen_tasks) >= policy.num_workers:
+            if set(self.members) <= self.contributors:
+                return True
+        return self._clock() >= self.deadline and len(self.contributors) >= policy.min_updates
+
+    def overdue(self) -> bool:
+        """The deadline passed without the minimum number of updates."""
+        return (self.has_model and not self.done and not self.closing
+                and self._clock() >= self.deadline and len(self.contributors) < self.policy.min_updates)
+
+    def begin_close(self) -> None:
+        """From here on, updates for the open round are stale."""
+        self.closing = True
+
+    def complete(self, round: int) -> None:
+        """The global model of ``round`` is durable and published: open the next round."""
+        if round < self.round:
+            raise ValueError(f"The round number never goes backwards: at {self.round}, got {round}.")
+        if self.has_model:
+            self._warmed_up = True
+        self.round = round
+        self.contributors.clear()
+        self.closing = False
+        self.deadline = self._clock() + self.policy.round_timeout
+
+    def extend_deadline(self) -> None:
+        self.deadline = self._clock() + self.policy.round_timeout
+
+    def next_event(self) -> float:
+        """The next time at which something may change without a call: a lease or deadline ends."""
+        times = [m.expires_at for m in self.members.values()]
+        if self.has_model and not self.done:
+            times.append(self.deadline)
+        return min(times, default=float("inf"))

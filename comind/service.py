@@ -1,0 +1,176 @@
+"""The ps over gRPC: the servicer, the server, and the process's life.
+
+Maps each RPC onto :class:`comind.ps.ParameterServer` and each
+:class:`comind.ps.Refusal` onto its status code, so that a client can tell
+every kind of bad input apart:
+
+===================  =====================  ===========================
+input                status                 ps state
+===================  =====================  ===========================
+missing/wrong token  UNAUTHENTICATED        unchanged
+unknown worker       NOT_FOUND              unchanged (register again)
+dtype or shape       INVALID_ARGUMENT       unchanged
+NaN or Inf           OUT_OF_RANGE           unchanged
+stale round          ABORTED                unchanged (pull and go on)
+duplicate            OK, ``duplicate=true`` unchanged (idempotent)
+truncated stream     DATA_LOSS              unchanged
+oversized stream     RESOURCE_EXHAUSTED     unchanged
+===================  =====================  ===========================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+import numpy as np
+
+from comind.auth import TlsFiles, TokenInterceptor
+from comind.proto import comind_pb2 as pb
+from comind.proto import comind_pb2_grpc as pb_grpc
+from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS
+from comind.ps import ParameterServer, Refusal
+from comind.tensors import Assembler, Layout, NonFiniteValues, OversizedStream, TruncatedStream, chunks
+
+log = logging.getLogger(__name__)
+
+class Service(pb_grpc.ParameterServerServicer):
+    def __init__(self, ps: ParameterServer):
+        self.ps = ps
+
+    async def Register(self, request, context):
+        return self.ps.register(request.task_index, request.description)
+
+    async def Heartbeat(self, request, context):
+        return await _answer(context, self.ps.heartbeat, request.member_id)
+
+    async def Leave(self, request, context):
+        self.ps.leave(request.member_id)
+        return pb.Empty()
+
+    async def ReportEval(self, request, context):
+        await _answer(context, self.ps.report_eval, request.member_id, request.round, request.loss,
+                      request.accuracy)
+        return pb.Empty()
+
+    async def Initialize(self, request_iterator, context):
+        try:
+            header = await _read_header(request_iterator)
+            layout = self.ps.layout_of(header.tensors)
+            if not self.ps.check_initialize(header.member_id, layout):
+                return pb.InitializeReply(accepted=False, round=self.ps.rounds.round)
+            async with self.ps.ingest_slots:
+                packed = await self._receive(request_iterator, layout)
+            return await self.ps.initialize(layout, packed)
+        except Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
+
+    async def PushUpdate(self, request_iterator, context):
+        try:
+            header = await _read_header(request_iterator)
+            ticket = self.ps.open_update(header)
+            if ticket is None:
+                self.ps.metrics.updates.labels("duplicate").inc()
+                return pb.PushReply(round=header.round, duplicate=True)
+            async with self.ps.ingest_slots:
+                packed = await self._receive(request_iterator, ticket.layout)
+                return await self.ps.commit_update(ticket, packed)
+        except Refusal as refusal:
+            self.ps.metrics.updates.labels(refusal.result).inc()
+            log.warning("Refused an update: %s", refusal.message)
+            await context.abort(refusal.code, refusal.message)
+
+    async def PullModel(self, request, context):
+        if request.member_id:
+            await _answer(context, self.ps.heartbeat, request.member_id)
+        remaining = context.time_remaining()
+        wait = LONG_POLL_SECONDS if remaining is None else max(0.0, min(LONG_POLL_SECONDS, remaining - 1.0))
+        model = await self.ps.next_model(request.after_round, wait)
+        if model is None:
+            yield pb.ModelChunk(header=pb.ModelHeader(ready=False, round=self.ps.rounds.round))
+            return
+        yield pb.ModelChunk(header=pb.ModelHeader(ready=True, round=model.round, done=model.done,
+                                                  tensors=model.layout.to_proto()))
+        sent = self.ps.metrics.update_bytes.labels("sent")
+        for data in chunks(model.packed):
+            yield pb.ModelChunk(data=data)
+            sent.inc(len(data))
+
+    async def _receive(self, request_iterator, layout: Layout) -> np.ndarray:
+        assembler = Assembler(layout, check_finite=True)
+        try:
+            async for message in request_iterator:
+                if message.WhichOneof("part") != "data":
+                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "Only the first message of a stream may be a header; the rest carry data.")
+                assembler.feed(message.data)
+            return assembler.finish()
+        except TruncatedStream as error:
+            raise Refusal(grpc.StatusCode.DATA_LOSS, f"Truncated model: the {error}.") from None
+        except OversizedStream as error:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Oversized model: the {error}.") from None
+        except NonFiniteValues as error:
+            raise Refusal(grpc.StatusCode.OUT_OF_RANGE,
+                          f"The model is not finite: {error}. Training diverged; lower the learning "
+                          f"rate or clip gradients.") from None
+        finally:
+            self.ps.metrics.update_bytes.labels("received").inc(assembler.received)
+
+
+async def _read_header(request_iterator) -> pb.UpdateHeader:
+    first = await anext(aiter(request_iterator), None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                      "A model stream must start with a header message naming its tensors.")
+    return first.header
+
+
+async def _answer(context, function, *args):
+    try:
+        return function(*args)
+    except Refusal as refusal:
+        await context.abort(refusal.code, refusal.message)
+
+
+def build_server(ps: ParameterServer, listen: str, token: str | None, tls: TlsFiles) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server for ``ps`` bound to ``listen``; returns it and the bound port."""
+    interceptors = [TokenInterceptor(token, on_failure=ps.metrics.auth_failures.inc)] if token else []
+    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
+    pb_grpc.add_ParameterServerServicer_to_server(Service(ps), server)
+    try:
+        if tls.enabled:
+            port = server.add_secure_port(listen, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError as error:
+        raise ValueError(f"Cannot listen on {listen!r} ({error}): the port may be in use or the address "
+                         f"malformed; set COMIND_LISTEN to a free host:port. Received: listen={listen!r}") from None
+    return server, port
+
+
+async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: float) -> None:
+    """Serves until training is done and the workers left (or a grace period passed), or SIGTERM."""
+    await server.start()
+    timers = asyncio.create_task(ps.run_timers())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    finished = asyncio.create_task(ps.finished.wait())
+    done = asyncio.create_task(ps.training_done.wait())
+    await asyncio.wait({stopped, done}, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        await asyncio.wait({stopped, finished}, timeout=exit_grace_seconds, return_when=asyncio.FIRST_COMPLETED)
+        if not finished.done():
+            log.warning("%d workers had not left %.0f s after training ended; exiting anyway.",
+                        len(ps.rounds.members), exit_grace_seconds)
+    else:
+        log.info("Stopping on a signal at round %d.", ps.rounds.round)
+    await ps.drain()  # a checkpoint being written lands before the process ends
+    await server.stop(grace=1.0)
+    for task in (timers, stopped, finished, done):
+        task.cancel()
+    log.info("The ps stopped at round %d.", ps.rounds.round)
