@@ -228,6 +228,8 @@ class ParameterServer:
         self.metrics.train_accuracy.set(accuracy / examples)
         log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f.", round,
                  self.rounds.policy.total_rounds, count, examples, loss / examples, accuracy / examples)
+        if self.rounds.done:
+            log.info("Training is done after round %d; waiting for the workers to leave.", round)
 
     async def _publish(self, round: int, layout: Layout, packed: np.ndarray) -> None:
         """Makes a new global model durable, then visible. Holds ``_lock``."""
@@ -246,7 +248,6 @@ class ParameterServer:
         waiters.set()
         self._poke.set()
         if self.rounds.done:
-            log.info("Training is done after round %d; waiting for the workers to leave.", round)
             self.training_done.set()
             self._membership_changed()
 

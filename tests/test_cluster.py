@@ -1,0 +1,162 @@
+"""A real ps process and real clients on loopback: averaging, failures, restarts."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from comind import WorkerClient
+from conftest import ROOT
+
+WORKER = ROOT / "tests" / "numpy_worker.py"
+
+
+def run_clients(address: str, examples: list[int], rounds_seed: int = 0) -> dict[int, dict]:
+    """Clients in threads that push random weights; returns, per task, what it pushed and received."""
+    histories: dict[int, dict] = {i: {"pushed": {}, "received": {}} for i in range(len(examples))}
+    errors: list[BaseException] = []
+
+    def work(task: int) -> None:
+        try:
+            rng = np.random.default_rng([rounds_seed, task])
+            initial = [rng.normal(size=(64, 32)).astype(np.float32), rng.normal(size=(32,)).astype(np.float32)]
+            with WorkerClient(address, task_index=task) as client:
+                state = client.join(initial)
+                histories[task]["received"][state.round] = state.weights
+                while not state.done:
+                    local = [w + rng.normal(size=w.shape).astype(np.float32) for w in state.weights]
+                    histories[task]["pushed"][state.round + 1] = local
+                    state = client.sync(local, num_examples=examples[task], loss=0.1 * task, accuracy=0.5)
+                    histories[task]["received"][state.round] = state.weights
+        except BaseException as error:  # surfaced in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(task,)) for task in range(len(examples))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return histories
+
+
+def test_global_model_is_the_exact_example_weighted_average(start_ps):
+    examples = [50, 100, 250]
+    ps = start_ps("--num-workers", "3", "--rounds", "4", "--exit-grace", "5")
+    histories = run_clients(ps.address, examples)
+
+    assert ps.wait() == 0
+    chief_initial = histories[0]["received"][0]
+    for task in histories:  # every worker started from the chief's weights
+        for mine, chiefs in zip(histories[task]["received"][0], chief_initial):
+            np.testing.assert_array_equal(mine, chiefs)
+    for round in range(1, 5):
+        pushed = [histories[task]["pushed"][round] for task in histories]
+        for i in range(2):
+            stacked = np.stack([p[i].astype(np.float64) for p in pushed])
+            expected = np.average(stacked, axis=0, weights=examples).astype(np.float32)
+            for task in histories:
+                np.testing.assert_allclose(histories[task]["received"][round][i], expected, rtol=2e-6, atol=2e-6)
+    assert len(re.findall(r"Round \d+/4: 3 updates", ps.log())) == 4
+
+
+def start_worker(address: str, task: int, out: Path, *, examples: int = 100, delta: float = 1.0,
+                 pause: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WORKER, address, str(task), "--examples", str(examples),
+                             "--delta", str(delta), "--out", str(out), "--pause", str(pause)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def read_history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def expected_value(round: int, examples: list[int], deltas: list[float]) -> float:
+    """Each round adds the example-weighted mean of the workers' deltas to every weight."""
+    return round * float(np.average(deltas, weights=examples))
+
+
+@pytest.mark.parametrize("how", ["lease", "deadline"])
+def test_a_vanished_worker_does_not_stop_the_others(start_ps, tmp_path, how):
+    # "lease": the worker's lease ends first; "deadline": its lease outlives
+    # the round's deadline, which then closes the round with the other two.
+    flags = {"lease": ["--lease-seconds", "1", "--round-timeout", "120"],
+             "deadline": ["--lease-seconds", "120", "--round-timeout", "1.5", "--min-updates", "2"]}[how]
+    ps = start_ps("--num-workers", "3", "--rounds", "4", "--exit-grace", "3", *flags)
+    outs = [tmp_path / f"worker-{task}.jsonl" for task in range(3)]
+    workers = [start_worker(ps.address, task, outs[task], pause=0.3 if task == 2 else 0.0) for task in range(3)]
+    ps.wait_for(r"Round 1/4: 3 updates")
+    workers[2].send_signal(signal.SIGKILL)  # mid-way through its pretend training for round 2
+    workers[2].wait()
+
+    for worker in workers[:2]:
+        assert worker.wait(timeout=60) == 0, worker.stderr.read()
+    assert ps.wait(timeout=60) == 0
+    log = ps.log()
+    if how == "lease":
+        assert "lease ended" in log
+    for round in (2, 3, 4):
+        assert re.search(rf"Round {round}/4: 2 updates", log), log
+    for out in outs[:2]:
+        history = read_history(out)
+        assert [h["round"] for h in history] == [0, 1, 2, 3, 4]
+        assert history[-1]["done"]
+
+
+def test_ps_killed_mid_training_resumes_from_its_checkpoint(start_ps, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    flags = ["--num-workers", "2", "--rounds", "12", "--exit-grace", "5", "--lease-seconds", "2",
+             "--checkpoint-dir", str(checkpoints), "--keep-checkpoints", "100"]
+    examples, deltas = [100, 300], [1.0, -0.5]
+    first = start_ps(*flags)
+    outs = [tmp_path / f"worker-{task}.jsonl" for task in range(2)]
+    workers = [start_worker(first.address, task, outs[task], examples=examples[task], delta=deltas[task],
+                            pause=0.15) for task in range(2)]
+    first.wait_for(r"Round 4/12")
+    first.kill()
+    persisted = max(int(p.stem.split("-")[1]) for p in checkpoints.glob("round-*.npz"))
+
+    second = start_ps(*flags, port=first.port)
+    resumed = second.wait_for(r"Resumed from \S+ at round (\d+)")
+    assert int(resumed.group(1)) == persisted >= 4
+    for worker in workers:
+        assert worker.wait(timeout=120) == 0, worker.stderr.read()
+    assert second.wait(timeout=60) == 0
+
+    # No round lost or repeated: each was closed by exactly one ps, in order.
+    closed = [int(r) for log in (first.log(), second.log()) for r in re.findall(r"Round (\d+)/12", log)]
+    assert closed[: persisted] == list(range(1, persisted + 1))
+    assert closed[-(12 - persisted):] == list(range(persisted + 1, 13))
+    assert sorted(int(p.stem.split("-")[1]) for p in checkpoints.glob("round-*.npz")) == list(range(13))
+    # Every worker saw every round once, with the weights exact averaging gives.
+    for out in outs:
+        history = read_history(out)
+        assert [h["round"] for h in history] == list(range(13))
+        for h in history:
+            assert h["uniform"]
+            np.testing.assert_allclose(h["values"], expected_value(h["round"], examples, deltas), rtol=1e-5)
+    saved = np.load(checkpoints / "round-000000012.npz")
+    assert int(saved["round"]) == 12
+    np.testing.assert_allclose(saved["tensor_00000"], expected_value(12, examples, deltas), rtol=1e-5)
+
+
+def test_sigterm_persists_and_exits_cleanly(start_ps, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    ps = start_ps("--num-workers", "1", "--rounds", "1000", "--checkpoint-dir", str(checkpoints))
+    worker = start_worker(ps.address, 0, tmp_path / "worker.jsonl", pause=0.05)
+    ps.wait_for(r"Round 3/1000")
+    ps.proc.send_signal(signal.SIGTERM)
+    assert ps.wait(timeout=30) == 0
+    last_logged = max(int(r) for r in re.findall(r"Round (\d+)/1000", ps.log()))
+    assert max(int(p.stem.split("-")[1]) for p in checkpoints.glob("round-*.npz")) == last_logged
+    assert "Stopping on a signal" in ps.log()
+    worker.kill()
+    worker.wait()

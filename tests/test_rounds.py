@@ -1,0 +1,98 @@
+import pytest
+
+from comind.rounds import RoundPolicy, Rounds, Verdict
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def started(clock, members=2, **policy):
+    rounds = Rounds(RoundPolicy(**{"num_workers": members, **policy}), clock=clock)
+    ids = [rounds.register(task) for task in range(members)]
+    rounds.complete(0)  # the initial model
+    return rounds, ids
+
+
+def test_round_closes_when_every_live_worker_pushed():
+    rounds, (a, b) = started(Clock())
+    assert rounds.check(a, 1) is Verdict.ACCEPT
+    rounds.record(a)
+    assert not rounds.ready_to_close()
+    assert rounds.check(a, 1) is Verdict.DUPLICATE
+    rounds.record(b)
+    assert rounds.ready_to_close()
+    rounds.begin_close()
+    assert rounds.check(b, 1) is Verdict.STALE
+    rounds.complete(1)
+    assert rounds.check(a, 1) is Verdict.STALE and rounds.check(a, 3) is Verdict.EARLY
+    assert rounds.check("nobody", 2) is Verdict.UNKNOWN_WORKER
+
+
+def test_first_round_waits_for_the_expected_workers():
+    clock = Clock()
+    rounds = Rounds(RoundPolicy(num_workers=2, round_timeout=60), clock=clock)
+    a = rounds.register(0)
+    rounds.complete(0)
+    rounds.record(a)
+    assert not rounds.ready_to_close()  # worker 1 has not registered yet
+    clock.now = 61
+    assert rounds.ready_to_close()  # unless the deadline passes
+
+
+def test_replicas_to_aggregate_leaves_backup_workers():
+    rounds, (a, b, c) = started(Clock(), members=3, replicas_to_aggregate=2)
+    rounds.record(a)
+    rounds.record(c)
+    assert rounds.ready_to_close()
+
+
+def test_expired_lease_shrinks_the_quorum():
+    clock = Clock()
+    rounds, (a, b) = started(clock, lease_seconds=5)
+    rounds.record(a)
+    clock.now = 4
+    rounds.renew(a)
+    clock.now = 6
+    assert [m.task_index for m in rounds.expire()] == [1]
+    assert rounds.ready_to_close()
+    assert rounds.check(b, 1) is Verdict.UNKNOWN_WORKER
+
+
+def test_deadline_needs_the_minimum_and_is_extended_otherwise():
+    clock = Clock()
+    rounds, (a, b, c) = started(clock, members=3, round_timeout=10, min_updates=2, lease_seconds=100)
+    rounds.record(a)
+    clock.now = 10
+    assert not rounds.ready_to_close() and rounds.overdue()
+    rounds.extend_deadline()
+    assert rounds.next_event() == 20 and not rounds.overdue()
+    rounds.record(b)
+    clock.now = 20
+    assert rounds.ready_to_close()
+
+
+def test_training_ends_after_the_configured_rounds():
+    rounds, (a, b) = started(Clock(), total_rounds=1)
+    rounds.record(a)
+    rounds.record(b)
+    rounds.complete(1)
+    assert rounds.done and rounds.check(a, 2) is Verdict.STALE
+    with pytest.raises(ValueError, match="never goes backwards"):
+        rounds.complete(0)
+
+
+def test_no_model_yet():
+    rounds = Rounds(RoundPolicy())
+    a = rounds.register(0)
+    assert rounds.check(a, 0) is Verdict.NO_MODEL and not rounds.ready_to_close()
+
+
+@pytest.mark.parametrize("field, value", [("num_workers", 0), ("lease_seconds", 0), ("total_rounds", -1)])
+def test_policy_refuses_nonsense(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be positive. Received: {field}={value}"):
+        RoundPolicy(**{field: value})
