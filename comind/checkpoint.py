@@ -2,9 +2,8 @@
 
 A checkpoint is a plain NumPy ``.npz`` (``np.load(path)`` opens it; no
 pickle): ``round``, ``names`` and the tensors as ``tensor_00000``,
-``tensor_00001``, ... It is written to a temporary file, fsynced, renamed
-into place and the directory fsynced, so a crash leaves either the old
-checkpoint or the new one, never half of one. The ps saves before it lets any
+``tensor_00001``, ... It is written atomically (:mod:`comind.atomic`), so
+a crash leaves either the old checkpoint or the new one, never half of one. The ps saves before it lets any
 worker pull the model (durability before visibility), so no worker can hold a
 round that a restarted ps has forgotten.
 """
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comind import atomic
 from comind.tensors import Layout, LayoutError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.directory.glob("*.tmp"):
+        for leftover in self.directory.glob(f"*{atomic.TEMPORARY_SUFFIX}.npz"):
             leftover.unlink()  # an interrupted save; its round was never published
 
     def rounds(self) -> list[int]:
@@ -61,15 +61,10 @@ class CheckpointStore:
                 f"goes backwards."
             )
         final = self.path(round)
-        temporary = final.with_name(final.name + ".tmp")
         arrays = {f"tensor_{i:05d}": view for i, view in enumerate(layout.views(packed))}
-        with open(temporary, "wb") as file:
+        with atomic.replacing(final) as temporary, open(temporary, "wb") as file:
             np.savez(file, round=np.int64(round), names=np.array([s.name for s in layout.specs], dtype=str),
                      **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, final)
-        _fsync_directory(self.directory)
         for old in self.rounds()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return final
@@ -92,11 +87,3 @@ class CheckpointStore:
             arrays = [data[f"tensor_{i:05d}"] for i in range(len(names))]
         layout = Layout.of(arrays, names)
         return Checkpoint(round, layout, layout.pack(arrays))
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

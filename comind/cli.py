@@ -1,4 +1,4 @@
-"""The ``comind`` command."""
+"""The ``comind`` command: ``ps``, ``worker``, ``run``, ``local`` and ``train``."""
 
 from __future__ import annotations
 
@@ -9,23 +9,97 @@ import os
 import sys
 from collections.abc import Sequence
 
-from comind import config
+from comind import cluster_spec, config
+
+COMMANDS = {
+    "ps": ("run the parameter server", (config.PS,)),
+    "worker": ("run a worker", (config.WORKER,)),
+    "run": ("run the ps or a worker, as COMIND_ROLE, TF_CONFIG or --job_name says", (config.PS, config.WORKER)),
+    "local": ("run a ps and N workers as processes on this machine", (config.PS, config.WORKER)),
+    "train": ("train on one machine, without a ps", (config.TRAIN,)),
+}
+# Set by `comind local` itself for each process it starts.
+_LOCAL_ONLY = {"listen", "ps_address", "task_index", "num_workers", "metrics_port", "token", "token_file",
+               "tls_cert", "tls_key", "tls_ca"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comind", description="Federated averaging for Keras models. Every "
+                                     "flag is also a COMIND_* variable; a flag wins over a variable.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, roles) in COMMANDS.items():
+        command = commands.add_parser(name, help=help, description=help + ".")
+        options = _options(name)
+        config.add_options(command, options)
+        if name == "run":
+            config.add_options(command, [o for o in config.OPTIONS if o.name == "role"])
+        if name == "local":
+            command.add_argument("--workers", type=int, default=2, help="workers to start [default 2]")
+        if name in ("ps", "worker", "run"):
+            original = command.add_argument_group("the original tutorials' flags")
+            original.add_argument("--job_name", dest="original_job_name", choices=("ps", "worker"))
+            original.add_argument("--task_index", dest="original_task_index", type=int)
+            original.add_argument("--ps_hosts", dest="original_ps_hosts", help="comma-separated host:port list")
+            original.add_argument("--worker_hosts", dest="original_worker_hosts",
+                                  help="comma-separated host:port list")
+    return parser
+
+
+def _options(command: str) -> tuple[config.Option, ...]:
+    options = config.options_for(*COMMANDS[command][1])
+    return tuple(o for o in options if o.name not in _LOCAL_ONLY) if command == "local" else options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="comind", description="Federated averaging for Keras models.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ps = commands.add_parser("ps", help="run the parameter server",
-                             description="Run the parameter server. Every flag is also a COMIND_* variable.")
-    config.add_options(ps, config.PS_OPTIONS)
+    parser = _parser()
     flags = parser.parse_args(argv)
     try:
-        settings = config.resolve(config.PS_OPTIONS, flags, os.environ)
+        settings = _settings(flags, os.environ)
         logging.basicConfig(level=settings["log_level"].upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return run_ps(settings)
+        return _run(flags, settings)
     except ValueError as error:
         parser.exit(2, f"comind {flags.command}: error: {error}\n")
+
+
+def _settings(flags: argparse.Namespace, environ) -> dict:
+    cluster = cluster_spec.from_tf_config(environ["TF_CONFIG"]) if environ.get("TF_CONFIG") else {}
+    # The original flags are flags: they win over variables, but not over the new flags.
+    original = cluster_spec.from_original_flags(*(getattr(flags, f"original_{f}", None) for f in
+                                                   ("job_name", "task_index", "ps_hosts", "worker_hosts")))
+    for name, value in original.items():
+        if getattr(flags, name, None) is None:
+            setattr(flags, name, value)
+    options = _options(flags.command)
+    if flags.command == "run":
+        role = config.resolve([o for o in config.OPTIONS if o.name == "role"], flags, environ, cluster)["role"]
+        if role is None:
+            raise ValueError("comind run needs a role: set COMIND_ROLE to ps or worker, or give TF_CONFIG "
+                             "(as a TFJob does) or --job_name. Received: role=None")
+        flags.command = role
+        options = _options(role)
+    return config.resolve(options, flags, environ, cluster)
+
+
+def _run(flags: argparse.Namespace, settings: dict) -> int:
+    if flags.command == "ps":
+        return run_ps(settings)
+    # TensorFlow's start-up chatter (CPU features, oneDNN) says nothing a user can act on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from comind import worker
+    except ImportError as error:
+        raise ValueError(f"comind {flags.command} needs TensorFlow and matplotlib ({error}); install them with "
+                         f"pip install 'comind[train]'.") from None
+    if flags.command == "worker":
+        return worker.run_worker(settings)
+    if flags.command == "train":
+        return worker.run_train(settings)
+    from comind.local import run_local
+
+    if flags.workers < 1:
+        raise ValueError(f"--workers must be at least 1. Received: --workers={flags.workers}")
+    return run_local(settings, flags.workers)
 
 
 def run_ps(settings: dict) -> int:

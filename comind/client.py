@@ -77,22 +77,25 @@ class WorkerClient:
 
     Args:
         address: ``host:port`` of the ps.
-        task_index: this worker's index; 0 is the chief, which provides the
-            initial model.
+        task_index: this worker's index (sharding, logs).
+        is_chief: whether this worker provides the initial model; by
+            default the worker with task index 0.
         token: the shared token, if the ps requires one.
         tls: certificate files; without them the channel is plain text.
         unreachable_timeout: seconds to keep retrying a ps that does not
             answer before giving up with :class:`PsUnreachable`.
     """
 
-    def __init__(self, address: str, *, task_index: int = 0, token: str | None = None,
+    def __init__(self, address: str, *, task_index: int = 0, is_chief: bool | None = None, token: str | None = None,
                  tls: TlsFiles = TlsFiles(), description: str = "", backoff: Backoff = Backoff(),
                  unreachable_timeout: float = 600.0, metrics: WorkerMetrics | None = None):
         self.address = address
         self.task_index = task_index
+        self.is_chief = task_index == 0 if is_chief is None else is_chief
         self.description = description
         self.round = -1
         self.total_rounds: int | None = None
+        self.replicas_to_aggregate: int | None = None  # None: every live worker
         self._metadata = call_metadata(token)
         options = GRPC_OPTIONS + [("grpc.keepalive_time_ms", 30000)]
         self._channel = (grpc.secure_channel(address, tls.channel_credentials(), options=options)
@@ -109,10 +112,6 @@ class WorkerClient:
         self._lease = 10.0
         self._closed = threading.Event()
         self._heartbeats: threading.Thread | None = None
-
-    @property
-    def is_chief(self) -> bool:
-        return self.task_index == 0
 
     # Public API ---------------------------------------------------------------
 
@@ -219,6 +218,7 @@ class WorkerClient:
                 self._epoch += 1
                 self._known_round = reply.round
                 self.total_rounds = reply.total_rounds
+                self.replicas_to_aggregate = reply.replicas_to_aggregate or None
                 log.info("Registered with the ps at %s (its round %d).", self.address, reply.round)
             return Membership(self._member_id, self._epoch, self._known_round)
 

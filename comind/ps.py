@@ -113,7 +113,8 @@ class ParameterServer:
         self._membership_changed()
         return pb.RegisterReply(member_id=member_id, lease_seconds=self.rounds.policy.lease_seconds,
                                 round=self.rounds.round, total_rounds=self.rounds.policy.total_rounds,
-                                done=self.rounds.done)
+                                done=self.rounds.done,
+                                replicas_to_aggregate=self.rounds.policy.replicas_to_aggregate or 0)
 
     def heartbeat(self, member_id: str) -> pb.HeartbeatReply:
         self._known(member_id)

@@ -21,6 +21,7 @@ oversized stream     RESOURCE_EXHAUSTED     unchanged
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -35,6 +36,11 @@ from comind.ps import ParameterServer, Refusal
 from comind.tensors import Assembler, Layout, NonFiniteValues, OversizedStream, TruncatedStream, chunks
 
 log = logging.getLogger(__name__)
+
+#: A model stream must arrive within this many seconds plus its size at this
+#: rate; slower senders are cut off so that they cannot hold a buffer for ever.
+MIN_INGEST_SECONDS = 30.0
+MIN_INGEST_BYTES_PER_SECOND = 1e6
 
 class Service(pb_grpc.ParameterServerServicer):
     def __init__(self, ps: ParameterServer):
@@ -61,9 +67,8 @@ class Service(pb_grpc.ParameterServerServicer):
             layout = self.ps.layout_of(header.tensors)
             if not self.ps.check_initialize(header.member_id, layout):
                 return pb.InitializeReply(accepted=False, round=self.ps.rounds.round)
-            async with self.ps.ingest_slots:
-                packed = await self._receive(request_iterator, layout)
-            return await self.ps.initialize(layout, packed)
+            async with self._ingest(request_iterator, layout) as packed:
+                return await self.ps.initialize(layout, packed)
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
 
@@ -74,8 +79,7 @@ class Service(pb_grpc.ParameterServerServicer):
             if ticket is None:
                 self.ps.metrics.updates.labels("duplicate").inc()
                 return pb.PushReply(round=header.round, duplicate=True)
-            async with self.ps.ingest_slots:
-                packed = await self._receive(request_iterator, ticket.layout)
+            async with self._ingest(request_iterator, ticket.layout) as packed:
                 return await self.ps.commit_update(ticket, packed)
         except Refusal as refusal:
             self.ps.metrics.updates.labels(refusal.result).inc()
@@ -97,6 +101,32 @@ class Service(pb_grpc.ParameterServerServicer):
         for data in chunks(model.packed):
             yield pb.ModelChunk(data=data)
             sent.inc(len(data))
+
+    @contextlib.asynccontextmanager
+    async def _ingest(self, request_iterator, layout: Layout):
+        """Receives a model into one of the few ingest slots, held until the caller is done.
+
+        A slot is a model-sized buffer, and a sender that trickles bytes
+        must not hold one for ever, so waiting and receiving share one bound.
+        """
+        seconds = MIN_INGEST_SECONDS + layout.nbytes / MIN_INGEST_BYTES_PER_SECOND
+        deadline = asyncio.get_running_loop().time() + seconds
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.ps.ingest_slots.acquire()
+        except TimeoutError:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE,
+                          f"The ps was busy receiving other updates for {seconds:.0f} s; retry.") from None
+        try:
+            async with asyncio.timeout_at(deadline):
+                packed = await self._receive(request_iterator, layout)
+            yield packed
+        except TimeoutError:
+            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"The model did not arrive within {seconds:.0f} s (at least "
+                          f"{MIN_INGEST_BYTES_PER_SECOND / 1e6:.0f} MB/s is expected).") from None
+        finally:
+            self.ps.ingest_slots.release()
 
     async def _receive(self, request_iterator, layout: Layout) -> np.ndarray:
         assembler = Assembler(layout, check_finite=True)

@@ -31,9 +31,9 @@ def test_unreadable_newest_falls_back_and_leftovers_are_cleared(tmp_path):
     store = CheckpointStore(tmp_path)
     store.save(1, LAYOUT, LAYOUT.pack(ARRAYS))
     store.path(2).write_bytes(b"not a zip")
-    (tmp_path / "round-000000003.npz.tmp").write_bytes(b"half written")
+    (tmp_path / "round-000000003.tmp.npz").write_bytes(b"half written")
     store = CheckpointStore(tmp_path)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp.npz"))
     assert store.latest().round == 1
 
 

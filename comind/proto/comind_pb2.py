@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63omind/proto/comind.proto\x12\tcomind.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\x0fRegisterRequest\x12\x12\n\ntask_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"l\n\rRegisterReply\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"%\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"-\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"\x8e\x01\n\x0cUpdateHeader\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12&\n\x07tensors\x18\x06 \x03(\x0b\x32\x15.comind.v1.TensorSpec\"P\n\x0bUpdateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.comind.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"2\n\x0fInitializeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"-\n\tPushReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"5\n\x0bPullRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x03\"a\n\x0bModelHeader\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12&\n\x07tensors\x18\x04 \x03(\x0b\x32\x15.comind.v1.TensorSpec\"N\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.comind.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"N\n\nEvalReport\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"!\n\x0cLeaveRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x07\n\x05\x45mpty2\xc3\x03\n\x0fParameterServer\x12@\n\x08Register\x12\x1a.comind.v1.RegisterRequest\x1a\x18.comind.v1.RegisterReply\x12\x43\n\tHeartbeat\x12\x1b.comind.v1.HeartbeatRequest\x1a\x19.comind.v1.HeartbeatReply\x12\x42\n\nInitialize\x12\x16.comind.v1.UpdateChunk\x1a\x1a.comind.v1.InitializeReply(\x01\x12<\n\nPushUpdate\x12\x16.comind.v1.UpdateChunk\x1a\x14.comind.v1.PushReply(\x01\x12<\n\tPullModel\x12\x16.comind.v1.PullRequest\x1a\x15.comind.v1.ModelChunk0\x01\x12\x35\n\nReportEval\x12\x15.comind.v1.EvalReport\x1a\x10.comind.v1.Empty\x12\x32\n\x05Leave\x12\x17.comind.v1.LeaveRequest\x1a\x10.comind.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63omind/proto/comind.proto\x12\tcomind.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\x0fRegisterRequest\x12\x12\n\ntask_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x8b\x01\n\rRegisterReply\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x1d\n\x15replicas_to_aggregate\x18\x06 \x01(\x05\"%\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"-\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"\x8e\x01\n\x0cUpdateHeader\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12&\n\x07tensors\x18\x06 \x03(\x0b\x32\x15.comind.v1.TensorSpec\"P\n\x0bUpdateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.comind.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"2\n\x0fInitializeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"-\n\tPushReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"5\n\x0bPullRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x03\"a\n\x0bModelHeader\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12&\n\x07tensors\x18\x04 \x03(\x0b\x32\x15.comind.v1.TensorSpec\"N\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.comind.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"N\n\nEvalReport\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"!\n\x0cLeaveRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x07\n\x05\x45mpty2\xc3\x03\n\x0fParameterServer\x12@\n\x08Register\x12\x1a.comind.v1.RegisterRequest\x1a\x18.comind.v1.RegisterReply\x12\x43\n\tHeartbeat\x12\x1b.comind.v1.HeartbeatRequest\x1a\x19.comind.v1.HeartbeatReply\x12\x42\n\nInitialize\x12\x16.comind.v1.UpdateChunk\x1a\x1a.comind.v1.InitializeReply(\x01\x12<\n\nPushUpdate\x12\x16.comind.v1.UpdateChunk\x1a\x14.comind.v1.PushReply(\x01\x12<\n\tPullModel\x12\x16.comind.v1.PullRequest\x1a\x15.comind.v1.ModelChunk0\x01\x12\x35\n\nReportEval\x12\x15.comind.v1.EvalReport\x1a\x10.comind.v1.Empty\x12\x32\n\x05Leave\x12\x17.comind.v1.LeaveRequest\x1a\x10.comind.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_end=96
   _globals['_REGISTERREQUEST']._serialized_start=98
   _globals['_REGISTERREQUEST']._serialized_end=156
-  _globals['_REGISTERREPLY']._serialized_start=158
-  _globals['_REGISTERREPLY']._serialized_end=266
-  _globals['_HEARTBEATREQUEST']._serialized_start=268
-  _globals['_HEARTBEATREQUEST']._serialized_end=305
-  _globals['_HEARTBEATREPLY']._serialized_start=307
-  _globals['_HEARTBEATREPLY']._serialized_end=352
-  _globals['_UPDATEHEADER']._serialized_start=355
-  _globals['_UPDATEHEADER']._serialized_end=497
-  _globals['_UPDATECHUNK']._serialized_start=499
-  _globals['_UPDATECHUNK']._serialized_end=579
-  _globals['_INITIALIZEREPLY']._serialized_start=581
-  _globals['_INITIALIZEREPLY']._serialized_end=631
-  _globals['_PUSHREPLY']._serialized_start=633
-  _globals['_PUSHREPLY']._serialized_end=678
-  _globals['_PULLREQUEST']._serialized_start=680
-  _globals['_PULLREQUEST']._serialized_end=733
-  _globals['_MODELHEADER']._serialized_start=735
-  _globals['_MODELHEADER']._serialized_end=832
-  _globals['_MODELCHUNK']._serialized_start=834
-  _globals['_MODELCHUNK']._serialized_end=912
-  _globals['_EVALREPORT']._serialized_start=914
-  _globals['_EVALREPORT']._serialized_end=992
-  _globals['_LEAVEREQUEST']._serialized_start=994
-  _globals['_LEAVEREQUEST']._serialized_end=1027
-  _globals['_EMPTY']._serialized_start=1029
-  _globals['_EMPTY']._serialized_end=1036
-  _globals['_PARAMETERSERVER']._serialized_start=1039
-  _globals['_PARAMETERSERVER']._serialized_end=1490
+  _globals['_REGISTERREPLY']._serialized_start=159
+  _globals['_REGISTERREPLY']._serialized_end=298
+  _globals['_HEARTBEATREQUEST']._serialized_start=300
+  _globals['_HEARTBEATREQUEST']._serialized_end=337
+  _globals['_HEARTBEATREPLY']._serialized_start=339
+  _globals['_HEARTBEATREPLY']._serialized_end=384
+  _globals['_UPDATEHEADER']._serialized_start=387
+  _globals['_UPDATEHEADER']._serialized_end=529
+  _globals['_UPDATECHUNK']._serialized_start=531
+  _globals['_UPDATECHUNK']._serialized_end=611
+  _globals['_INITIALIZEREPLY']._serialized_start=613
+  _globals['_INITIALIZEREPLY']._serialized_end=663
+  _globals['_PUSHREPLY']._serialized_start=665
+  _globals['_PUSHREPLY']._serialized_end=710
+  _globals['_PULLREQUEST']._serialized_start=712
+  _globals['_PULLREQUEST']._serialized_end=765
+  _globals['_MODELHEADER']._serialized_start=767
+  _globals['_MODELHEADER']._serialized_end=864
+  _globals['_MODELCHUNK']._serialized_start=866
+  _globals['_MODELCHUNK']._serialized_end=944
+  _globals['_EVALREPORT']._serialized_start=946
+  _globals['_EVALREPORT']._serialized_end=1024
+  _globals['_LEAVEREQUEST']._serialized_start=1026
+  _globals['_LEAVEREQUEST']._serialized_end=1059
+  _globals['_EMPTY']._serialized_start=1061
+  _globals['_EMPTY']._serialized_end=1068
+  _globals['_PARAMETERSERVER']._serialized_start=1071
+  _globals['_PARAMETERSERVER']._serialized_end=1522
 # @@protoc_insertion_point(module_scope)

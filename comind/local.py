@@ -1,0 +1,117 @@
+"""``comind local``: a ps and N workers as processes on this machine.
+
+The real thing in miniature: the same processes, over real gRPC on
+loopback, with a fresh token. The ps's per-round lines are shown as they
+come; each process's full log goes to ``OUTPUT_DIR/logs``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import secrets
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_LISTENING = re.compile(r"Listening on \S+:(\d+)")
+_SHOWN = re.compile(r"(Round \d+/\d+: .*|Round \d+ evaluation: .*|Training is done.*)")
+_ENDED = object()
+
+
+def run_local(settings: dict[str, Any], workers: int) -> int:
+    """Runs a cluster of one ps and ``workers`` workers to the end; returns an exit status."""
+    logs = Path(settings["output_dir"]) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    environment = _environment(settings, workers)
+    events: queue.Queue = queue.Queue()
+    processes: list[subprocess.Popen] = []
+    try:
+        ps = _start("ps", {**environment, "COMIND_LISTEN": "127.0.0.1:0"}, logs / "ps.log", events, _ps_line)
+        processes.append(ps)
+        port = _wait_for_port(events, logs / "ps.log")
+        for task in range(workers):
+            processes.append(_start("worker", {**environment, "COMIND_PS_ADDRESS": f"127.0.0.1:{port}",
+                                               "COMIND_TASK_INDEX": str(task), "COMIND_METRICS_PORT": "0"},
+                                    logs / f"worker-{task}.log", events, show_stdout=task == 0))
+        print(f"ps on 127.0.0.1:{port}; {workers} workers; logs in {logs}", flush=True)
+        return _follow(events, processes, logs)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def _environment(settings: dict[str, Any], workers: int) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("COMIND_") and k != "TF_CONFIG"}
+    for name, value in settings.items():
+        if value is not None:
+            environment[f"COMIND_{name.upper()}"] = str(value)
+    environment.update(COMIND_NUM_WORKERS=str(workers), COMIND_TOKEN=secrets.token_hex(16))
+    environment.pop("COMIND_TOKEN_FILE", None)
+    return environment
+
+
+def _ps_line(line: str) -> str | None:
+    shown = _SHOWN.search(line)
+    return shown.group(1) if shown else None
+
+
+def _start(role: str, environment: dict[str, str], log: Path, events: queue.Queue,
+           shown: Callable[[str], str | None] = lambda line: None, show_stdout: bool = False) -> subprocess.Popen:
+    """Starts ``comind ROLE``: its stderr goes to ``log``, what ``shown`` picks from it to the screen."""
+    process = subprocess.Popen([sys.executable, "-m", "comind", role], env=environment, text=True,
+                               stdout=subprocess.PIPE if show_stdout else subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    threading.Thread(target=_pump, args=(process, log, events, shown), daemon=True).start()
+    if show_stdout:  # the chief's summary lines
+        threading.Thread(target=_echo, args=(process.stdout, events), daemon=True).start()
+    return process
+
+
+def _pump(process: subprocess.Popen, log: Path, events: queue.Queue, shown: Callable[[str], str | None]) -> None:
+    """Copies a process's stderr to its log and the lines to show to the queue, then reports its end."""
+    with open(log, "w") as file:
+        for line in process.stderr:
+            file.write(line)
+            file.flush()
+            events.put((process, line, shown(line.rstrip("\n"))))
+    events.put((process, _ENDED, None))
+
+
+def _echo(stream, events: queue.Queue) -> None:
+    for line in stream:
+        events.put((None, line, line.rstrip("\n")))
+
+
+def _wait_for_port(events: queue.Queue, log: Path) -> int:
+    while True:
+        _, line, _ = events.get(timeout=60)
+        if line is _ENDED:
+            raise RuntimeError(f"The ps stopped before it listened; see {log}:\n{log.read_text()[-2000:]}")
+        match = _LISTENING.search(line)
+        if match:
+            return int(match.group(1))
+
+
+def _follow(events: queue.Queue, processes: list[subprocess.Popen], logs: Path) -> int:
+    """Shows progress until every process ended; stops the rest as soon as one fails."""
+    running = len(processes)
+    while running:
+        process, line, shown = events.get()
+        if line is not _ENDED:
+            if shown:
+                print(shown, flush=True)
+            continue
+        running -= 1
+        if process.wait() != 0:
+            name = "ps" if process is processes[0] else f"worker-{processes.index(process) - 1}"
+            tail = (logs / f"{name}.log").read_text()[-3000:]
+            print(f"{name} failed (exit {process.returncode}); the end of its log:\n{tail}", file=sys.stderr)
+            return 1
+    return 0

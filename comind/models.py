@@ -1,0 +1,105 @@
+"""The classifiers of the original tutorials, and a user's own by ``module:function``.
+
+Models take float inputs scaled to [0, 1] (see :func:`comind.worker.prepare`)
+and end in a softmax over the classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import keras
+from keras import layers, ops
+
+BUILTIN = ("basic", "advanced")
+
+
+def basic(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """The basic tutorial's classifier: Flatten, Dense 128 relu, Dense softmax."""
+    return keras.Sequential([
+        keras.Input(input_shape),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        layers.Dense(num_classes, activation="softmax"),
+    ], name="basic")
+
+
+@keras.saving.register_keras_serializable(package="comind")
+class PerImageStandardization(layers.Layer):
+    """``tf.image.per_image_standardization``: zero mean, unit variance per image."""
+
+    def call(self, images):
+        axes = tuple(range(1, len(images.shape)))
+        mean = ops.mean(images, axis=axes, keepdims=True)
+        std = ops.std(images, axis=axes, keepdims=True)
+        pixels = math.prod(images.shape[1:])
+        return (images - mean) / ops.maximum(std, 1.0 / math.sqrt(pixels))
+
+
+def advanced(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """The advanced tutorial's CIFAR-10 CNN, with its augmentation.
+
+    Random crop (24 of 32 pixels, center crop at inference), horizontal
+    flip, brightness and contrast jitter, per-image standardisation; then two
+    5x5 convolutions of 64 filters with 3x3 max pooling, and dense layers of
+    384 and 192. The original's local response normalisation is left out:
+    Keras has no such layer, and it adds little to accuracy.
+    """
+    height, width = input_shape[:2]
+    crop_height, crop_width = max(1, height * 3 // 4), max(1, width * 3 // 4)
+    stack = [keras.Input(input_shape)]
+    if len(input_shape) == 2:  # grayscale without a channel axis
+        stack.append(layers.Reshape((height, width, 1)))
+    stack += [
+        layers.RandomCrop(crop_height, crop_width),
+        layers.RandomFlip("horizontal"),
+        layers.RandomBrightness(63 / 255, value_range=(0.0, 1.0)),
+        layers.RandomContrast(0.8),  # contrast factor in [0.2, 1.8], as the original
+        PerImageStandardization(),
+        layers.Conv2D(64, 5, padding="same", activation="relu"),
+        layers.MaxPooling2D(3, strides=2, padding="same"),
+        layers.Conv2D(64, 5, padding="same", activation="relu"),
+        layers.MaxPooling2D(3, strides=2, padding="same"),
+        layers.Flatten(),
+        layers.Dense(384, activation="relu"),
+        layers.Dense(192, activation="relu"),
+        layers.Dense(num_classes, activation="softmax"),
+    ]
+    return keras.Sequential(stack, name="advanced")
+
+
+def build(spec: str, input_shape: tuple[int, ...], num_classes: int, learning_rate: float = 1e-3) -> keras.Model:
+    """A compiled model: ``basic``, ``advanced``, or ``module:function``.
+
+    A user's ``function(input_shape, num_classes)`` returns a Keras model; if
+    it is not compiled, it is compiled like the built-in ones (Adam, sparse
+    categorical cross-entropy, accuracy).
+    """
+    if spec in BUILTIN:
+        model = globals()[spec](tuple(input_shape), num_classes)
+    else:
+        model = _user_model(spec)(tuple(input_shape), num_classes)
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"The model function must return a keras.Model; it returned a "
+                             f"{type(model).__name__}. Received: model={spec!r}")
+    if not model.compiled:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+    return model
+
+
+def _user_model(spec: str):
+    module_name, _, function_name = spec.partition(":")
+    if not (module_name and function_name):
+        raise ValueError(f"Unknown model: use one of {', '.join(BUILTIN)}, or module:function for your own. "
+                         f"Received: model={spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"Cannot import the model's module {module_name!r} ({error}); make it importable "
+                         f"(PYTHONPATH) or fix the name. Received: model={spec!r}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"Module {module_name!r} has no function {function_name!r}. Received: model={spec!r}")
+    return function

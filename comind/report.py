@@ -1,0 +1,109 @@
+"""What the chief leaves behind: the final model, its metrics, and two pictures.
+
+* ``model.keras``: the final global model.
+* ``metrics.json``: loss and accuracy per round, and the final evaluation.
+* ``predictions.png``: 25 test images with predicted and true labels, green
+  when right and red when wrong, as in the original tutorials.
+* ``history.png``: loss and accuracy per round.
+
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and containers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from comind import atomic  # noqa: E402
+
+
+@dataclasses.dataclass
+class RoundRecord:
+    round: int
+    train_loss: float
+    train_accuracy: float
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+
+
+@dataclasses.dataclass
+class History:
+    records: list[RoundRecord] = dataclasses.field(default_factory=list)
+
+    def add(self, record: RoundRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def final(self) -> RoundRecord | None:
+        evaluated = [r for r in self.records if r.eval_accuracy is not None]
+        return evaluated[-1] if evaluated else None
+
+
+def write(output_dir: str | Path, model, history: History, images: np.ndarray, labels: np.ndarray,
+          class_names: tuple[str, ...], x_label: str = "round") -> Path:
+    """Writes the model, metrics and pictures into ``output_dir``, and says so on stdout."""
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing(directory / "model.keras") as temporary:
+        model.save(temporary)
+    with atomic.replacing(directory / "metrics.json") as temporary:
+        final = history.final
+        temporary.write_text(json.dumps({
+            "final": dataclasses.asdict(final) if final else None,
+            "rounds": [dataclasses.asdict(r) for r in history.records],
+        }, indent=2) + "\n")
+    from comind.evaluation import predict
+
+    predicted = np.argmax(predict(model, images), axis=-1)
+    _save(directory / "predictions.png", predictions_figure(images, labels, predicted, class_names))
+    _save(directory / "history.png", history_figure(history, x_label))
+    final = history.final
+    print(f"Final test accuracy {final.eval_accuracy:.4f} (loss {final.eval_loss:.4f}) after {x_label} "
+          f"{final.round}; model, metrics and pictures in {directory}", flush=True)
+    return directory
+
+
+def predictions_figure(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+                       class_names: tuple[str, ...]) -> plt.Figure:
+    figure = plt.figure(figsize=(10, 10))
+    for i in range(min(25, len(images))):
+        axes = figure.add_subplot(5, 5, i + 1)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        image = images[i]
+        axes.imshow(image, cmap=plt.cm.binary if image.ndim == 2 else None)
+        right = predicted[i] == labels[i]
+        axes.set_xlabel(f"{class_names[predicted[i]]} ({class_names[labels[i]]})",
+                        color="green" if right else "red")
+    figure.suptitle("Predicted (true) labels of the first 25 test images")
+    return figure
+
+
+def history_figure(history: History, x_label: str = "round") -> plt.Figure:
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rounds = [r.round for r in history.records]
+    evaluated = [r for r in history.records if r.eval_loss is not None]
+    for axes, what in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        axes.plot(rounds, [getattr(r, f"train_{what}") for r in history.records], label="train")
+        axes.plot([r.round for r in evaluated], [getattr(r, f"eval_{what}") for r in evaluated], "o-",
+                  label="test (global model)")
+        axes.set_xlabel(x_label)
+        axes.set_ylabel(what)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(f"Loss and accuracy per {x_label}")
+    figure.tight_layout()
+    return figure
+
+
+def _save(path: Path, figure: plt.Figure) -> None:
+    with atomic.replacing(path) as temporary:
+        figure.savefig(temporary, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,132 @@
+"""Running a worker, and training on one machine, from settings.
+
+A worker loads its shard of the data, builds the model, and trains it with
+:class:`comind.FederatedAveraging` until the ps says training is done. The
+chief (task 0) also evaluates the global model on the test set, reports the
+figures to the ps, and at the end writes the final model and pictures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from typing import Any
+
+import keras
+import numpy as np
+from prometheus_client import REGISTRY
+
+from comind import datasets, metrics, models, presets, report, sharding
+from comind.auth import TlsFiles, load_token
+from comind.client import GlobalState, WorkerClient
+from comind.evaluation import evaluate as evaluate_model
+from comind.federated import FederatedAveraging
+
+log = logging.getLogger(__name__)
+
+#: Evaluations the chief makes over a run when COMIND_EVAL_EVERY is unset.
+EVALUATIONS = 100
+
+
+def prepare(x: np.ndarray) -> np.ndarray:
+    """Model inputs as float32; 8-bit images scaled to [0, 1]."""
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def _model(settings: dict[str, Any], dataset: datasets.Dataset) -> keras.Model:
+    keras.utils.set_random_seed(settings["seed"])
+    return models.build(settings["model"], dataset.input_shape, dataset.num_classes, settings["learning_rate"])
+
+
+def run_worker(settings: dict[str, Any]) -> int:
+    task = settings["task_index"]
+    dataset = datasets.load(settings["dataset"], settings["data_dir"])
+    indices = sharding.shard(dataset.y_train, settings["num_workers"], task, settings["shard"],
+                             settings["dirichlet_alpha"], settings["seed"])
+    x, y = prepare(dataset.x_train[indices]), dataset.y_train[indices]
+    model = _model(settings, dataset)
+    worker_metrics = metrics.WorkerMetrics(REGISTRY)
+    metrics.serve(settings["metrics_port"], REGISTRY)
+    client = WorkerClient(
+        settings["ps_address"], task_index=task, token=load_token(settings["token"], settings["token_file"]),
+        tls=TlsFiles(settings["tls_cert"], settings["tls_key"], settings["tls_ca"]),
+        description=socket.gethostname(), unreachable_timeout=settings["unreachable_timeout"],
+        metrics=worker_metrics)
+    log.info("Worker %d: %d training examples of %s (%s shard), model %s.", task, len(x), dataset.name,
+             settings["shard"], settings["model"])
+    chief = _Chief(settings, dataset, model, client) if client.is_chief else None
+    callback = FederatedAveraging(client, settings["interval_steps"], settings["batch_size"],
+                                  on_round=chief.on_round if chief else None, metrics=worker_metrics)
+    with client:
+        # The ps decides when training ends (its last round); fit runs until then.
+        model.fit(x, y, batch_size=settings["batch_size"], epochs=1_000_000, callbacks=[callback], verbose=0,
+                  shuffle=True)
+        if chief:
+            chief.finish(callback.state)
+    log.info("Worker %d is done after %d syncs, at round %d.", task, callback.syncs, client.round)
+    return 0
+
+
+class _Chief:
+    """Evaluates global models on the test set, reports them, and writes the outputs."""
+
+    def __init__(self, settings: dict[str, Any], dataset: datasets.Dataset, model: keras.Model,
+                 client: WorkerClient):
+        self.settings = settings
+        self.dataset = dataset
+        self.model = model
+        self.client = client
+        self.x_test = prepare(dataset.x_test)
+        self.history = report.History()
+
+    def _eval_every(self) -> int:
+        total = self.client.total_rounds or self.settings["rounds"]
+        return self.settings["eval_every"] or max(1, math.ceil(total / EVALUATIONS))
+
+    def on_round(self, state: GlobalState) -> None:
+        if state.round > 0:
+            self._record(state, evaluate=state.done or state.round % self._eval_every() == 0)
+
+    def _record(self, state: GlobalState, evaluate: bool) -> None:
+        logs = self.model.get_metrics_result()
+        record = report.RoundRecord(state.round, float(logs.get("loss", math.nan)),
+                                    float(logs.get("accuracy", math.nan)))
+        if evaluate:
+            record.eval_loss, record.eval_accuracy = evaluate_model(self.model, self.x_test, self.dataset.y_test)
+            self.client.report_eval(state.round, record.eval_loss, record.eval_accuracy)
+            log.info("Round %d/%d: test loss %.4f, test accuracy %.4f.", state.round, self.client.total_rounds,
+                     record.eval_loss, record.eval_accuracy)
+        self.history.add(record)
+
+    def finish(self, state: GlobalState) -> None:
+        """Writes the outputs, evaluating the final model first if that has not been done."""
+        final = self.history.final
+        if final is None or final.round != state.round:
+            self._record(state, evaluate=True)
+            final = self.history.final
+        report.write(self.settings["output_dir"], self.model, self.history, self.dataset.x_test[:25],
+                     self.dataset.y_test[:25], self.dataset.class_names)
+
+
+def run_train(settings: dict[str, Any]) -> int:
+    """Trains on one machine, without a ps: the baseline the federated runs compare with."""
+    dataset = datasets.load(settings["dataset"], settings["data_dir"])
+    x, y = prepare(dataset.x_train), dataset.y_train
+    x_test = prepare(dataset.x_test)
+    model = _model(settings, dataset)
+    steps = settings["steps"] or presets.STEPS.get(settings["dataset"], presets.DEFAULT_STEPS)
+    epochs = max(1, math.ceil(steps * settings["batch_size"] / len(x)))
+    history = report.History()
+
+    def on_epoch_end(epoch: int, logs: dict) -> None:
+        loss, accuracy = evaluate_model(model, x_test, dataset.y_test)
+        history.add(report.RoundRecord(epoch + 1, logs["loss"], logs.get("accuracy", math.nan), loss, accuracy))
+        print(f"epoch {epoch + 1}/{epochs}: train loss {logs['loss']:.4f}, test loss {loss:.4f}, "
+              f"test accuracy {accuracy:.4f}", flush=True)
+
+    model.fit(x, y, batch_size=settings["batch_size"], epochs=epochs, verbose=0, shuffle=True,
+              callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
+    report.write(settings["output_dir"], model, history, dataset.x_test[:25], dataset.y_test[:25],
+                 dataset.class_names, x_label="epoch")
+    return 0
