@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from comind import cluster_spec, config
+from comind.client import PsRefusal, PsUnreachable
 
 COMMANDS = {
     "ps": ("run the parameter server", (config.PS,)),
@@ -58,8 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=settings["log_level"].upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return _run(flags, settings)
-    except ValueError as error:
+    except ValueError as error:  # bad settings or input: nothing ran
         parser.exit(2, f"comind {flags.command}: error: {error}\n")
+    except (PsRefusal, PsUnreachable) as error:
+        parser.exit(1, f"comind {flags.command}: error: {error}\n")
 
 
 def _settings(flags: argparse.Namespace, environ) -> dict:

@@ -264,10 +264,11 @@ class WorkerClient:
             if not header.ready:
                 continue  # the ps waited a full long poll; ask again
             layout = Layout.from_proto(header.tensors, max_bytes=1 << 62)
-            problem = self._layout.mismatch(layout)
+            problem = layout.mismatch(self._layout)
             if problem:
-                raise ModelMismatch(f"This worker's model does not match the ps's global model: {problem}. "
-                                    "Every worker must train the same architecture as the ps holds.")
+                raise ModelMismatch(f"This worker's model does not match the ps's global model: {problem} (as "
+                                    "the ps has it). Every worker must train the architecture the ps holds: "
+                                    "check COMIND_MODEL, COMIND_DATASET and the ps's checkpoint directory.")
             assembler = Assembler(layout)
             for message in messages:
                 assembler.feed(message.data)

@@ -47,9 +47,27 @@ def address(text: str) -> str:
     return text
 
 
+def dataset_name(text: str) -> str:
+    if text not in DATASETS and not text.endswith(".npz"):
+        raise ValueError
+    return text
+
+
+def model_spec(text: str) -> str:
+    module, _, function = text.partition(":")
+    if text not in MODELS and not (module and function):
+        raise ValueError
+    return text
+
+
+# Known here without importing the modules that define them (and TensorFlow).
+DATASETS = ("digits", "fashion_mnist", "cifar10")
+MODELS = ("basic", "advanced")
+
 _TYPE_NAMES = {positive_int: "a positive integer", non_negative_int: "an integer >= 0",
                positive_float: "a positive number", address: "host:port (a port from 0 to 65535)",
-               str: "text"}
+               dataset_name: f"one of {', '.join(DATASETS)}, or a path to a .npz file",
+               model_spec: f"one of {', '.join(MODELS)}, or module:function for your own", str: "text"}
 
 PS, WORKER, TRAIN = "ps", "worker", "train"
 
@@ -99,8 +117,9 @@ OPTIONS = (
     _option("ps_address", "localhost:2222", "host:port of the ps, for workers", (WORKER,), address),
     _option("task_index", 0, "this worker's index; 0 is the chief", (WORKER,), non_negative_int),
     # What is trained, and how long.
-    _option("model", "basic", "basic, advanced, or module:function for your own", (WORKER, TRAIN)),
-    _option("dataset", "digits", "digits (embedded), fashion_mnist, cifar10, or a .npz path", _ALL),
+    _option("model", "basic", "basic, advanced, or module:function for your own", (WORKER, TRAIN), model_spec),
+    _option("dataset", "digits", "digits (embedded), fashion_mnist, cifar10, or a .npz path", _ALL,
+            dataset_name),
     _option("data_dir", None, "directory with the original Fashion-MNIST or CIFAR-10 files", (WORKER, TRAIN)),
     _option("shard", "contiguous", "how the training data is split across workers", (WORKER,), str,
             ("contiguous", "iid", "dirichlet", "none")),

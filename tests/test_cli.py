@@ -1,13 +1,16 @@
-"""`comind ps` settings: flag over variable over default, and clear errors."""
+"""Settings: flag over variable over TF_CONFIG over default, and errors that say what was wrong."""
 
-import argparse
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from comind import config
+from comind import cli
+from comind.checkpoint import CheckpointStore
+from comind.tensors import Layout
 from conftest import ROOT
 
 
@@ -20,7 +23,8 @@ def ps(*args, env=None):
     ([], {"COMIND_ROUNDS": "abc"}, "COMIND_ROUNDS must be a positive integer. Received: COMIND_ROUNDS='abc'"),
     (["--rounds", "0"], {}, "--rounds must be a positive integer. Received: --rounds='0'"),
     (["--weighting", "median"], {}, "--weighting must be one of examples, uniform"),
-    (["--listen", "nonsense:99999"], {}, "Cannot listen on 'nonsense:99999'"),
+    (["--listen", "nonsense:99999"], {}, "--listen must be host:port (a port from 0 to 65535)"),
+    (["--listen", "no-such-host.invalid:2222"], {}, "Cannot listen on 'no-such-host.invalid:2222'"),
     (["--token-file", "/nonexistent/token"], {}, "Cannot read the token file"),
     (["--tls-cert", "/nonexistent/cert"], {}, "COMIND_TLS_CERT and COMIND_TLS_KEY"),
 ])
@@ -31,8 +35,79 @@ def test_bad_settings_fail_at_once_naming_the_setting(args, env, words):
 
 
 def test_flag_beats_variable_beats_default():
-    parser = argparse.ArgumentParser()
-    config.add_options(parser, config.PS_OPTIONS)
-    flags = parser.parse_args(["--rounds", "7"])
-    values = config.resolve(config.PS_OPTIONS, flags, {"COMIND_ROUNDS": "9", "COMIND_LEASE_SECONDS": "2.5"})
+    values = settings("ps", "--rounds", "7", env={"COMIND_ROUNDS": "9", "COMIND_LEASE_SECONDS": "2.5"})
     assert values["rounds"] == 7 and values["lease_seconds"] == 2.5 and values["num_workers"] == 2
+
+
+def settings(command: str, *args: str, env: dict | None = None) -> dict:
+    flags = cli._parser().parse_args([command, *args])
+    return cli._settings(flags, env or {})
+
+
+TF_CONFIGS = {
+    "list": {"cluster": {"chief": ["c:2222"], "worker": ["w0:2222", "w1:2222"], "ps": ["p:2222"]},
+             "task": {"type": "worker", "index": 1}, "environment": "cloud"},
+    "map": {"cluster": {"chief": {"0": "c:2222"}, "worker": {"1": "w1:2222", "0": "w0:2222"},
+                        "ps": {"0": "p:2222"}}, "task": {"type": "worker", "index": 1}},
+}
+
+
+@pytest.mark.parametrize("form", TF_CONFIGS)
+def test_tf_config_as_a_tfjob_writes_it(form):
+    worker = settings("run", env={"TF_CONFIG": json.dumps(TF_CONFIGS[form])})
+    assert (worker["ps_address"], worker["task_index"], worker["num_workers"]) == ("p:2222", 2, 3)
+    chief = dict(TF_CONFIGS[form], task={"type": "chief", "index": 0})
+    assert settings("run", env={"TF_CONFIG": json.dumps(chief)})["task_index"] == 0
+    ps = dict(TF_CONFIGS[form], task={"type": "ps", "index": 0})
+    assert settings("run", env={"TF_CONFIG": json.dumps(ps)})["listen"] == "0.0.0.0:2222"
+
+
+def test_variables_and_flags_win_over_tf_config():
+    tf_config = json.dumps(TF_CONFIGS["list"])
+    assert settings("run", env={"TF_CONFIG": tf_config, "COMIND_TASK_INDEX": "5"})["task_index"] == 5
+    assert settings("run", "--task-index", "7", env={"TF_CONFIG": tf_config})["task_index"] == 7
+
+
+def test_original_flags():
+    worker = settings("run", "--job_name", "worker", "--task_index", "1", "--ps_hosts", "ps0:2222",
+                      "--worker_hosts", "w0:2222,w1:2222,w2:2222")
+    assert (worker["ps_address"], worker["task_index"], worker["num_workers"]) == ("ps0:2222", 1, 3)
+    ps = settings("run", "--job_name", "ps", "--ps_hosts", "ps0:2345", "--worker_hosts", "w0:1,w1:1")
+    assert ps["listen"] == "0.0.0.0:2345" and ps["num_workers"] == 2
+
+
+def test_rounds_follow_the_preset_and_interval():
+    assert settings("ps")["rounds"] == 15  # digits: 1500 local steps in rounds of 100
+    assert settings("ps", "--interval-steps", "1")["rounds"] == 1500
+    assert settings("ps", "--rounds", "3")["rounds"] == 3
+
+
+@pytest.mark.parametrize("command, env, words", [
+    ("run", {}, "comind run needs a role: set COMIND_ROLE"),
+    ("run", {"TF_CONFIG": "{not json"}, "TF_CONFIG is not valid JSON"),
+    ("run", {"TF_CONFIG": '{"cluster": {"worker": "w0:1"}, "task": {"type": "worker"}}'}, "job 'worker' must be"),
+    ("run", {"COMIND_ROLE": "evaluator"}, "COMIND_ROLE must be one of ps, worker. Received: COMIND_ROLE='evaluator'"),
+    ("worker", {"COMIND_PS_ADDRESS": "no-port"}, "COMIND_PS_ADDRESS must be host:port"),
+    ("worker", {"COMIND_DATASET": "mnist"}, "COMIND_DATASET must be one of digits, fashion_mnist, cifar10, or a path"),
+    ("worker", {"COMIND_MODEL": "resnet"}, "COMIND_MODEL must be one of basic, advanced, or module:function"),
+    ("worker", {"COMIND_MODEL": "no_such_module:build"}, "Cannot import the model's module 'no_such_module'"),
+    ("train", {"COMIND_DATASET": "/nonexistent/data.npz"}, "/nonexistent/data.npz"),
+])
+def test_bad_configuration_fails_at_once_with_what_was_wrong(command, env, words):
+    result = subprocess.run([sys.executable, "-m", "comind", command], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "COMIND_METRICS_PORT": "0", **env}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_whose_model_differs_from_the_ps_model_stops_with_the_difference(start_ps, tmp_path):
+    store = CheckpointStore(tmp_path)
+    other = [np.zeros((64, 10), np.float32)]
+    store.save(4, Layout.of(other), Layout.of(other).pack(other))
+    ps = start_ps("--checkpoint-dir", str(tmp_path), "--num-workers", "1")
+    result = subprocess.run([sys.executable, "-m", "comind", "worker", "--ps-address", ps.address], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "COMIND_METRICS_PORT": "0"},
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "does not match the ps's global model: expected 1 tensors, got 4" in result.stderr

@@ -1,0 +1,96 @@
+"""The training side end to end: real processes, real Keras, the embedded digits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+ENV = {**os.environ, "COMIND_METRICS_PORT": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def comind(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comind", *args], cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def final_accuracy(output: Path) -> float:
+    return json.loads((output / "metrics.json").read_text())["final"]["eval_accuracy"]
+
+
+@pytest.mark.parametrize("mode, flags", [
+    ("federated", []),
+    ("distributed", ["--interval-steps", "1", "--rounds", "300"]),
+])
+def test_local_cluster_trains_the_embedded_digits(tmp_path, mode, flags):
+    result = comind("local", "--workers", "2", "--output-dir", str(tmp_path), *flags)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rounds = int(re.findall(r"Round \d+/(\d+)", result.stdout)[0])
+    assert re.search(rf"Round {rounds}/{rounds}: 2 updates", result.stdout)
+    assert "Final test accuracy" in result.stdout
+    assert final_accuracy(tmp_path) >= 0.90
+    for name in ("model.keras", "predictions.png", "history.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def digest(arrays) -> str:
+    return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+
+
+@pytest.mark.parametrize("interval", [1, 6, 20])
+def test_callback_syncs_every_interval_and_workers_hold_the_ps_model(start_ps, tmp_path, interval):
+    examples, epochs, batch = 100, 3, 32
+    steps = epochs * math.ceil(examples / batch)  # 12 local steps per worker
+    syncs = math.ceil(steps / interval)
+    checkpoints = tmp_path / "checkpoints"
+    ps = start_ps("--num-workers", "2", "--rounds", str(syncs), "--checkpoint-dir", str(checkpoints),
+                  "--keep-checkpoints", "100", "--exit-grace", "10")
+    outs = [tmp_path / f"worker-{task}.json" for task in range(2)]
+    workers = [subprocess.Popen([sys.executable, ROOT / "tests" / "keras_worker.py", ps.address, str(task),
+                                 "--examples", str(examples), "--epochs", str(epochs), "--interval", str(interval),
+                                 "--out", str(outs[task])], env=ENV, stderr=subprocess.PIPE, text=True)
+               for task in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read()
+    assert ps.wait() == 0
+
+    for out in outs:
+        report = json.loads(out.read_text())
+        assert report["syncs"] == syncs
+        assert sorted(map(int, report["held"])) == list(range(syncs + 1))  # the initial model, then each round
+        for round, held in report["held"].items():
+            with np.load(checkpoints / f"round-{int(round):09d}.npz") as saved:
+                ps_weights = [saved[f"tensor_{i:05d}"] for i in range(len(saved["names"]))]
+            assert held == digest(ps_weights), f"round {round}"
+
+
+def test_custom_training_loop_trains_federated(start_ps):
+    ps = start_ps("--num-workers", "2", "--rounds", "15", "--exit-grace", "10")
+    workers = [subprocess.Popen([sys.executable, ROOT / "examples" / "custom_loop.py", "--ps-address", ps.address,
+                                 "--task-index", str(task)], env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for task in range(2)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err
+    assert ps.wait() == 0
+    accuracy = float(re.search(r"Round 15: test accuracy ([\d.]+)", outputs[0][0]).group(1))
+    assert accuracy >= 0.85
+    assert len(re.findall(r"Round \d+/15: 2 updates", ps.log())) == 15
+
+
+def test_one_machine_training(tmp_path):
+    result = comind("train", "--steps", "400", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert final_accuracy(tmp_path) >= 0.90
+    assert (tmp_path / "history.png").exists()
