@@ -38,6 +38,7 @@ class _ModelSync:
         self.model: keras.Model | None = None
         self.state: GlobalState | None = None
         self.syncs = 0
+        self.examples_trained = 0
         self._steps = self._examples = 0
         self._loss = self._accuracy = 0.0
 
@@ -55,6 +56,7 @@ class _ModelSync:
         """Counts one local step; syncs when the interval is full."""
         self._steps += 1
         self._examples += num_examples
+        self.examples_trained += num_examples
         self._loss = self._loss if loss is None else float(loss)
         self._accuracy = self._accuracy if accuracy is None else float(accuracy)
         if self.metrics:
@@ -111,6 +113,10 @@ class FederatedAveraging(keras.callbacks.Callback):
     @property
     def syncs(self) -> int:
         return self._sync.syncs
+
+    @property
+    def examples_trained(self) -> int:
+        return self._sync.examples_trained
 
     @property
     def state(self) -> GlobalState | None:

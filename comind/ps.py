@@ -194,7 +194,6 @@ class ParameterServer:
             self.rounds.record(ticket.member_id)
             self._stats += (ticket.num_examples, ticket.num_examples * ticket.loss,
                             ticket.num_examples * ticket.accuracy)
-        self.metrics.updates.labels("accepted").inc()
         await self._maybe_close()
         return pb.PushReply(round=ticket.round)
 

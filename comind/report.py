@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -31,13 +32,23 @@ class RoundRecord:
     train_accuracy: float
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+    elapsed_seconds: float = 0.0  # since training started, when this record was made
 
 
 @dataclasses.dataclass
 class History:
     records: list[RoundRecord] = dataclasses.field(default_factory=list)
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def start_clock(self) -> None:
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
     def add(self, record: RoundRecord) -> None:
+        record.elapsed_seconds = round(self.elapsed, 3)
         self.records.append(record)
 
     @property

@@ -77,10 +77,12 @@ class Service(pb_grpc.ParameterServerServicer):
             header = await _read_header(request_iterator)
             ticket = self.ps.open_update(header)
             if ticket is None:
-                self.ps.metrics.updates.labels("duplicate").inc()
-                return pb.PushReply(round=header.round, duplicate=True)
-            async with self._ingest(request_iterator, ticket.layout) as packed:
-                return await self.ps.commit_update(ticket, packed)
+                reply = pb.PushReply(round=header.round, duplicate=True)
+            else:
+                async with self._ingest(request_iterator, ticket.layout) as packed:
+                    reply = await self.ps.commit_update(ticket, packed)
+            self.ps.metrics.updates.labels("duplicate" if reply.duplicate else "accepted").inc()
+            return reply
         except Refusal as refusal:
             self.ps.metrics.updates.labels(refusal.result).inc()
             log.warning("Refused an update: %s", refusal.message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import time
 from typing import Any
 
 import keras
@@ -59,13 +60,21 @@ def run_worker(settings: dict[str, Any]) -> int:
     callback = FederatedAveraging(client, settings["interval_steps"], settings["batch_size"],
                                   on_round=chief.on_round if chief else None, metrics=worker_metrics)
     with client:
+        started = time.monotonic()
+        if chief:
+            chief.history.start_clock()
         # The ps decides when training ends (its last round); fit runs until then.
         model.fit(x, y, batch_size=settings["batch_size"], epochs=1_000_000, callbacks=[callback], verbose=0,
                   shuffle=True)
+        _log_throughput(f"Worker {task}", callback.examples_trained, time.monotonic() - started)
         if chief:
             chief.finish(callback.state)
     log.info("Worker %d is done after %d syncs, at round %d.", task, callback.syncs, client.round)
     return 0
+
+
+def _log_throughput(who: str, examples: int, seconds: float) -> None:
+    log.info("%s trained %d examples in %.2f s: %.0f examples/s.", who, examples, seconds, examples / seconds)
 
 
 class _Chief:
@@ -125,8 +134,10 @@ def run_train(settings: dict[str, Any]) -> int:
         print(f"epoch {epoch + 1}/{epochs}: train loss {logs['loss']:.4f}, test loss {loss:.4f}, "
               f"test accuracy {accuracy:.4f}", flush=True)
 
+    history.start_clock()
     model.fit(x, y, batch_size=settings["batch_size"], epochs=epochs, verbose=0, shuffle=True,
               callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
+    _log_throughput("One process", epochs * len(x), history.elapsed)
     report.write(settings["output_dir"], model, history, dataset.x_test[:25], dataset.y_test[:25],
                  dataset.class_names, x_label="epoch")
     return 0

@@ -1,0 +1,255 @@
+"""The ps's Prometheus series, scraped from a real ps while two workers train."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from comind import WorkerClient
+from comind.metrics import UPDATE_RESULTS, PsMetrics
+from comind.proto import comind_pb2 as pb
+from comind.proto import comind_pb2_grpc as pb_grpc
+from comind.tensors import Layout, chunks
+
+ROUNDS = 3
+WEIGHTS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([0.25, -1.0], np.float32)]
+MODEL_BYTES = sum(w.nbytes for w in WEIGHTS)  # 32
+#: Per worker (task index): examples per round, and loss and accuracy of round r (1-based).
+EXAMPLES = {0: 8, 1: 24}
+
+
+def loss_of(task: int, round: int) -> float:
+    return 2.0 / round + task
+
+
+def accuracy_of(task: int, round: int) -> float:
+    return 0.1 * round + 0.25 * task
+
+
+EVAL_LOSS, EVAL_ACCURACY = 0.375, 0.8125
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of the ps's /metrics, keyed by (sample name, sorted label pairs)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"{name}{labels} is not exposed; have {sorted(k for k in samples if 'comind' in k[0])}"
+    return samples[key]
+
+
+def weighted_mean(value_of, round: int) -> float:
+    return sum(EXAMPLES[t] * value_of(t, round) for t in EXAMPLES) / sum(EXAMPLES.values())
+
+
+@pytest.mark.timeout(120)
+def test_ps_metrics_after_two_workers_train_three_rounds(start_ps):
+    port = free_port()
+    # A long exit grace: the ps must still be up when we scrape after the last round.
+    ps = start_ps("--num-workers", "2", "--rounds", str(ROUNDS), "--exit-grace", "60", "--metrics-port", str(port))
+    clients = {task: WorkerClient(ps.address, task_index=task, description=f"worker {task}") for task in EXAMPLES}
+    rounds_seen: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def work(task: int) -> None:
+        try:
+            client = clients[task]
+            state = client.join(WEIGHTS)
+            seen = [state.round]
+            for round in range(1, ROUNDS + 1):
+                local = [w + task + round for w in WEIGHTS]
+                state = client.sync(local, num_examples=EXAMPLES[task], loss=loss_of(task, round),
+                                    accuracy=accuracy_of(task, round))
+                seen.append(state.round)
+            assert state.done
+            if client.is_chief:
+                client.report_eval(ROUNDS, EVAL_LOSS, EVAL_ACCURACY)
+            rounds_seen[task] = seen
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(error)
+
+    try:
+        threads = [threading.Thread(target=work, args=(task,)) for task in EXAMPLES]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads), "a worker hung:\n" + ps.log()
+        if errors:
+            raise errors[0]
+        assert rounds_seen == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+        ps.wait_for(r"Round 3 evaluation")  # the eval report has been applied
+        samples = scrape(port)  # both workers are still connected
+        clients[1].close()
+        ps.wait_for(r"Worker 1 left; 1 live")
+        assert sample(scrape(port), "comind_workers") == 1
+        assert ps.proc.poll() is None  # still waiting for the chief to leave
+    finally:
+        for client in clients.values():
+            client.close()
+
+    assert sample(samples, "comind_round") == ROUNDS
+    assert sample(samples, "comind_rounds_completed_total") == ROUNDS
+    assert sample(samples, "comind_round_duration_seconds_count") == ROUNDS
+    assert sample(samples, "comind_round_duration_seconds_bucket", le="+Inf") == ROUNDS
+    assert sample(samples, "comind_round_duration_seconds_sum") > 0
+    assert sample(samples, "comind_train_loss") == pytest.approx(weighted_mean(loss_of, ROUNDS))
+    assert sample(samples, "comind_train_accuracy") == pytest.approx(weighted_mean(accuracy_of, ROUNDS))
+    assert sample(samples, "comind_eval_loss") == EVAL_LOSS
+    assert sample(samples, "comind_eval_accuracy") == EVAL_ACCURACY
+    assert sample(samples, "comind_workers") == 2
+    assert sample(samples, "comind_model_bytes") == MODEL_BYTES
+    updates = len(EXAMPLES) * ROUNDS
+    assert sample(samples, "comind_updates_total", result="accepted") == updates
+    assert sample(samples, "comind_updates_total", result="stale") == 0
+    assert sample(samples, "comind_updates_total", result="rejected") == 0
+    assert sample(samples, "comind_auth_failures_total") == 0
+    # Received: the chief's initial model, then every update. Sent: each worker's pull at
+    # join, then one pull per worker per round.
+    assert sample(samples, "comind_update_bytes_total", direction="received") == MODEL_BYTES * (1 + updates)
+    assert sample(samples, "comind_update_bytes_total", direction="sent") == MODEL_BYTES * (len(EXAMPLES) + updates)
+
+    assert ps.wait(timeout=30) == 0  # it exits once both workers left, well before the grace ends
+    assert "The ps stopped at round 3." in ps.log()
+    assert "had not left" not in ps.log()
+
+
+def test_labelled_series_read_zero_before_any_event():
+    registry = CollectorRegistry()
+    PsMetrics(registry)
+    for result in UPDATE_RESULTS:
+        assert registry.get_sample_value("comind_updates_total", {"result": result}) == 0
+    for direction in ("received", "sent"):
+        assert registry.get_sample_value("comind_update_bytes_total", {"direction": direction}) == 0
+    assert registry.get_sample_value("comind_auth_failures_total") == 0
+    assert registry.get_sample_value("comind_rounds_completed_total") == 0
+    assert registry.get_sample_value("comind_round_duration_seconds_count") == 0
+    assert registry.get_sample_value("comind_workers") == 0
+
+
+def test_metrics_of_two_ps_registries_are_independent():
+    first, second = CollectorRegistry(), CollectorRegistry()
+    a, b = PsMetrics(first), PsMetrics(second)
+    a.updates.labels("accepted").inc(3)
+    b.update_bytes.labels("sent").inc(7)
+    assert first.get_sample_value("comind_updates_total", {"result": "accepted"}) == 3
+    assert second.get_sample_value("comind_updates_total", {"result": "accepted"}) == 0
+    assert first.get_sample_value("comind_update_bytes_total", {"direction": "sent"}) == 0
+    assert second.get_sample_value("comind_update_bytes_total", {"direction": "sent"}) == 7
+
+
+def update_chunks(member_id: str, round: int, weights, num_examples: int = 1):
+    layout = Layout.of(weights)
+    yield pb.UpdateChunk(header=pb.UpdateHeader(member_id=member_id, round=round, num_examples=num_examples,
+                                                tensors=layout.to_proto()))
+    for data in chunks(layout.pack(weights)):
+        yield pb.UpdateChunk(data=data)
+
+
+def pull(stub, member_id: str, after_round: int) -> tuple[int, list[np.ndarray]]:
+    messages = list(stub.PullModel(pb.PullRequest(member_id=member_id, after_round=after_round), timeout=10))
+    header = messages[0].header
+    assert header.ready
+    layout = Layout.from_proto(header.tensors, max_bytes=1 << 20)
+    return header.round, layout.views(b"".join(m.data for m in messages[1:]))
+
+
+@pytest.mark.timeout(60)
+def test_duplicate_updates_are_counted_and_change_nothing(start_ps):
+    port = free_port()
+    ps = start_ps("--num-workers", "2", "--rounds", "1", "--exit-grace", "5", "--metrics-port", str(port))
+    with grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        chief = stub.Register(pb.RegisterRequest(task_index=0), timeout=5).member_id
+        other = stub.Register(pb.RegisterRequest(task_index=1), timeout=5).member_id
+        assert stub.Initialize(update_chunks(chief, 0, WEIGHTS), timeout=5).accepted
+        first = [w + 1 for w in WEIGHTS]
+        assert not stub.PushUpdate(update_chunks(chief, 1, first), timeout=5).duplicate
+        assert stub.PushUpdate(update_chunks(chief, 1, [w * 100 for w in WEIGHTS]), timeout=5).duplicate
+
+        samples = scrape(port)
+        assert sample(samples, "comind_updates_total", result="accepted") == 1
+        assert sample(samples, "comind_updates_total", result="duplicate") == 1
+        assert sample(samples, "comind_updates_total", result="rejected") == 0
+        # The initial model and the first update; the duplicate was refused before its tensors were read.
+        assert sample(samples, "comind_update_bytes_total", direction="received") == 2 * MODEL_BYTES
+        assert sample(samples, "comind_round") == 0  # the round still waits for the other worker
+
+        second = [w + 3 for w in WEIGHTS]
+        assert not stub.PushUpdate(update_chunks(other, 1, second), timeout=5).duplicate
+        round, model = pull(stub, chief, 0)
+        assert round == 1
+        for actual, a, b in zip(model, first, second, strict=True):
+            np.testing.assert_allclose(actual, (a + b) / 2)  # the duplicate is nowhere in the average
+        assert sample(scrape(port), "comind_updates_total", result="accepted") == 2
+        for member in (chief, other):
+            stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
+    assert ps.wait(timeout=30) == 0
+
+
+def test_every_update_result_the_ps_counts_is_pre_created():
+    registry = CollectorRegistry()
+    PsMetrics(registry)
+    assert registry.get_sample_value("comind_updates_total", {"result": "duplicate"}) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_duplicate_caught_at_commit_is_counted(start_ps):
+    port = free_port()
+    ps = start_ps("--num-workers", "2", "--rounds", "1", "--exit-grace", "5", "--metrics-port", str(port))
+    with grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        chief = stub.Register(pb.RegisterRequest(task_index=0), timeout=5).member_id
+        other = stub.Register(pb.RegisterRequest(task_index=1), timeout=5).member_id
+        assert stub.Initialize(update_chunks(chief, 0, WEIGHTS), timeout=5).accepted
+
+        # Push A sends its header, which passes every check, then stalls; push B of the same
+        # worker and round arrives whole meanwhile and is accepted; then A's tensors come in.
+        gate = threading.Event()
+        stalled = [w * 100 for w in WEIGHTS]
+
+        def stalling():
+            messages = update_chunks(chief, 1, stalled)
+            yield next(messages)
+            gate.wait(10)
+            yield from messages
+
+        late = stub.PushUpdate.future(stalling(), timeout=20)
+        time.sleep(1.0)  # A's header is checked (a local call answers in milliseconds)
+        first = [w + 1 for w in WEIGHTS]
+        assert not stub.PushUpdate(update_chunks(chief, 1, first), timeout=5).duplicate
+        gate.set()
+        assert late.result().duplicate  # refused at commit: the model is safe
+
+        second = [w + 3 for w in WEIGHTS]
+        assert not stub.PushUpdate(update_chunks(other, 1, second), timeout=5).duplicate
+        round, model = pull(stub, chief, 0)
+        assert round == 1
+        for actual, a, b in zip(model, first, second, strict=True):
+            np.testing.assert_allclose(actual, (a + b) / 2)
+        samples = scrape(port)
+        for member in (chief, other):
+            stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
+    assert ps.wait(timeout=30) == 0
+    counted = {result: samples.get(("comind_updates_total", (("result", result),)), 0)
+               for result in ("accepted", "duplicate", "stale", "rejected")}
+    assert counted == {"accepted": 2, "duplicate": 1, "stale": 0, "rejected": 0}  # three pushes, three results

@@ -1,0 +1,412 @@
+"""Authentication and encryption against a real ps process.
+
+Every refusal is checked for its exact gRPC status, and, through the ps's
+Prometheus endpoint, for leaving the ps as it was: no member registered, no
+model stored, no update counted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+import secrets
+import socket
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from prometheus_client.parser import text_string_to_metric_families
+
+from comind import PsRefusal, PsUnreachable, WorkerClient
+from comind.auth import TlsFiles
+from comind.backoff import Backoff
+from comind.proto import comind_pb2 as pb
+from comind.proto import comind_pb2_grpc as pb_grpc
+from comind.tensors import Layout, chunks
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "s3cret-token"
+FAST = ("--num-workers", "1", "--rounds", "2", "--exit-grace", "2")
+WEIGHTS = [np.array([1.0, 2.0, 3.0], np.float32), np.array([[0.5, -0.5]], np.float32)]
+MODEL_BYTES = sum(w.nbytes for w in WEIGHTS)  # 20
+#: Where a refusal is expected: give up on an unreachable ps quickly, retrying often meanwhile.
+SHORT = 2.0
+QUICK_RETRIES = Backoff(base=0.05, cap=0.25)
+
+
+# Helpers ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Scrape:
+    """One scrape of a ps's /metrics, indexed by sample name and labels."""
+
+    def __init__(self, port: int):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        self.samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                        for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def __call__(self, name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        assert key in self.samples, f"{name}{labels} is not exposed"
+        return self.samples[key]
+
+
+def assert_pristine(metrics: Scrape) -> None:
+    """The ps holds no member, no model, and has counted no update."""
+    assert metrics("comind_workers") == 0
+    assert metrics("comind_model_bytes") == 0
+    assert metrics("comind_round") == 0
+    for result in ("accepted", "stale", "rejected"):
+        assert metrics("comind_updates_total", result=result) == 0
+    for direction in ("received", "sent"):
+        assert metrics("comind_update_bytes_total", direction=direction) == 0
+
+
+def start_metered(start_ps, *args: str, env: dict[str, str] | None = None):
+    """A ps with metrics on a free port; returns it and a scrape function."""
+    port = free_port()
+    ps = start_ps(*FAST, "--metrics-port", str(port), *args, env=env)
+    return ps, lambda: Scrape(port)
+
+
+def update_chunks(member_id: str, round: int, weights=WEIGHTS):
+    layout = Layout.of(weights)
+    header = pb.UpdateHeader(member_id=member_id, round=round, num_examples=1, loss=0.5, accuracy=0.5,
+                             tensors=layout.to_proto())
+    yield pb.UpdateChunk(header=header)
+    for data in chunks(layout.pack(weights)):
+        yield pb.UpdateChunk(data=data)
+
+
+def train(address: str, rounds: int = 2, **client_options) -> None:
+    """One worker (the chief) runs the whole job and checks every model it gets back."""
+    with WorkerClient(address, task_index=0, **client_options) as client:
+        state = client.join(WEIGHTS)
+        assert state.round == 0 and not state.done
+        for actual, expected in zip(state.weights, WEIGHTS, strict=True):
+            np.testing.assert_array_equal(actual, expected)
+        for round in range(1, rounds + 1):
+            local = [w + round for w in WEIGHTS]
+            state = client.sync(local, num_examples=4, loss=1.0 / round, accuracy=0.5)
+            assert state.round == round
+            for actual, expected in zip(state.weights, local, strict=True):
+                np.testing.assert_allclose(actual, expected)  # the mean of one update is that update
+        assert state.done
+
+
+def every_call(stub: pb_grpc.ParameterServerStub, metadata) -> dict:
+    """One call of each RPC, covering the four handler kinds, with the given metadata."""
+    member = secrets.token_hex(16)
+    options = dict(metadata=metadata, timeout=5)
+    return {
+        "Register": lambda: stub.Register(pb.RegisterRequest(task_index=0), **options),
+        "Heartbeat": lambda: stub.Heartbeat(pb.HeartbeatRequest(member_id=member), **options),
+        "Initialize": lambda: stub.Initialize(update_chunks(member, 0), **options),
+        "PushUpdate": lambda: stub.PushUpdate(update_chunks(member, 1), **options),
+        "PullModel": lambda: list(stub.PullModel(pb.PullRequest(member_id=member, after_round=-1), **options)),
+        "ReportEval": lambda: stub.ReportEval(pb.EvalReport(member_id=member, round=0, loss=1.0), **options),
+        "Leave": lambda: stub.Leave(pb.LeaveRequest(member_id=member), **options),
+    }
+
+
+def assert_status(call, code: grpc.StatusCode) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, caught.value.details()
+    return caught.value
+
+
+# Tokens -----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["flag", "file"])
+def token_ps(request, start_ps, tmp_path: Path):
+    """A ps that requires TOKEN, given by --token or by COMIND_TOKEN_FILE."""
+    if request.param == "flag":
+        return start_metered(start_ps, "--token", TOKEN)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")  # the trailing newline is dropped
+    return start_metered(start_ps, env={"COMIND_TOKEN_FILE": str(token_file)})
+
+
+def test_calls_without_or_with_a_wrong_token_are_unauthenticated(token_ps):
+    ps, metrics = token_ps
+    refusals = 0
+    with grpc.insecure_channel(ps.address) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        for metadata, reason in [((), "no token was sent"),
+                                 ((("authorization", "Bearer wrong"),), "the token is wrong"),
+                                 ((("authorization", TOKEN),), "the token is wrong"),  # no "Bearer "
+                                 ((("authorization", f"Bearer {TOKEN}x"),), "the token is wrong")]:
+            for method, call in every_call(stub, metadata).items():
+                error = assert_status(call, grpc.StatusCode.UNAUTHENTICATED)
+                assert reason in error.details(), (method, error.details())
+                assert "COMIND_TOKEN" in error.details()
+                refusals += 1
+                ps.wait_for(rf"Refused /comind\.v1\.ParameterServer/{method}: {reason}\.")
+    after = metrics()
+    assert after("comind_auth_failures_total") == refusals == 28
+    assert_pristine(after)  # no call got past the token check
+
+
+def test_worker_client_with_a_wrong_or_no_token_is_refused_not_retried(token_ps):
+    ps, metrics = token_ps
+    for token, reason in [(None, "no token was sent"), ("wrong", "the token is wrong")]:
+        with WorkerClient(ps.address, token=token, unreachable_timeout=SHORT) as client:
+            with pytest.raises(PsRefusal, match=reason) as caught:
+                client.join(WEIGHTS)
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    after = metrics()
+    assert after("comind_auth_failures_total") == 2  # one Register each: UNAUTHENTICATED is not retried
+    assert_pristine(after)
+
+
+def test_the_right_token_works_end_to_end(token_ps):
+    ps, metrics = token_ps
+    with grpc.insecure_channel(ps.address) as channel:
+        assert_status(lambda: pb_grpc.ParameterServerStub(channel).Register(pb.RegisterRequest(), timeout=5),
+                      grpc.StatusCode.UNAUTHENTICATED)
+    assert metrics()("comind_auth_failures_total") == 1
+    train(ps.address, token=TOKEN)
+    assert ps.wait() == 0
+    assert "Round 2/2" in ps.log()
+    # Only the one refusal above: none of the worker's calls was refused.
+    assert len(re.findall(r"Refused /", ps.log())) == 1
+
+
+def test_auth_failures_counter_ignores_authenticated_calls(token_ps):
+    ps, metrics = token_ps
+    with WorkerClient(ps.address, token=TOKEN) as good, grpc.insecure_channel(ps.address) as channel:
+        good.join(WEIGHTS)
+        stub = pb_grpc.ParameterServerStub(channel)
+        assert_status(lambda: stub.Register(pb.RegisterRequest(), timeout=5), grpc.StatusCode.UNAUTHENTICATED)
+        assert_status(lambda: stub.Register(pb.RegisterRequest(), metadata=(("authorization", "Bearer no"),),
+                                            timeout=5), grpc.StatusCode.UNAUTHENTICATED)
+        during = metrics()
+        assert during("comind_auth_failures_total") == 2
+        assert during("comind_workers") == 1  # the refused Registers added nobody
+        assert during("comind_model_bytes") == MODEL_BYTES
+        good.sync(WEIGHTS, num_examples=1)
+        good.sync(WEIGHTS, num_examples=1)
+        assert metrics()("comind_auth_failures_total") == 2
+    assert ps.wait() == 0
+
+
+# TLS --------------------------------------------------------------------------
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write(directory: Path, stem: str, key, cert: x509.Certificate) -> tuple[str, str]:
+    key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(cert_path), str(key_path)
+
+
+class Authority:
+    """A test certificate authority that writes PEM files."""
+
+    def __init__(self, directory: Path, name: str):
+        self.directory = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .sign(self.key, hashes.SHA256()))
+        self.ca, _ = _write(directory, name, self.key, self.cert)
+
+    def issue(self, name: str, *, server: bool) -> TlsFiles:
+        """A leaf certificate and key; a server's is valid for 127.0.0.1 and localhost."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(self.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        cert, key_path = _write(self.directory, name, key, builder.sign(self.key, hashes.SHA256()))
+        return TlsFiles(cert=cert, key=key_path, ca=self.ca)
+
+
+class Pki:
+    def __init__(self, directory: Path):
+        self.authority = Authority(directory, "comind-test-ca")
+        self.rogue = Authority(directory, "rogue-ca")
+        self.server = self.authority.issue("ps", server=True)
+        self.client = self.authority.issue("worker", server=False)
+        self.rogue_client = self.rogue.issue("impostor", server=False)
+        self.ca = self.authority.ca
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_ps(start_ps, pki: Pki, *, mutual: bool):
+    args = ["--tls-cert", pki.server.cert, "--tls-key", pki.server.key]
+    if mutual:
+        args += ["--tls-ca", pki.ca]
+    # GRPC_VERBOSITY=info: gRPC core logs why it failed a handshake, which tells the refusals apart.
+    ps, metrics = start_metered(start_ps, *args, env={"GRPC_VERBOSITY": "info"})
+    ps.wait_for(r"Listening on .* \(TLS\)")
+    return ps, metrics
+
+
+def assert_refused_by_tls(ps, metrics, tls: TlsFiles | None, *, server_reason: str | None = None,
+                          client_reason: str | None = None) -> None:
+    """A raw call and a WorkerClient over this channel both fail with UNAVAILABLE; the ps is untouched.
+
+    ``server_reason``/``client_reason``: the TLS error that the ps logs, or that the client's
+    status details carry, for the failed handshake.
+    """
+    channel = (grpc.secure_channel(ps.address, tls.channel_credentials()) if tls
+               else grpc.insecure_channel(ps.address))
+    with channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        error = assert_status(lambda: stub.Register(pb.RegisterRequest(task_index=0), timeout=5),
+                              grpc.StatusCode.UNAVAILABLE)
+        if client_reason:
+            assert client_reason in error.details()
+        assert_status(lambda: list(stub.PullModel(pb.PullRequest(after_round=-1), timeout=5)),
+                      grpc.StatusCode.UNAVAILABLE)
+    with WorkerClient(ps.address, tls=tls or TlsFiles(), unreachable_timeout=SHORT,
+                      backoff=QUICK_RETRIES) as client:
+        with pytest.raises(PsUnreachable, match="UNAVAILABLE"):
+            client.join(WEIGHTS)  # never gets a model
+        assert client.round == -1
+    assert_pristine(metrics())
+    assert "joined" not in ps.log()
+    if server_reason:
+        ps.wait_for(rf"Handshake failed .*{server_reason}", timeout=5)
+
+
+def test_tls_client_trusting_the_ca_works(start_ps, pki):
+    ps, metrics = tls_ps(start_ps, pki, mutual=False)
+    train(ps.address, tls=TlsFiles(ca=pki.ca))
+    assert ps.wait() == 0
+
+
+def test_plain_text_client_cannot_talk_to_a_tls_ps(start_ps, pki):
+    ps, metrics = tls_ps(start_ps, pki, mutual=False)
+    assert_refused_by_tls(ps, metrics, None, server_reason="WRONG_VERSION_NUMBER")
+    train(ps.address, tls=TlsFiles(ca=pki.ca))  # the ps still serves a proper client
+    assert ps.wait() == 0
+
+
+def test_tls_client_that_does_not_trust_the_ps_certificate_fails(start_ps, pki):
+    ps, metrics = tls_ps(start_ps, pki, mutual=False)
+    assert_refused_by_tls(ps, metrics, TlsFiles(ca=pki.rogue.ca), client_reason="CERTIFICATE_VERIFY_FAILED")
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(start_ps, pki):
+    ps, metrics = tls_ps(start_ps, pki, mutual=True)
+    assert_refused_by_tls(ps, metrics, TlsFiles(ca=pki.ca), server_reason="PEER_DID_NOT_RETURN_A_CERTIFICATE")
+
+
+def test_mutual_tls_refuses_a_certificate_from_another_ca(start_ps, pki):
+    ps, metrics = tls_ps(start_ps, pki, mutual=True)
+    rogue = pki.rogue_client
+    assert_refused_by_tls(ps, metrics, TlsFiles(cert=rogue.cert, key=rogue.key, ca=pki.ca),
+                          server_reason="CERTIFICATE_VERIFY_FAILED")
+
+
+def test_mutual_tls_accepts_a_certificate_from_the_ca(start_ps, pki):
+    ps, metrics = tls_ps(start_ps, pki, mutual=True)
+    train(ps.address, tls=TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca))
+    assert ps.wait() == 0
+
+
+def test_mutual_tls_and_token_together(start_ps, pki):
+    args = ["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--tls-ca", pki.ca, "--token", TOKEN]
+    ps, metrics = start_metered(start_ps, *args)
+    tls = TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca)
+    with WorkerClient(ps.address, tls=tls, unreachable_timeout=SHORT) as client:
+        with pytest.raises(PsRefusal) as caught:
+            client.join(WEIGHTS)  # a valid certificate does not stand in for the token
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert metrics()("comind_auth_failures_total") == 1
+    assert_pristine(metrics())
+    train(ps.address, tls=tls, token=TOKEN)
+    assert ps.wait() == 0
+
+
+# Member ids -------------------------------------------------------------------
+
+
+def test_member_ids_are_random_and_a_made_up_one_is_not_found(start_ps):
+    ps, metrics = start_metered(start_ps)
+    with grpc.insecure_channel(ps.address) as channel, WorkerClient(ps.address, task_index=0) as worker:
+        stub = pb_grpc.ParameterServerStub(channel)
+        # Member ids are 128 random bits, unrelated to task index or order: there is nothing to guess.
+        ids = [stub.Register(pb.RegisterRequest(task_index=1), timeout=5).member_id for _ in range(3)]
+        assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+        for member_id in ids:
+            stub.Leave(pb.LeaveRequest(member_id=member_id), timeout=5)
+        assert not any(member_id in ps.log() for member_id in ids)  # nor are they ever logged
+
+        worker.join(WEIGHTS)
+        before = metrics()
+        assert before("comind_workers") == 1
+        assert before("comind_update_bytes_total", direction="received") == MODEL_BYTES  # the initial model
+
+        made_up = secrets.token_hex(16)
+        poisoned = [np.full_like(w, 1e6) for w in WEIGHTS]
+        error = assert_status(lambda: stub.PushUpdate(update_chunks(made_up, 1, poisoned), timeout=5),
+                              grpc.StatusCode.NOT_FOUND)
+        assert made_up in error.details() and "Register again" in error.details()
+        for call in [lambda: stub.Heartbeat(pb.HeartbeatRequest(member_id=made_up), timeout=5),
+                     lambda: list(stub.PullModel(pb.PullRequest(member_id=made_up, after_round=-1), timeout=5)),
+                     lambda: stub.ReportEval(pb.EvalReport(member_id=made_up, round=0, loss=9.0), timeout=5),
+                     lambda: stub.Initialize(update_chunks(made_up, 0, poisoned), timeout=5)]:
+            assert_status(call, grpc.StatusCode.NOT_FOUND)
+        stub.Leave(pb.LeaveRequest(member_id=made_up), timeout=5)  # a no-op: removes nobody
+
+        after = metrics()
+        assert after("comind_updates_total", result="rejected") == 1
+        assert after("comind_updates_total", result="accepted") == 0
+        assert after("comind_workers") == 1
+        assert after("comind_round") == 0
+        assert after("comind_update_bytes_total", direction="received") == MODEL_BYTES  # no byte taken in
+        assert after("comind_eval_loss") == 0
+
+        # The round closes on the real worker's update alone; nothing of the made-up one is in the model.
+        local = [w * 2 for w in WEIGHTS]
+        state = worker.sync(local, num_examples=1)
+        assert state.round == 1
+        for actual, expected in zip(state.weights, local, strict=True):
+            np.testing.assert_array_equal(actual, expected)
+        state = worker.sync(local, num_examples=1)
+        assert state.done
+    assert ps.wait() == 0
