@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import socket
 import threading
 import time
@@ -173,8 +175,9 @@ def pull(stub, member_id: str, after_round: int) -> tuple[int, list[np.ndarray]]
     return header.round, layout.views(b"".join(m.data for m in messages[1:]))
 
 
-@pytest.mark.timeout(60)
-def test_duplicate_updates_are_counted_and_change_nothing(start_ps):
+@contextlib.contextmanager
+def initialized_ps(start_ps):
+    """A ps for one round with two registered workers and an initial model."""
     port = free_port()
     ps = start_ps("--num-workers", "2", "--rounds", "1", "--exit-grace", "5", "--metrics-port", str(port))
     with grpc.insecure_channel(ps.address) as channel:
@@ -182,6 +185,12 @@ def test_duplicate_updates_are_counted_and_change_nothing(start_ps):
         chief = stub.Register(pb.RegisterRequest(task_index=0), timeout=5).member_id
         other = stub.Register(pb.RegisterRequest(task_index=1), timeout=5).member_id
         assert stub.Initialize(update_chunks(chief, 0, WEIGHTS), timeout=5).accepted
+        yield ps, port, stub, chief, other
+
+
+@pytest.mark.timeout(60)
+def test_duplicate_updates_are_counted_and_change_nothing(start_ps):
+    with initialized_ps(start_ps) as (ps, port, stub, chief, other):
         first = [w + 1 for w in WEIGHTS]
         assert not stub.PushUpdate(update_chunks(chief, 1, first), timeout=5).duplicate
         assert stub.PushUpdate(update_chunks(chief, 1, [w * 100 for w in WEIGHTS]), timeout=5).duplicate
@@ -214,13 +223,7 @@ def test_every_update_result_the_ps_counts_is_pre_created():
 
 @pytest.mark.timeout(60)
 def test_a_duplicate_caught_at_commit_is_counted(start_ps):
-    port = free_port()
-    ps = start_ps("--num-workers", "2", "--rounds", "1", "--exit-grace", "5", "--metrics-port", str(port))
-    with grpc.insecure_channel(ps.address) as channel:
-        stub = pb_grpc.ParameterServerStub(channel)
-        chief = stub.Register(pb.RegisterRequest(task_index=0), timeout=5).member_id
-        other = stub.Register(pb.RegisterRequest(task_index=1), timeout=5).member_id
-        assert stub.Initialize(update_chunks(chief, 0, WEIGHTS), timeout=5).accepted
+    with initialized_ps(start_ps) as (ps, port, stub, chief, other):
 
         # Push A sends its header, which passes every check, then stalls; push B of the same
         # worker and round arrives whole meanwhile and is accepted; then A's tensors come in.
