@@ -124,11 +124,10 @@ def run_ps(settings: dict) -> int:
     store = CheckpointStore(settings["checkpoint_dir"], settings["keep_checkpoints"]) \
         if settings["checkpoint_dir"] else None
 
-    async def serve() -> None:
+    async def serve() -> int:
         ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), weighting=settings["weighting"], store=store,
-                             max_model_bytes=settings["max_model_bytes"],
-                             max_concurrent_updates=settings["max_concurrent_updates"])
-        server, port = service.build_server(ps, settings["listen"], token, tls)
+                             max_model_bytes=settings["max_model_bytes"])
+        server, port = service.build_server(ps, settings["listen"], token, tls, settings["max_concurrent_updates"])
         metrics.serve(settings["metrics_port"], REGISTRY)
         if not token:
             log.warning("AUTHENTICATION IS OFF: anyone who reaches this port can read and change the model. "
@@ -136,7 +135,6 @@ def run_ps(settings: dict) -> int:
         host = settings["listen"].rsplit(":", 1)[0]
         log.info("Listening on %s:%d (%s), round %d of %d.", host, port, "TLS" if tls.enabled else "plain text",
                  ps.rounds.round, policy.total_rounds)
-        await service.run(ps, server, settings["exit_grace"])
+        return await service.run(ps, server, settings["exit_grace"])
 
-    asyncio.run(serve())
-    return 0
+    return asyncio.run(serve())

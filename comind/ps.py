@@ -78,17 +78,13 @@ _VERDICT_REFUSALS = {
 
 class ParameterServer:
     def __init__(self, policy: RoundPolicy, metrics: PsMetrics, *, weighting: str = "examples",
-                 store: CheckpointStore | None = None, max_model_bytes: int = 4 << 30,
-                 max_concurrent_updates: int = 2):
+                 store: CheckpointStore | None = None, max_model_bytes: int = 4 << 30):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}. Received: weighting={weighting!r}")
         self.metrics = metrics
         self.weighting = weighting
         self.store = store
         self.max_model_bytes = max_model_bytes
-        # Each update being received holds one model-sized buffer: this bounds
-        # ps memory at O(model), however many workers push at once.
-        self.ingest_slots = asyncio.Semaphore(max_concurrent_updates)
         self.model: GlobalModel | None = None
         checkpoint = store.latest() if store else None
         self.rounds = Rounds(policy, round=checkpoint.round if checkpoint else -1)
@@ -102,6 +98,8 @@ class ParameterServer:
         self._published = asyncio.Event()  # replaced at each publish; waiters hold the old one
         self._poke = asyncio.Event()        # wakes the timer when leases or deadlines change
         self.training_done = asyncio.Event()
+        self.failed = asyncio.Event()       # a checkpoint could not be written: the ps must stop
+        self.failure = ""
         self.finished = asyncio.Event()     # training is done and every worker has left
 
     # Membership -------------------------------------------------------------
@@ -135,7 +133,7 @@ class ParameterServer:
         if self.rounds.done and not self.rounds.members:
             self.finished.set()
         self._poke.set()
-        asyncio.ensure_future(self._maybe_close())
+        asyncio.ensure_future(self.maybe_close())
 
     # The first model ----------------------------------------------------------
 
@@ -152,7 +150,8 @@ class ParameterServer:
             if self.model is not None:  # another worker won the race
                 self._check_layout(layout)
                 return pb.InitializeReply(accepted=False, round=self.rounds.round)
-            await self._publish(0, layout, packed)
+            if not await self._publish(0, layout, packed):
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, self.failure)
         log.info("Initialized the global model: %d tensors, %d bytes.", len(layout), layout.nbytes)
         return pb.InitializeReply(accepted=True, round=0)
 
@@ -194,7 +193,6 @@ class ParameterServer:
             self.rounds.record(ticket.member_id)
             self._stats += (ticket.num_examples, ticket.num_examples * ticket.loss,
                             ticket.num_examples * ticket.accuracy)
-        await self._maybe_close()
         return pb.PushReply(round=ticket.round)
 
     def layout_of(self, specs) -> Layout:
@@ -213,7 +211,7 @@ class ParameterServer:
 
     # Rounds -------------------------------------------------------------------
 
-    async def _maybe_close(self) -> None:
+    async def maybe_close(self) -> None:
         async with self._lock:
             if not self.rounds.ready_to_close():
                 return
@@ -223,7 +221,8 @@ class ParameterServer:
             self._sum = None
             examples, loss, accuracy = self._stats
             self._stats = np.zeros(3)
-            await self._publish(round, self.model.layout, packed)
+            if not await self._publish(round, self.model.layout, packed):
+                return
         self.metrics.train_loss.set(loss / examples)
         self.metrics.train_accuracy.set(accuracy / examples)
         log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f.", round,
@@ -231,11 +230,21 @@ class ParameterServer:
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", round)
 
-    async def _publish(self, round: int, layout: Layout, packed: np.ndarray) -> None:
-        """Makes a new global model durable, then visible. Holds ``_lock``."""
+    async def _publish(self, round: int, layout: Layout, packed: np.ndarray) -> bool:
+        """Makes a new global model durable, then visible; False if it could not be saved. Holds ``_lock``."""
         if self.store:
             started = time.perf_counter()
-            await self._offload(layout.nbytes, self.store.save, round, layout, packed)
+            try:
+                await self._offload(layout.nbytes, self.store.save, round, layout, packed)
+            except OSError as error:
+                # Fail-stop: publishing a round that a restart would forget
+                # breaks the promise that rounds never go backwards.
+                self.failure = (f"Cannot write the checkpoint of round {round} ({error}). Stopping, so that no "
+                                f"worker holds a round the ps could not resume from; fix COMIND_CHECKPOINT_DIR "
+                                f"(space, permissions) and restart: the ps resumes from round {self.rounds.round}.")
+                log.critical(self.failure)
+                self.failed.set()
+                return False
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         self._set_model(round, layout, packed)
         self.rounds.complete(round)
@@ -250,6 +259,7 @@ class ParameterServer:
         if self.rounds.done:
             self.training_done.set()
             self._membership_changed()
+        return True
 
     def _set_model(self, round: int, layout: Layout, packed: np.ndarray) -> None:
         self.model = GlobalModel(round, layout, packed, done=round >= self.rounds.policy.total_rounds)
@@ -297,7 +307,7 @@ class ParameterServer:
                             self.rounds.policy.min_updates, len(self.rounds.members),
                             self.rounds.policy.round_timeout)
                 self.rounds.extend_deadline()
-            await self._maybe_close()
+            await self.maybe_close()
 
     async def drain(self) -> None:
         """Waits for a close or checkpoint in progress, so that it lands on disk."""

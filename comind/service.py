@@ -21,7 +21,6 @@ oversized stream     RESOURCE_EXHAUSTED     unchanged
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
@@ -33,18 +32,29 @@ from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS
 from comind.ps import ParameterServer, Refusal
+from comind.transfers import BufferPool, Slots
 from comind.tensors import Assembler, Layout, NonFiniteValues, OversizedStream, TruncatedStream, chunks
 
 log = logging.getLogger(__name__)
 
-#: A model stream must arrive within this many seconds plus its size at this
-#: rate; slower senders are cut off so that they cannot hold a buffer for ever.
-MIN_INGEST_SECONDS = 30.0
-MIN_INGEST_BYTES_PER_SECOND = 1e6
+SERVER_OPTIONS = [
+    # gRPC grows each stream's flow-control window to several MB on a fast
+    # link; with many workers pushing at once, those windows, not the ps's
+    # own buffers, held most of its memory. A fixed 1 MiB window keeps
+    # loopback transfers at full speed.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1 << 20),
+]
+
 
 class Service(pb_grpc.ParameterServerServicer):
-    def __init__(self, ps: ParameterServer):
+    def __init__(self, ps: ParameterServer, max_concurrent_updates: int = 2):
         self.ps = ps
+        self._receiving = Slots(max_concurrent_updates, "receiving")
+        # Few sends at once: each holds megabytes of gRPC buffers, and a model
+        # goes out faster to one worker after another than to all at once.
+        self._sending = Slots(2, "sending")
+        self._buffers = BufferPool(max_concurrent_updates)
 
     async def Register(self, request, context):
         return self.ps.register(request.task_index, request.description)
@@ -67,7 +77,10 @@ class Service(pb_grpc.ParameterServerServicer):
             layout = self.ps.layout_of(header.tensors)
             if not self.ps.check_initialize(header.member_id, layout):
                 return pb.InitializeReply(accepted=False, round=self.ps.rounds.round)
-            async with self._ingest(request_iterator, layout) as packed:
+            async with self._receiving.hold(layout.nbytes) as deadline:
+                async with asyncio.timeout_at(deadline):
+                    # A buffer of its own: the initial model becomes the global model.
+                    packed = await self._receive(request_iterator, layout, np.empty(layout.nbytes, np.uint8))
                 return await self.ps.initialize(layout, packed)
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
@@ -79,59 +92,45 @@ class Service(pb_grpc.ParameterServerServicer):
             if ticket is None:
                 reply = pb.PushReply(round=header.round, duplicate=True)
             else:
-                async with self._ingest(request_iterator, ticket.layout) as packed:
-                    reply = await self.ps.commit_update(ticket, packed)
+                async with self._receiving.hold(ticket.layout.nbytes) as deadline:
+                    buffer = self._buffers.take(ticket.layout.nbytes)
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            packed = await self._receive(request_iterator, ticket.layout, buffer)
+                        reply = await self.ps.commit_update(ticket, packed)
+                    finally:
+                        self._buffers.give_back(buffer)
             self.ps.metrics.updates.labels("duplicate" if reply.duplicate else "accepted").inc()
-            return reply
         except Refusal as refusal:
             self.ps.metrics.updates.labels(refusal.result).inc()
             log.warning("Refused an update: %s", refusal.message)
             await context.abort(refusal.code, refusal.message)
+        await self.ps.maybe_close()
+        return reply
 
     async def PullModel(self, request, context):
-        if request.member_id:
-            await _answer(context, self.ps.heartbeat, request.member_id)
-        remaining = context.time_remaining()
-        wait = LONG_POLL_SECONDS if remaining is None else max(0.0, min(LONG_POLL_SECONDS, remaining - 1.0))
-        model = await self.ps.next_model(request.after_round, wait)
-        if model is None:
-            yield pb.ModelChunk(header=pb.ModelHeader(ready=False, round=self.ps.rounds.round))
-            return
-        yield pb.ModelChunk(header=pb.ModelHeader(ready=True, round=model.round, done=model.done,
-                                                  tensors=model.layout.to_proto()))
-        sent = self.ps.metrics.update_bytes.labels("sent")
-        for data in chunks(model.packed):
-            yield pb.ModelChunk(data=data)
-            sent.inc(len(data))
-
-    @contextlib.asynccontextmanager
-    async def _ingest(self, request_iterator, layout: Layout):
-        """Receives a model into one of the few ingest slots, held until the caller is done.
-
-        A slot is a model-sized buffer, and a sender that trickles bytes
-        must not hold one for ever, so waiting and receiving share one bound.
-        """
-        seconds = MIN_INGEST_SECONDS + layout.nbytes / MIN_INGEST_BYTES_PER_SECOND
-        deadline = asyncio.get_running_loop().time() + seconds
         try:
-            async with asyncio.timeout_at(deadline):
-                await self.ps.ingest_slots.acquire()
-        except TimeoutError:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE,
-                          f"The ps was busy receiving other updates for {seconds:.0f} s; retry.") from None
-        try:
-            async with asyncio.timeout_at(deadline):
-                packed = await self._receive(request_iterator, layout)
-            yield packed
-        except TimeoutError:
-            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"The model did not arrive within {seconds:.0f} s (at least "
-                          f"{MIN_INGEST_BYTES_PER_SECOND / 1e6:.0f} MB/s is expected).") from None
-        finally:
-            self.ps.ingest_slots.release()
+            if request.member_id:
+                self.ps.heartbeat(request.member_id)
+            remaining = context.time_remaining()
+            wait = LONG_POLL_SECONDS if remaining is None else max(0.0, min(LONG_POLL_SECONDS, remaining - 1.0))
+            model = await self.ps.next_model(request.after_round, wait)
+            if model is None:
+                await context.write(pb.ModelChunk(header=pb.ModelHeader(ready=False, round=self.ps.rounds.round)))
+                return
+            async with self._sending.hold(model.layout.nbytes) as deadline:
+                async with asyncio.timeout_at(deadline):
+                    await context.write(pb.ModelChunk(header=pb.ModelHeader(
+                        ready=True, round=model.round, done=model.done, tensors=model.layout.to_proto())))
+                    sent = self.ps.metrics.update_bytes.labels("sent")
+                    for data in chunks(model.packed):
+                        await context.write(pb.ModelChunk(data=data))
+                        sent.inc(len(data))
+        except Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
 
-    async def _receive(self, request_iterator, layout: Layout) -> np.ndarray:
-        assembler = Assembler(layout, check_finite=True)
+    async def _receive(self, request_iterator, layout: Layout, buffer: np.ndarray) -> np.ndarray:
+        assembler = Assembler(layout, check_finite=True, buffer=buffer)
         try:
             async for message in request_iterator:
                 if message.WhichOneof("part") != "data":
@@ -166,11 +165,12 @@ async def _answer(context, function, *args):
         await context.abort(refusal.code, refusal.message)
 
 
-def build_server(ps: ParameterServer, listen: str, token: str | None, tls: TlsFiles) -> tuple[grpc.aio.Server, int]:
+def build_server(ps: ParameterServer, listen: str, token: str | None, tls: TlsFiles,
+                 max_concurrent_updates: int = 2) -> tuple[grpc.aio.Server, int]:
     """A gRPC server for ``ps`` bound to ``listen``; returns it and the bound port."""
     interceptors = [TokenInterceptor(token, on_failure=ps.metrics.auth_failures.inc)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
-    pb_grpc.add_ParameterServerServicer_to_server(Service(ps), server)
+    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS + SERVER_OPTIONS)
+    pb_grpc.add_ParameterServerServicer_to_server(Service(ps, max_concurrent_updates), server)
     try:
         if tls.enabled:
             port = server.add_secure_port(listen, tls.server_credentials())
@@ -182,8 +182,11 @@ def build_server(ps: ParameterServer, listen: str, token: str | None, tls: TlsFi
     return server, port
 
 
-async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: float) -> None:
-    """Serves until training is done and the workers left (or a grace period passed), or SIGTERM."""
+async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: float) -> int:
+    """Serves until training is done and the workers left (or a grace period passed), or SIGTERM.
+
+    Returns the exit status: 1 if a checkpoint could not be written, else 0.
+    """
     await server.start()
     timers = asyncio.create_task(ps.run_timers())
     stop = asyncio.Event()
@@ -193,8 +196,11 @@ async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: 
     stopped = asyncio.create_task(stop.wait())
     finished = asyncio.create_task(ps.finished.wait())
     done = asyncio.create_task(ps.training_done.wait())
-    await asyncio.wait({stopped, done}, return_when=asyncio.FIRST_COMPLETED)
-    if not stop.is_set():
+    failed = asyncio.create_task(ps.failed.wait())
+    await asyncio.wait({stopped, done, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if ps.failed.is_set():
+        pass  # already said why
+    elif not stop.is_set():
         await asyncio.wait({stopped, finished}, timeout=exit_grace_seconds, return_when=asyncio.FIRST_COMPLETED)
         if not finished.done():
             log.warning("%d workers had not left %.0f s after training ended; exiting anyway.",
@@ -203,6 +209,7 @@ async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: 
         log.info("Stopping on a signal at round %d.", ps.rounds.round)
     await ps.drain()  # a checkpoint being written lands before the process ends
     await server.stop(grace=1.0)
-    for task in (timers, stopped, finished, done):
+    for task in (timers, stopped, finished, done, failed):
         task.cancel()
     log.info("The ps stopped at round %d.", ps.rounds.round)
+    return 1 if ps.failed.is_set() else 0

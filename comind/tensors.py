@@ -187,9 +187,9 @@ class Assembler:
     pass over the model.
     """
 
-    def __init__(self, layout: Layout, check_finite: bool = False):
+    def __init__(self, layout: Layout, check_finite: bool = False, buffer: np.ndarray | None = None):
         self.layout = layout
-        self.buffer = np.empty(layout.nbytes, dtype=np.uint8)
+        self.buffer = np.empty(layout.nbytes, dtype=np.uint8) if buffer is None else buffer
         self.received = 0
         self._check_finite = check_finite
         self._checked = 0  # bytes before this offset passed the finite check

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,5 +159,21 @@ def test_sigterm_persists_and_exits_cleanly(start_ps, tmp_path):
     last_logged = max(int(r) for r in re.findall(r"Round (\d+)/1000", ps.log()))
     assert max(int(p.stem.split("-")[1]) for p in checkpoints.glob("round-*.npz")) == last_logged
     assert "Stopping on a signal" in ps.log()
+    worker.kill()
+    worker.wait()
+
+
+def test_ps_stops_rather_than_publish_a_round_it_cannot_persist(start_ps, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    ps = start_ps("--num-workers", "1", "--rounds", "1000", "--checkpoint-dir", str(checkpoints))
+    worker = start_worker(ps.address, 0, tmp_path / "worker.jsonl", pause=0.05)
+    ps.wait_for(r"Round 2/1000")
+    shutil.rmtree(checkpoints)
+    checkpoints.write_text("not a directory any more")
+    assert ps.wait(timeout=30) == 1
+    failed = int(ps.wait_for(r"Cannot write the checkpoint of round (\d+)").group(1))
+    assert "the ps resumes from round" in ps.log()
+    rounds_seen = [h["round"] for h in read_history(tmp_path / "worker.jsonl")]
+    assert max(rounds_seen) < failed  # no worker ever held the round that was not saved
     worker.kill()
     worker.wait()
