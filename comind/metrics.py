@@ -69,5 +69,9 @@ class WorkerMetrics:
 def serve(port: int, registry: CollectorRegistry, address: str = "0.0.0.0") -> None:
     """Serves ``/metrics`` on ``port``; 0 turns metrics off."""
     if port:
-        start_http_server(port, addr=address, registry=registry)
+        try:
+            start_http_server(port, addr=address, registry=registry)
+        except OSError as error:
+            raise ValueError(f"Cannot serve metrics on port {port} ({error.strerror}); set COMIND_METRICS_PORT to a "
+                             f"free port, or to 0 to turn metrics off. Received: metrics_port={port}") from None
         log.info("Metrics on http://%s:%d/metrics", address, port)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -32,6 +33,15 @@ def test_bad_settings_fail_at_once_naming_the_setting(args, env, words):
     result = ps(*args, env=env)
     assert result.returncode == 2
     assert words in result.stderr
+
+
+def test_metrics_port_in_use_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        result = ps("--metrics-port", str(taken.getsockname()[1]))
+    assert result.returncode == 2
+    assert "Cannot serve metrics on port" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_flag_beats_variable_beats_default():
