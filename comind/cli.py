@@ -17,8 +17,12 @@ COMMANDS = {
     "worker": ("run a worker", (config.WORKER,)),
     "run": ("run the ps or a worker, as COMIND_ROLE, TF_CONFIG or --job_name says", (config.PS, config.WORKER)),
     "local": ("run a ps and N workers as processes on this machine", (config.PS, config.WORKER)),
+    "health": ("check the process that `comind run` started here (the image's health check)",
+               (config.PS, config.WORKER)),
     "train": ("train on one machine, without a ps", (config.TRAIN,)),
 }
+# Commands whose role comes from COMIND_ROLE, TF_CONFIG or --job_name.
+_ROLE_FROM_ENVIRONMENT = ("run", "health")
 # Set by `comind local` itself for each process it starts.
 _LOCAL_ONLY = {"listen", "ps_address", "task_index", "num_workers", "metrics_port", "token", "token_file",
                "tls_cert", "tls_key", "tls_ca"}
@@ -32,11 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help, description=help + ".")
         options = _options(name)
         config.add_options(command, options)
-        if name == "run":
+        if name in _ROLE_FROM_ENVIRONMENT:
             config.add_options(command, [o for o in config.OPTIONS if o.name == "role"])
         if name == "local":
             command.add_argument("--workers", type=int, default=2, help="workers to start [default 2]")
-        if name in ("ps", "worker", "run"):
+        if name in ("ps", "worker", "run", "health"):
             original = command.add_argument_group("the original tutorials' flags")
             original.add_argument("--job_name", dest="original_job_name", choices=("ps", "worker"))
             original.add_argument("--task_index", dest="original_task_index", type=int)
@@ -73,19 +77,24 @@ def _settings(flags: argparse.Namespace, environ) -> dict:
     for name, value in original.items():
         if getattr(flags, name, None) is None:
             setattr(flags, name, value)
-    options = _options(flags.command)
-    if flags.command == "run":
-        role = config.resolve([o for o in config.OPTIONS if o.name == "role"], flags, environ, cluster)["role"]
-        if role is None:
-            raise ValueError("comind run needs a role: set COMIND_ROLE to ps or worker, or give TF_CONFIG "
-                             "(as a TFJob does) or --job_name. Received: role=None")
-        flags.command = role
-        options = _options(role)
-    return config.resolve(options, flags, environ, cluster)
+    if flags.command not in _ROLE_FROM_ENVIRONMENT:
+        return config.resolve(_options(flags.command), flags, environ, cluster)
+    role = config.resolve([o for o in config.OPTIONS if o.name == "role"], flags, environ, cluster)["role"]
+    if role is None:
+        raise ValueError(f"comind {flags.command} needs a role: set COMIND_ROLE to ps or worker, or give "
+                         f"TF_CONFIG (as a TFJob does) or --job_name. Received: role=None")
+    return {**config.resolve(_options(role), flags, environ, cluster), "role": role}
 
 
 def _run(flags: argparse.Namespace, settings: dict) -> int:
-    if flags.command == "ps":
+    command = settings.get("role", flags.command) if flags.command == "run" else flags.command
+    if command == "health":
+        from comind.health import problem
+
+        trouble = problem(settings["role"], settings)
+        print(f"unhealthy: {trouble}" if trouble else "healthy")
+        return 1 if trouble else 0
+    if command == "ps":
         return run_ps(settings)
     # TensorFlow's start-up chatter (CPU features, oneDNN) says nothing a user can act on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -94,9 +103,9 @@ def _run(flags: argparse.Namespace, settings: dict) -> int:
     except ImportError as error:
         raise ValueError(f"comind {flags.command} needs TensorFlow and matplotlib ({error}); install them with "
                          f"pip install 'comind[train]'.") from None
-    if flags.command == "worker":
+    if command == "worker":
         return worker.run_worker(settings)
-    if flags.command == "train":
+    if command == "train":
         return worker.run_train(settings)
     from comind.local import run_local
 

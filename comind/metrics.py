@@ -7,6 +7,7 @@ Each class takes the registry to register in, so tests build a fresh
 from __future__ import annotations
 
 import logging
+import math
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -47,6 +48,9 @@ class PsMetrics:
             "comind_checkpoint_duration_seconds", "Seconds to write a checkpoint durably.",
             buckets=ROUND_BUCKETS, registry=registry)
         self.model_bytes = Gauge("comind_model_bytes", "Size of the global model.", registry=registry)
+        # No loss or accuracy exists before the first round: NaN, not a misleading 0.
+        for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy):
+            gauge.set(math.nan)
         # Pre-create labelled series so that they read 0 rather than being absent.
         for result in UPDATE_RESULTS:
             self.updates.labels(result)

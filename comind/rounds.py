@@ -13,7 +13,8 @@ Rules (ARCHITECTURE.md, decision 4):
   set (later ones are stale, as with the original backup workers), otherwise
   an update from every live worker. Until ``num_workers`` workers have
   registered, the first round also waits for them, so a fast chief does not
-  close it alone.
+  close it alone; after a restart from a checkpoint, only for one lease, the
+  time live workers take to register again (a dead one will not).
 * It also closes when its deadline passes with at least ``min_updates``
   updates; with fewer, the deadline is extended and the wait is reported.
 """
@@ -79,6 +80,7 @@ class Rounds:
         self._seen_tasks: set[int] = set()
         self._warmed_up = False
         self.deadline = clock() + policy.round_timeout
+        self._warm_up_ends = clock() + policy.lease_seconds if round >= 0 else float("inf")
 
     @property
     def open_round(self) -> int:
@@ -138,7 +140,7 @@ class Rounds:
         if policy.replicas_to_aggregate is not None:
             if len(self.contributors) >= policy.replicas_to_aggregate:
                 return True
-        elif self._warmed_up or len(self._seen_tasks) >= policy.num_workers:
+        elif self._warmed_up or len(self._seen_tasks) >= policy.num_workers or self._clock() >= self._warm_up_ends:
             if set(self.members) <= self.contributors:
                 return True
         return self._clock() >= self.deadline and len(self.contributors) >= policy.min_updates
@@ -169,6 +171,8 @@ class Rounds:
     def next_event(self) -> float:
         """The next time at which something may change without a call: a lease or deadline ends."""
         times = [m.expires_at for m in self.members.values()]
+        if not self._warmed_up:
+            times.append(self._warm_up_ends)
         if self.has_model and not self.done:
             times.append(self.deadline)
         return min(times, default=float("inf"))

@@ -44,6 +44,17 @@ def test_first_round_waits_for_the_expected_workers():
     assert rounds.ready_to_close()  # unless the deadline passes
 
 
+def test_after_a_restart_the_first_round_waits_one_lease_for_the_others():
+    clock = Clock()
+    rounds = Rounds(RoundPolicy(num_workers=2, lease_seconds=5, round_timeout=600), round=11, clock=clock)
+    a = rounds.register(0)
+    rounds.record(a)
+    assert not rounds.ready_to_close() and rounds.next_event() == 5
+    clock.now = 5  # worker 1 did not come back within a lease: it is gone
+    rounds.renew(a)
+    assert rounds.ready_to_close()
+
+
 def test_replicas_to_aggregate_leaves_backup_workers():
     rounds, (a, b, c) = started(Clock(), members=3, replicas_to_aggregate=2)
     rounds.record(a)

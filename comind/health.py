@@ -1,0 +1,31 @@
+"""``comind health``: the image's health check, in Python (the image has no curl).
+
+A ps is healthy when its gRPC port accepts connections; any process with
+metrics on is healthy when ``/metrics`` answers.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from typing import Any
+
+TIMEOUT_SECONDS = 3.0
+
+
+def problem(role: str, settings: dict[str, Any]) -> str | None:
+    """What is wrong with this container's process, or None if it is healthy."""
+    if role == "ps":
+        port = int(settings["listen"].rpartition(":")[2])
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_SECONDS).close()
+        except OSError as error:
+            return f"the ps does not accept connections on port {port} ({error})"
+    if settings["metrics_port"]:
+        url = f"http://127.0.0.1:{settings['metrics_port']}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
+                response.read(1)
+        except OSError as error:
+            return f"{url} does not answer ({error})"
+    return None

@@ -1,0 +1,41 @@
+"""The shipped Prometheus config is valid, and the dashboard asks only for series coMind exports."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from comind.metrics import PsMetrics, WorkerMetrics
+from conftest import ROOT
+
+MONITORING = ROOT / "monitoring"
+
+
+def exported_series() -> set[str]:
+    registry = CollectorRegistry()
+    PsMetrics(registry)
+    WorkerMetrics(registry)
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def test_promtool_accepts_the_shipped_config():
+    if not shutil.which("promtool"):
+        pytest.fail("promtool is missing: ./scripts/setup --for-tests installs it")
+    result = subprocess.run(["promtool", "check", "config", MONITORING / "prometheus.yml"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_series_the_dashboard_queries_is_exported():
+    dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "comind.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bcomind_[a-z_]+", target["expr"])}
+    assert queried, "the dashboard queries no coMind series"
+    assert queried <= exported_series(), queried - exported_series()
+    # Every core series of ARCHITECTURE.md is on the dashboard.
+    for core in ("comind_round", "comind_round_duration_seconds_bucket", "comind_train_loss", "comind_eval_accuracy",
+                 "comind_workers", "comind_updates_total", "comind_update_bytes_total"):
+        assert core in queried
