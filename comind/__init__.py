@@ -1,18 +1,20 @@
 """coMind: federated averaging for Keras models across separate machines."""
 
-from comind.client import GlobalState, ModelMismatch, PsRefusal, PsUnreachable, WorkerClient
+from comind.errors import ModelMismatch, PsRefusal, PsUnreachable
 
 __all__ = ["FederatedAveraging", "FederatedAveragingOptimizer", "GlobalState", "ModelMismatch", "PsRefusal",
            "PsUnreachable", "WorkerClient"]
 __version__ = "0.1.0"
 
-_KERAS_SIDE = ("FederatedAveraging", "FederatedAveragingOptimizer")
+# Imported on first use: the client brings gRPC and NumPy, the Keras side
+# TensorFlow, and neither is needed to, say, check a container's health.
+_LAZY = {"WorkerClient": "comind.client", "GlobalState": "comind.client",
+         "FederatedAveraging": "comind.federated", "FederatedAveragingOptimizer": "comind.federated"}
 
 
 def __getattr__(name: str):
-    # The Keras side imports TensorFlow; the ps imports this package and must not.
-    if name in _KERAS_SIDE:
-        from comind import federated
+    if name in _LAZY:
+        import importlib
 
-        return getattr(federated, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'comind' has no attribute {name!r}")

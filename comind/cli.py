@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from comind import cluster_spec, config
-from comind.client import PsRefusal, PsUnreachable
+from comind.errors import PsRefusal, PsUnreachable
 
 COMMANDS = {
     "ps": ("run the parameter server", (config.PS,)),

@@ -23,6 +23,7 @@ import numpy as np
 
 from comind.auth import TlsFiles, call_metadata
 from comind.backoff import Backoff
+from comind.errors import ModelMismatch, PsRefusal, PsUnreachable
 from comind.metrics import WorkerMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
@@ -40,22 +41,6 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 UNARY_TIMEOUT_SECONDS = 10.0
 #: Slowest transfer rate allowed for before a model transfer times out.
 MIN_BYTES_PER_SECOND = 20e6
-
-
-class PsRefusal(RuntimeError):
-    """The ps refused a request for a reason retrying cannot fix."""
-
-    def __init__(self, what: str, error: grpc.RpcError):
-        super().__init__(f"The ps refused {what}: {error.details()} (status {error.code().name})")
-        self.code = error.code()
-
-
-class PsUnreachable(ConnectionError):
-    pass
-
-
-class ModelMismatch(ValueError):
-    """This worker's model and the ps's global model differ in dtype or shape."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +282,7 @@ class WorkerClient:
                     self._forget_membership(member.id)
                     continue
                 if code not in RETRYABLE or self._closed.is_set():
-                    raise PsRefusal(what, error) from None
+                    raise PsRefusal(what, error.code(), error.details()) from None
                 if time.monotonic() > give_up:
                     raise PsUnreachable(
                         f"The ps at {self.address} did not answer for {self._unreachable_timeout:.0f} s "
