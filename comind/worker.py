@@ -35,6 +35,21 @@ def prepare(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
+def shard_count(task_index: int, num_workers: int) -> int:
+    """Shards to split the data into: ``num_workers``, or more for a worker added by scaling up.
+
+    Membership is dynamic (``kubectl scale`` adds workers without telling the
+    others), so a task index past COMIND_NUM_WORKERS is not an error: that
+    worker shards as if there were just enough workers to include it, and its
+    data overlaps another's rather than nobody training at all.
+    """
+    if task_index < num_workers:
+        return num_workers
+    log.warning("Task index %d is not below COMIND_NUM_WORKERS=%d (was the cluster scaled up?); sharding the "
+                "data as if there were %d workers.", task_index, num_workers, task_index + 1)
+    return task_index + 1
+
+
 def _model(settings: dict[str, Any], dataset: datasets.Dataset) -> keras.Model:
     keras.utils.set_random_seed(settings["seed"])
     return models.build(settings["model"], dataset.input_shape, dataset.num_classes, settings["learning_rate"])
@@ -43,7 +58,7 @@ def _model(settings: dict[str, Any], dataset: datasets.Dataset) -> keras.Model:
 def run_worker(settings: dict[str, Any]) -> int:
     task = settings["task_index"]
     dataset = datasets.load(settings["dataset"], settings["data_dir"])
-    indices = sharding.shard(dataset.y_train, settings["num_workers"], task, settings["shard"],
+    indices = sharding.shard(dataset.y_train, shard_count(task, settings["num_workers"]), task, settings["shard"],
                              settings["dirichlet_alpha"], settings["seed"])
     x, y = prepare(dataset.x_train[indices]), dataset.y_train[indices]
     model = _model(settings, dataset)

@@ -94,3 +94,10 @@ def test_one_machine_training(tmp_path):
     assert result.returncode == 0, result.stderr
     assert final_accuracy(tmp_path) >= 0.90
     assert (tmp_path / "history.png").exists()
+
+
+def test_a_worker_added_by_scaling_up_still_gets_a_shard():
+    from comind.worker import shard_count
+
+    assert shard_count(1, num_workers=2) == 2
+    assert shard_count(5, num_workers=2) == 6
