@@ -288,7 +288,9 @@ class WorkerClient:
                         f"The ps at {self.address} did not answer for {self._unreachable_timeout:.0f} s "
                         f"({code.name}: {error.details()}). Check that it runs and that COMIND_PS_ADDRESS "
                         f"points to it.") from None
-                backoff_delay = next(delays)
+                # No slower than the heartbeat: a restarted ps waits about one lease
+                # for its workers to come back before it closes a round without them.
+                backoff_delay = min(next(delays), self._lease / 3)
                 log.info("The ps is unreachable (%s); retrying %s in %.2f s.", code.name, what, backoff_delay)
                 self._closed.wait(backoff_delay)
 

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.0, help="seconds of pretend training per round")
     parser.add_argument("--token", default=None)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format=f"worker {args.task_index} %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {args.task_index} %(levelname)s %(message)s")
     with WorkerClient(args.address, task_index=args.task_index, token=args.token) as client, \
             open(args.out, "a", buffering=1) as out:
         state = client.join([np.zeros(shape, np.float32) for shape in SHAPES])

@@ -76,6 +76,17 @@ def start_worker(address: str, task: int, out: Path, *, examples: int = 100, del
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def assert_finishes(worker: subprocess.Popen, ps, timeout: float = 120) -> None:
+    """The worker exits 0 in time; otherwise the failure shows its log and the ps's."""
+    try:
+        code = worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        code = f"still running after {timeout} s"
+    if code != 0:
+        raise AssertionError(f"worker: {code}\n{worker.stderr.read()}\nps:\n{ps.log()}")
+
+
 def read_history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -99,7 +110,7 @@ def test_a_vanished_worker_does_not_stop_the_others(start_ps, tmp_path, how):
     workers[2].wait()
 
     for worker in workers[:2]:
-        assert worker.wait(timeout=60) == 0, worker.stderr.read()
+        assert_finishes(worker, ps)
     assert ps.wait(timeout=60) == 0
     log = ps.log()
     if how == "lease":
@@ -129,7 +140,7 @@ def test_ps_killed_mid_training_resumes_from_its_checkpoint(start_ps, tmp_path):
     resumed = second.wait_for(r"Resumed from \S+ at round (\d+)")
     assert int(resumed.group(1)) == persisted >= 4
     for worker in workers:
-        assert worker.wait(timeout=120) == 0, worker.stderr.read()
+        assert_finishes(worker, second)
     assert second.wait(timeout=60) == 0
 
     # No round lost or repeated: each was closed by exactly one ps, in order.
