@@ -100,7 +100,7 @@ def expected_value(round: int, examples: list[int], deltas: list[float]) -> floa
 def test_a_vanished_worker_does_not_stop_the_others(start_ps, tmp_path, how):
     # "lease": the worker's lease ends first; "deadline": its lease outlives
     # the round's deadline, which then closes the round with the other two.
-    flags = {"lease": ["--lease-seconds", "1", "--round-timeout", "120"],
+    flags = {"lease": ["--lease-seconds", "2", "--round-timeout", "120"],
              "deadline": ["--lease-seconds", "120", "--round-timeout", "1.5", "--min-updates", "2"]}[how]
     ps = start_ps("--num-workers", "3", "--rounds", "4", "--exit-grace", "3", *flags)
     outs = [tmp_path / f"worker-{task}.jsonl" for task in range(3)]
