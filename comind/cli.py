@@ -24,8 +24,8 @@ COMMANDS = {
 # Commands whose role comes from COMIND_ROLE, TF_CONFIG or --job_name.
 _ROLE_FROM_ENVIRONMENT = ("run", "health")
 # Set by `comind local` itself for each process it starts.
-_LOCAL_ONLY = {"listen", "ps_address", "task_index", "num_workers", "metrics_port", "token", "token_file",
-               "tls_cert", "tls_key", "tls_ca"}
+_LOCAL_ONLY = {"listen", "ps_address", "task_index", "num_workers", "token", "token_file", "tls_cert", "tls_key",
+               "tls_ca"}
 
 
 def _parser() -> argparse.ArgumentParser:

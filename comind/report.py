@@ -16,13 +16,12 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+# Figures without pyplot: no global backend to choose or state to close, so
+# the same functions draw into files on a server and inline in a notebook.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display on servers and containers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from comind import atomic  # noqa: E402
+from comind import atomic
 
 
 @dataclasses.dataclass
@@ -82,14 +81,14 @@ def write(output_dir: str | Path, model, history: History, images: np.ndarray, l
 
 
 def predictions_figure(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
-                       class_names: tuple[str, ...]) -> plt.Figure:
-    figure = plt.figure(figsize=(10, 10))
+                       class_names: tuple[str, ...]) -> Figure:
+    figure = Figure(figsize=(10, 10))
     for i in range(min(25, len(images))):
         axes = figure.add_subplot(5, 5, i + 1)
         axes.set_xticks([])
         axes.set_yticks([])
         image = images[i]
-        axes.imshow(image, cmap=plt.cm.binary if image.ndim == 2 else None)
+        axes.imshow(image, cmap="binary" if image.ndim == 2 else None)
         right = predicted[i] == labels[i]
         axes.set_xlabel(f"{class_names[predicted[i]]} ({class_names[labels[i]]})",
                         color="green" if right else "red")
@@ -97,8 +96,9 @@ def predictions_figure(images: np.ndarray, labels: np.ndarray, predicted: np.nda
     return figure
 
 
-def history_figure(history: History, x_label: str = "round") -> plt.Figure:
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+def history_figure(history: History, x_label: str = "round") -> Figure:
+    figure = Figure(figsize=(12, 4.5))
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
     rounds = [r.round for r in history.records]
     evaluated = [r for r in history.records if r.eval_loss is not None]
     for axes, what in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
@@ -114,7 +114,6 @@ def history_figure(history: History, x_label: str = "round") -> plt.Figure:
     return figure
 
 
-def _save(path: Path, figure: plt.Figure) -> None:
+def _save(path: Path, figure: Figure) -> None:
     with atomic.replacing(path) as temporary:
         figure.savefig(temporary, dpi=100)
-    plt.close(figure)
