@@ -171,7 +171,7 @@ class Rounds:
     def next_event(self) -> float:
         """The next time at which something may change without a call: a lease or deadline ends."""
         times = [m.expires_at for m in self.members.values()]
-        if not self._warmed_up:
+        if not self._warmed_up and self._warm_up_ends > self._clock():  # once past, nothing to wake for
             times.append(self._warm_up_ends)
         if self.has_model and not self.done:
             times.append(self.deadline)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import socket
+import sys
 import time
 from typing import Any
 
@@ -74,6 +76,9 @@ def run_worker(settings: dict[str, Any]) -> int:
     chief = _Chief(settings, dataset, model, client) if client.is_chief else None
     callback = FederatedAveraging(client, settings["interval_steps"], settings["batch_size"],
                                   on_round=chief.on_round if chief else None, metrics=worker_metrics)
+    # A stopped container or a scaled-down pod gets SIGTERM: leave the ps at
+    # once (the `with` below says goodbye) rather than make it wait out the lease.
+    signal.signal(signal.SIGTERM, _stop)
     with client:
         started = time.monotonic()
         if chief:
@@ -81,11 +86,19 @@ def run_worker(settings: dict[str, Any]) -> int:
         # The ps decides when training ends (its last round); fit runs until then.
         model.fit(x, y, batch_size=settings["batch_size"], epochs=1_000_000, callbacks=[callback], verbose=0,
                   shuffle=True)
+        if not callback.syncs:  # joined after the last round (a restarted pod): nothing to add
+            log.info("Training was already done (round %d); this worker had nothing to do.", client.round)
+            return 0
         _log_throughput(f"Worker {task}", callback.examples_trained, time.monotonic() - started)
         if chief:
             chief.finish(callback.state)
     log.info("Worker %d is done after %d syncs, at round %d.", task, callback.syncs, client.round)
     return 0
+
+
+def _stop(signum: int, frame) -> None:
+    log.warning("Stopping on signal %d.", signum)
+    sys.exit(128 + signum)
 
 
 def _log_throughput(who: str, examples: int, seconds: float) -> None:
@@ -113,7 +126,10 @@ class _Chief:
             self._record(state, evaluate=state.done or state.round % self._eval_every() == 0)
 
     def _record(self, state: GlobalState, evaluate: bool) -> None:
-        logs = self.model.get_metrics_result()
+        try:
+            logs = self.model.get_metrics_result()
+        except ValueError:  # no local step yet: the metrics are not built
+            logs = {}
         record = report.RoundRecord(state.round, float(logs.get("loss", math.nan)),
                                     float(logs.get("accuracy", math.nan)))
         if evaluate:

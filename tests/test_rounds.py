@@ -55,6 +55,13 @@ def test_after_a_restart_the_first_round_waits_one_lease_for_the_others():
     assert rounds.ready_to_close()
 
 
+def test_a_ps_resumed_after_the_last_round_has_no_timer_due_in_the_past():
+    clock = Clock()
+    rounds = Rounds(RoundPolicy(num_workers=2, lease_seconds=5, total_rounds=12), round=12, clock=clock)
+    clock.now = 6  # past the warm-up, which no round will ever end
+    assert rounds.done and rounds.next_event() == float("inf")  # else the timer loop would spin
+
+
 def test_replicas_to_aggregate_leaves_backup_workers():
     rounds, (a, b, c) = started(Clock(), members=3, replicas_to_aggregate=2)
     rounds.record(a)

@@ -1,0 +1,675 @@
+"""The Helm chart (helm/comind) and the Kubeflow TFJob example.
+
+No Kubernetes API server can run on these machines, so the chart is checked
+the way ENVIRONMENT.md says: `helm lint --strict`, `helm template` over the
+values files in ci/, every rendered object validated against the Kubernetes
+schemas (and the Prometheus Operator and cert-manager ones against their
+CRDs' schemas), Helm's `lookup` answered by a fake API server, and what the
+chart renders for the ps and two workers booted as containers of the
+project's image, with the Services' DNS names, until they complete training.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from compose_cluster import ROOT, build_image, docker_or_skip
+from fake_kube_api import FakeKubeApi
+from pod_runner import KubeApi, Pod, PodRunner, dns_names, statefulset_pods
+
+CHART = ROOT / "helm" / "comind"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+TFJOB = ROOT / "examples" / "kubeflow-tfjob.yaml"
+RELEASE, NAMESPACE = "comind", "ml"
+# The chart's kubeVersion floor, and a current release.
+KUBE_VERSIONS = ("1.28.0", "1.33.0")
+CUSTOM_RESOURCES = {"ServiceMonitor", "PodMonitor", "Certificate"}
+# @kubernetes-models compiles each CRD's OpenAPI schema into a validator.
+CRD_MODELS = ("@kubernetes-models/prometheus-operator@6.0.0", "@kubernetes-models/cert-manager@6.0.0")
+ROUND = re.compile(r"Round (\d+)/(\d+): \d+ updates")
+
+
+def tool_or_skip(name: str, installer: str) -> str:
+    """A tool's path; without it, CI fails and a developer's run skips."""
+    path = shutil.which(name)
+    if not path:
+        message = f"no {name} on the PATH; {installer} installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return tool_or_skip("helm", "./scripts/setup --for-tests (scripts/install-helm)")
+
+
+def helm_run(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stderr}"
+    return result
+
+
+def render(helm: str, *args: str) -> list[dict]:
+    """The objects that `helm template` renders (tests included), in order."""
+    out = helm_run(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args).stdout
+    return [o for o in yaml.safe_load_all(out) if o]
+
+
+def values_args(values: Path | None) -> list[str]:
+    return ["--values", str(values)] if values else []
+
+
+def named(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def pod_specs(objects: list[dict]) -> dict[str, dict]:
+    """Every pod spec the chart renders: the StatefulSets' templates and the test pod."""
+    specs = {name: s["spec"]["template"]["spec"] for name, s in named(objects, "StatefulSet").items()}
+    specs.update({name: p["spec"] for name, p in named(objects, "Pod").items()})
+    return specs
+
+
+VALUES_FILES = [None, *CI_VALUES]
+VALUES_IDS = ["defaults", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
+
+
+# Lint and schemas ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=VALUES_IDS)
+def test_lint_strict(helm, values):
+    result = helm_run(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values_args(values))
+    assert "0 chart(s) failed" in result.stdout, result.stdout
+
+
+@pytest.fixture(scope="module")
+def crd_validator(tmp_path_factory):
+    """Validates custom resources with the CRDs' schemas (npm packages, installed once per machine)."""
+    node = tool_or_skip("node", "Debian's nodejs package")
+    npm = tool_or_skip("npm", "Debian's npm package")
+    modules = Path.home() / ".cache" / "comind" / "crd-models"
+    if not (modules / "node_modules" / "@kubernetes-models" / "cert-manager").is_dir():
+        subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(modules), *CRD_MODELS],
+                       check=True, capture_output=True, timeout=300)
+
+    def validate(resources: list[dict]) -> list[str | None]:
+        result = subprocess.run([node, str(ROOT / "tests" / "crd_validate.mjs"), str(modules / "node_modules")],
+                                input="".join(json.dumps(r) + "\n" for r in resources), capture_output=True,
+                                text=True, timeout=60, check=True)
+        return [json.loads(line).get("error") for line in result.stdout.splitlines()]
+
+    return validate
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=VALUES_IDS)
+def test_every_rendered_object_validates_against_its_schema(helm, crd_validator, values):
+    objects = render(helm, *values_args(values))
+    custom = [o for o in objects if o["kind"] in CUSTOM_RESOURCES]
+    for obj in objects:
+        if obj["kind"] in CUSTOM_RESOURCES:
+            continue
+        for version in KUBE_VERSIONS:  # strict: no field Kubernetes does not know
+            kubernetes_validate.validate(obj, version, strict=True)
+    problems = {f"{o['kind']}/{o['metadata']['name']}": error
+                for o, error in zip(custom, crd_validator(custom)) if error}
+    assert problems == {}
+
+
+def test_the_crd_validator_catches_a_bad_resource(crd_validator):
+    bad = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"},
+           "spec": {"selector": {}, "endpoints": [{"port": "metrics", "interval": "15 seconds"}]}}
+    [error] = crd_validator([bad])
+    assert error and "interval" in error
+
+
+# Values and their schema ---------------------------------------------------------
+
+_KEY = re.compile(r"^( *)([A-Za-z_][A-Za-z0-9_]*):")
+
+
+def values_docs() -> dict[tuple[str, ...], str | None]:
+    """Each key of values.yaml by path, with its `# --` comment (None for a key that only groups others).
+
+    A documented key's value is one setting, whatever its shape (resources,
+    a probe), so the keys inside it are not listed.
+    """
+    docs: dict[tuple[str, ...], str | None] = {}
+    stack: list[tuple[int, str]] = []
+    comment: list[str] | None = None
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = [stripped.removeprefix("# --").strip()]
+            continue
+        if stripped.startswith("#") and comment is not None:
+            comment.append(stripped.removeprefix("#").strip())
+            continue
+        if not stripped or stripped.startswith("#"):
+            comment = None  # a blank line ends a comment; a plain one is no documentation
+            continue
+        match = _KEY.match(line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = (*(k for _, k in stack), key)
+        stack.append((indent, key))
+        if not any(docs.get(path[:i]) for i in range(1, len(path))):
+            docs[path] = " ".join(comment) if comment else None
+        comment = None
+    return docs
+
+
+def schema_docs(schema: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], str | None]:
+    """Each property of the schema by path, with its description (None for one that only groups others)."""
+    docs = {}
+    for name, sub in schema.get("properties", {}).items():
+        docs[(*prefix, name)] = None if "properties" in sub else sub.get("description")
+        docs.update(schema_docs(sub, (*prefix, name)))
+    return docs
+
+
+def test_every_value_is_documented_and_the_schema_matches_values_yaml():
+    docs = values_docs()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path, doc in docs.items():
+        value = values
+        for key in path:
+            value = value[key]
+        assert doc or (isinstance(value, dict) and value), f"{'.'.join(path)} has no `# --` comment"
+    schema = schema_docs(json.loads((CHART / "values.schema.json").read_text()))
+    del schema[("global",)]  # Helm's own, shared with parent charts
+    # The same keys, the same shape, and the same words.
+    assert schema == docs
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("workers.replicas=-1", "/workers/replicas"),
+    ("workers.replica=3", "additional properties 'replica' not allowed"),
+    ("training.dataset=mnist", "/training/dataset"),
+    ("tls.enabled=true", "tls.enabled needs a certificate for the ps"),
+    ("tls.enabled=true,tls.certManager.enabled=true", "needs tls.certManager.issuerRef.name"),
+    ("tls.enabled=true,tls.existingSecret=ps-tls", "tls.mutual needs the workers' client certificate"),
+])
+def test_bad_values_fail_with_a_message_that_names_them(helm, setting, message):
+    result = helm_run(helm, "template", RELEASE, str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# What the chart renders -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def everything(helm) -> list[dict]:
+    """The chart with every optional part on."""
+    return render(helm, *(arg for name in ("tls", "monitoring", "networkpolicy", "workers-8")
+                          for arg in values_args(CHART / "ci" / f"{name}-values.yaml")),
+                  "--set", "metrics.podMonitor.enabled=true")
+
+
+def test_names_and_labels_follow_the_helm_conventions(everything):
+    for obj in everything:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "comind" and labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["helm.sh/chart"] == "comind-0.1.0" and labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert len(obj["metadata"]["name"]) <= 63
+
+
+def test_every_selector_names_its_component_and_never_the_chart_version(everything):
+    selectors = []
+    for name, statefulset in named(everything, "StatefulSet").items():
+        selector = statefulset["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+        selectors.append((name, selector))
+    selectors += [(n, s["spec"]["selector"]) for n, s in named(everything, "Service").items()]
+    selectors += [(n, b["spec"]["selector"]["matchLabels"])
+                  for n, b in named(everything, "PodDisruptionBudget").items()]
+    selectors += [(n, p["spec"]["podSelector"]["matchLabels"]) for n, p in named(everything, "NetworkPolicy").items()]
+    for name, selector in selectors:
+        assert selector["app.kubernetes.io/component"] in ("ps", "worker"), name
+        assert not {"helm.sh/chart", "app.kubernetes.io/version"} & selector.keys(), name
+    ps_service = named(everything, "Service")["comind-ps"]
+    assert ps_service["spec"]["selector"]["app.kubernetes.io/component"] == "ps"
+
+
+@pytest.mark.parametrize("workers", [2, 8, 64])
+def test_one_value_scales_the_workers_and_the_quorum_follows(helm, workers):
+    objects = render(helm, *values_args(CHART / "ci" / f"workers-{workers}-values.yaml"))
+    statefulsets = named(objects, "StatefulSet")
+    assert statefulsets["comind-ps"]["spec"]["replicas"] == 1
+    assert statefulsets["comind-worker"]["spec"]["replicas"] == workers
+    settings = named(objects, "ConfigMap")["comind"]["data"]
+    assert settings["COMIND_NUM_WORKERS"] == str(workers)
+    assert settings["COMIND_PS_ADDRESS"] == "comind-ps:2222"
+    [ps] = statefulsets["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    # Unless backup workers are asked for, a round waits for every live worker, however many there are.
+    assert env_of(ps).get("COMIND_REPLICAS_TO_AGGREGATE", {}).get("value") == ("60" if workers == 64 else None)
+    [worker] = statefulsets["comind-worker"]["spec"]["template"]["spec"]["containers"]
+    assert env_of(worker)["COMIND_TASK_INDEX"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    pdb = named(objects, "PodDisruptionBudget")["comind-worker"]
+    assert pdb["spec"]["maxUnavailable"] == ("10%" if workers == 64 else 1)
+
+
+def test_the_ps_keeps_checkpoints_on_a_claim_and_workers_may_have_data_volumes(everything):
+    statefulsets = named(everything, "StatefulSet")
+    [checkpoints] = statefulsets["comind-ps"]["spec"]["volumeClaimTemplates"]
+    assert checkpoints["metadata"]["name"] == "checkpoints"
+    [ps] = statefulsets["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    assert env_of(ps)["COMIND_CHECKPOINT_DIR"]["value"] == "/checkpoints"
+    assert {"name": "checkpoints", "mountPath": "/checkpoints"} in ps["volumeMounts"]
+    [data] = statefulsets["comind-worker"]["spec"]["volumeClaimTemplates"]
+    [worker] = statefulsets["comind-worker"]["spec"]["template"]["spec"]["containers"]
+    assert data["metadata"]["name"] == "data" and env_of(worker)["COMIND_DATA_DIR"]["value"] == "/data"
+
+
+def test_every_pod_runs_under_the_restricted_security_profile(everything):
+    for name, spec in pod_specs(everything).items():
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] == 10001, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"], name
+            assert container["resources"]["requests"] and container["resources"]["limits"]["memory"], name
+            [tmp] = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]], name
+        # Only the test pod talks to the Kubernetes API.
+        assert spec["automountServiceAccountToken"] is (name == "comind-test"), name
+
+
+def test_network_policy_lets_workers_reach_only_the_ps_and_the_ps_only_its_ports(everything):
+    policies = named(everything, "NetworkPolicy")
+    ps, worker = policies["comind-ps"]["spec"], policies["comind-worker"]["spec"]
+    assert ps["policyTypes"] == worker["policyTypes"] == ["Ingress", "Egress"]
+    assert ps["egress"] == []
+    assert [[p["port"] for p in rule["ports"]] for rule in ps["ingress"]] == [["grpc"], ["metrics"]]
+    from_components = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                       for peer in ps["ingress"][0]["from"]]
+    assert from_components == ["worker", "test"]
+    to_ps, dns, *extra = worker["egress"]
+    assert to_ps["ports"] == [{"port": "grpc"}]
+    assert to_ps["to"] == [{"podSelector": {"matchLabels": ps["podSelector"]["matchLabels"]}}]
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    assert extra == [{"ports": [{"port": 443, "protocol": "TCP"}]}]  # from ci/networkpolicy-values.yaml
+    assert [[p["port"] for p in rule["ports"]] for rule in worker["ingress"]] == [["metrics"]]
+
+
+def test_the_ps_certificate_names_every_address_of_the_ps_and_workers_see_only_the_ca(everything):
+    certificates = named(everything, "Certificate")
+    ps_names = certificates["comind-ps"]["spec"]["dnsNames"]
+    assert "comind-ps" in ps_names  # the host of COMIND_PS_ADDRESS
+    for host in ("comind-ps", "comind-ps-0.comind-ps-headless"):
+        assert set(dns_names(host, NAMESPACE)) <= set(ps_names)
+    assert "client auth" in certificates["comind-worker"]["spec"]["usages"]
+    worker_spec = named(everything, "StatefulSet")["comind-worker"]["spec"]["template"]["spec"]
+    [tls] = [v for v in worker_spec["volumes"] if v["name"] == "tls"]
+    projected = {s["secret"]["name"]: [i["key"] for i in s["secret"]["items"]] for s in tls["projected"]["sources"]}
+    assert projected == {"comind-ps-tls": ["ca.crt"], "comind-worker-tls": ["tls.crt", "tls.key"]}
+    [worker] = worker_spec["containers"]
+    assert {"COMIND_TLS_CA", "COMIND_TLS_CERT", "COMIND_TLS_KEY"} <= env_of(worker).keys()
+
+
+def test_existing_secrets_replace_the_generated_token_and_cert_manager(helm):
+    objects = render(helm, *values_args(CHART / "ci" / "tls-existing-secret-values.yaml"))
+    assert not named(objects, "Secret") and not named(objects, "Certificate")
+    spec = named(objects, "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["token"]["secret"]["secretName"] == "my-comind-token"
+    assert volumes["tls"]["projected"]["sources"] == [{"secret": {"name": "my-comind-ps-tls"}}]
+    # Without mutual TLS the ps asks for no client certificate.
+    [ps] = spec["containers"]
+    assert "COMIND_TLS_CA" not in env_of(ps) and "COMIND_TLS_CERT" in env_of(ps)
+
+
+def test_monitoring_scrapes_each_process_once(everything, helm):
+    [monitor] = named(everything, "ServiceMonitor").values()
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    services = [s for s in named(everything, "Service").values()
+                if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    scraped = sorted(s["metadata"]["name"] for s in services if "metrics" in [p["name"] for p in s["spec"]["ports"]])
+    assert scraped == ["comind-ps", "comind-worker"]  # not the ps's headless Service too
+    dashboard = named(everything, "ConfigMap")["comind-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["comind.json"])["uid"] == "comind"
+    # By default, pods carry Prometheus's discovery annotations.
+    spec = named(render(helm), "StatefulSet")["comind-worker"]["spec"]["template"]["metadata"]["annotations"]
+    assert spec["prometheus.io/scrape"] == "true" and spec["prometheus.io/port"] == "8000"
+
+
+def test_the_dashboard_in_the_chart_is_the_one_compose_provisions():
+    shipped = ROOT / "monitoring" / "grafana" / "dashboards" / "comind.json"
+    copy = CHART / "files" / "dashboards" / "comind.json"
+    assert copy.read_bytes() == shipped.read_bytes(), f"the chart's copy is stale: cp {shipped} {copy}"
+
+
+def test_the_helm_test_pod_may_read_only_the_worker_statefulset(everything):
+    [role] = named(everything, "Role").values()
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["statefulsets"],
+                              "resourceNames": ["comind-worker"], "verbs": ["get"]}]
+    pod = named(everything, "Pod")["comind-test"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    [container] = pod["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "comind.deployment_check"]
+    assert container["args"] == ["--ps-address=comind-ps:2222", "--metrics-url=http://comind-ps:8000/metrics",
+                                 f"--namespace={NAMESPACE}", "--statefulset=comind-worker"]
+
+
+def test_notes_give_the_exact_port_forward_command(helm):
+    result = helm_run(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+                      "--set", "auth.enabled=false")
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert f"kubectl --namespace {NAMESPACE} port-forward service/comind-ps 8000:8000" in notes
+    assert f"helm test {RELEASE} --namespace {NAMESPACE}" in notes
+    assert "WARNING: authentication is off" in notes
+
+
+# The token across upgrades -----------------------------------------------------------
+
+
+def token_of(objects: list[dict]) -> str:
+    return base64.b64decode(named(objects, "Secret")["comind-token"]["data"]["token"]).decode()
+
+
+def test_the_generated_token_is_kept_across_upgrades(helm, tmp_path):
+    installed = named(render(helm), "Secret")["comind-token"]
+    assert len(token_of([installed])) == 48 and token_of(render(helm)) != token_of([installed])
+    assert installed["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # The Secret as the install left it in the cluster, with Helm's ownership marks.
+    installed["metadata"]["namespace"] = NAMESPACE
+    installed["metadata"]["annotations"].update({"meta.helm.sh/release-name": RELEASE,
+                                                 "meta.helm.sh/release-namespace": NAMESPACE})
+    with FakeKubeApi([installed]) as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", NAMESPACE)
+        result = helm_run(helm, "upgrade", "--install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                          "--kubeconfig", str(kubeconfig), "--dry-run=server", "--disable-openapi-validation",
+                          "--set", "workers.replicas=8")
+    assert f"/api/v1/namespaces/{NAMESPACE}/secrets/comind-token" in api.requests  # the lookup
+    manifest = result.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0]
+    upgraded = [o for o in yaml.safe_load_all(manifest) if o]
+    assert named(upgraded, "StatefulSet")["comind-worker"]["spec"]["replicas"] == 8
+    assert token_of(upgraded) == token_of([installed])
+
+
+# Booting what the chart renders ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    docker_or_skip()
+    build_image()
+    return "comind:latest"
+
+
+@pytest.fixture
+def pods(image, tmp_path):
+    """Makes PodRunners; removes every container, volume and network they made, whatever happens."""
+    import docker
+
+    client = docker.from_env()
+    made = []
+
+    def make(objects: list[dict], image: str | None = None, secrets=None, kube_api=None) -> PodRunner:
+        made.append(PodRunner(client, image, objects, NAMESPACE, tmp_path / f"pods-{len(made)}", secrets, kube_api))
+        return made[-1]
+
+    yield make
+    for runner in made:
+        runner.close()
+        assert runner.leftovers() == []
+
+
+def rounds_closed(log: str) -> list[int]:
+    return [int(r) for r, _ in ROUND.findall(log)]
+
+
+def boot_and_train(runner: PodRunner, ps: Pod, workers: list[Pod], rounds: int) -> None:
+    """Starts the ps, then the workers, checks every probe, and waits until training is done."""
+    for pod in (ps, *workers):
+        runner.start(pod)
+        if pod is ps:  # as the chart's readiness gates would have it; the workers retry anyway
+            runner.wait_until_ready(ps.name, timeout=60)
+    for pod in (ps, *workers):
+        runner.wait_until_ready(pod.name, timeout=120)
+        for probe in ("startupProbe", "livenessProbe"):
+            if probe in pod.container:
+                assert runner.probe(pod.name, pod.container[probe]), (pod.name, probe)
+    for worker in workers:
+        assert runner.wait_for_exit(worker.name, timeout=300) == 0, runner.logs(worker.name)[-3000:]
+    assert runner.wait_for_exit(ps.name, timeout=60) == 0, runner.logs(ps.name)[-3000:]
+    log = runner.logs(ps.name)
+    assert rounds_closed(log) == list(range(1, rounds + 1)), log[-3000:]
+    assert f"Worker 1 joined ({workers[1].name})" in log
+    assert "Final test accuracy" in runner.logs(workers[0].name)
+
+
+def chart_cluster(helm: str, *args: str) -> tuple[list[dict], Pod, list[Pod]]:
+    objects = render(helm, "--set", "image.tag=latest", "--set", "training.rounds=5",
+                     "--set", "training.intervalSteps=20", *args)
+    statefulsets = named(objects, "StatefulSet")
+    [ps] = statefulset_pods(statefulsets["comind-ps"])
+    return objects, ps, statefulset_pods(statefulsets["comind-worker"])
+
+
+def valid_for_a_day(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (builder.serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)))
+
+
+class CertManager:
+    """Issues what cert-manager would for the chart's Certificates, from one CA."""
+
+    def __init__(self):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "comind test CA")])
+        self.cert = (valid_for_a_day(x509.CertificateBuilder()).subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key())
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+
+    def issue(self, certificate: dict) -> dict[str, bytes]:
+        """The Secret data of a Certificate: tls.crt, tls.key, ca.crt."""
+        spec = certificate["spec"]
+        key = ec.generate_private_key(ec.SECP256R1())
+        usages = {"server auth": ExtendedKeyUsageOID.SERVER_AUTH, "client auth": ExtendedKeyUsageOID.CLIENT_AUTH}
+        builder = (valid_for_a_day(x509.CertificateBuilder())
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"])]))
+                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .add_extension(x509.ExtendedKeyUsage([usages[u] for u in spec["usages"] if u in usages]),
+                                  critical=False))
+        if spec.get("dnsNames"):
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in spec["dnsNames"]]), critical=False)
+        pem = serialization.Encoding.PEM
+        return {"tls.crt": builder.sign(self.key, hashes.SHA256()).public_bytes(pem),
+                "tls.key": key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                             serialization.NoEncryption()),
+                "ca.crt": self.cert.public_bytes(pem)}
+
+
+def test_what_the_chart_renders_trains_and_survives_restarts(helm, pods):
+    objects, ps, workers = chart_cluster(helm)
+    assert len(workers) == 2
+    runner = pods(objects)
+    # Workers dial the ps by its Service's name, and the ps's pod has its governing Service's names too.
+    assert runner.aliases(ps)[:1] == ["comind-ps"] and "comind-ps-0.comind-ps-headless" in runner.aliases(ps)
+    assert runner.env(workers[1])["COMIND_TASK_INDEX"] == "1"
+    boot_and_train(runner, ps, workers, rounds=5)
+
+    # Kubernetes restarts a container that exited. The ps resumes from its
+    # final checkpoint and stays up, serving the final model; a worker finds
+    # training done and exits at once.
+    runner.container(ps.name).start()
+    runner.wait_until_ready(ps.name, timeout=60)
+    runner.container(workers[1].name).start()
+    assert runner.wait_for_exit(workers[1].name, timeout=120) == 0
+    assert runner.container(ps.name).status == "running"
+    assert re.search(r"Resumed from \S+ at round 5\.", runner.logs(ps.name))
+    url = f"http://127.0.0.1:{runner.host_port(ps.name, 'metrics')}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert re.search(r"^comind_round 5\.0$", response.read().decode(), re.MULTILINE)
+
+
+def test_kubectl_scale_adds_a_worker_that_the_next_rounds_wait_for(helm, pods):
+    # Synchronous steps and many rounds: training outlasts the test.
+    objects, ps, workers = chart_cluster(helm, "--set", "training.rounds=100000", "--set", "training.intervalSteps=1")
+    runner = pods(objects)
+    for pod in (ps, *workers):
+        runner.start(pod)
+    runner.wait_for_log(ps.name, r"Round \d+/\d+: 2 updates")
+    # What `kubectl scale statefulset/comind-worker --replicas=3` makes: the same template, ordinal 2.
+    [*_, added] = statefulset_pods(named(objects, "StatefulSet")["comind-worker"], replicas=3)
+    assert runner.env(added)["COMIND_NUM_WORKERS"] == "2" and runner.env(added)["COMIND_TASK_INDEX"] == "2"
+    runner.start(added)
+    runner.wait_for_log(ps.name, r"Worker 2 joined \(comind-worker-2\); 3 live")
+    runner.wait_for_log(ps.name, r"Round \d+/\d+: 3 updates")
+    assert "sharding the data as if there were 3 workers" in runner.logs(added.name)
+
+
+def test_the_helm_test_pod_passes_against_a_training_cluster(helm, pods, image):
+    import docker
+
+    try:
+        docker.from_env().containers.run(image, entrypoint=["python", "-c", "import kubernetes"], remove=True)
+    except docker.errors.ContainerError:
+        pytest.skip(f"{image} has no kubernetes package for the helm test pod (comind.deployment_check) yet")
+    # Synchronous steps and many rounds: training outlasts the check.
+    objects, ps, workers = chart_cluster(helm, "--set", "training.rounds=100000", "--set", "training.intervalSteps=1")
+    issuer = CertManager()
+    api_tls = issuer.issue({"spec": {"commonName": "kubernetes", "dnsNames": ["kubernetes"],
+                                     "usages": ["server auth"]}})
+    runner = pods(objects, kube_api=KubeApi("kubernetes", 6443, {
+        "token": b"a token the fake API accepts", "ca.crt": api_tls["ca.crt"], "namespace": NAMESPACE.encode()}))
+    for pod in (ps, *workers):
+        runner.start(pod)
+    for pod in (ps, *workers):
+        runner.wait_until_ready(pod.name, timeout=120)
+
+    # The API server, with the worker StatefulSet as its controller reports it now.
+    statefulset = {**named(objects, "StatefulSet")["comind-worker"],
+                   "status": {"replicas": len(workers), "readyReplicas": len(workers)}}
+    statefulset["metadata"]["namespace"] = NAMESPACE
+    runner.secrets["fake-kube-api"] = {**api_tls, "objects.json": json.dumps([statefulset]).encode(),
+                                       "fake_kube_api.py": (ROOT / "tests" / "fake_kube_api.py").read_bytes()}
+    runner.services.append({"kind": "Service", "metadata": {"name": "kubernetes"},
+                            "spec": {"selector": {"component": "kube-apiserver"}}})
+    api = Pod("kube-apiserver", {"component": "kube-apiserver"}, {
+        "automountServiceAccountToken": False, "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
+        "volumes": [{"name": "api", "secret": {"secretName": "fake-kube-api"}}],
+        "containers": [{"name": "api", "image": image, "ports": [{"name": "https", "containerPort": 6443}],
+                        "command": ["python", "/api/fake_kube_api.py", "--port", "6443", "--cert", "/api/tls.crt",
+                                    "--key", "/api/tls.key", "/api/objects.json"],
+                        "readinessProbe": {"tcpSocket": {"port": "https"}},
+                        "volumeMounts": [{"name": "api", "mountPath": "/api"}]}]})
+    runner.start(api)
+    runner.wait_until_ready(api.name, timeout=30)
+
+    [test] = named(objects, "Pod").values()
+    check = Pod(test["metadata"]["name"], test["metadata"]["labels"], test["spec"])
+    runner.start(check)
+    assert runner.wait_for_exit(check.name, timeout=150) == 0, runner.logs(check.name)
+    assert runner.logs(check.name).startswith(
+        f"ok: the ps at comind-ps:2222 counts 2 live workers and StatefulSet {NAMESPACE}/comind-worker has 2 of 2 "
+        "replicas ready")
+
+
+def test_what_the_chart_renders_with_mutual_tls_trains(helm, pods):
+    objects, ps, workers = chart_cluster(helm, *values_args(CHART / "ci" / "tls-values.yaml"))
+    issuer = CertManager()
+    secrets = {c["spec"]["secretName"]: issuer.issue(c) for c in named(objects, "Certificate").values()}
+    runner = pods(objects, secrets=secrets)
+    assert {"COMIND_TLS_CA", "COMIND_TLS_CERT", "COMIND_TLS_KEY"} <= runner.env(workers[0]).keys()
+    boot_and_train(runner, ps, workers, rounds=5)
+    assert "(TLS)" in runner.logs(ps.name)
+
+
+def tfjob_pods(job: dict) -> tuple[list[Pod], list[dict]]:
+    """The pods and Services the Kubeflow training operator makes for a TFJob, with its TF_CONFIG.
+
+    Replica i of type T is the pod JOB-t-i behind a headless Service of the
+    same name; TF_CONFIG lists every replica as JOB-t-i.NAMESPACE.svc:PORT.
+    """
+    name, specs = job["metadata"]["name"], job["spec"]["tfReplicaSpecs"]
+
+    def port(spec: dict) -> int:
+        [container] = [c for c in spec["template"]["spec"]["containers"] if c["name"] == "tensorflow"]
+        return next((p["containerPort"] for p in container.get("ports", []) if p["name"] == "tfjob-port"), 2222)
+
+    cluster = {kind.lower(): [f"{name}-{kind.lower()}-{i}.{NAMESPACE}.svc:{port(spec)}"
+                              for i in range(spec["replicas"])] for kind, spec in specs.items()}
+    pods, services = [], []
+    for kind, spec in specs.items():
+        for i in range(spec["replicas"]):
+            pod_name = f"{name}-{kind.lower()}-{i}"
+            labels = {"training.kubeflow.org/job-name": name, "training.kubeflow.org/replica-type": kind.lower(),
+                      "training.kubeflow.org/replica-index": str(i)}
+            tf_config = {"cluster": cluster, "task": {"type": kind.lower(), "index": i}, "environment": "cloud"}
+            pods.append(Pod(pod_name, labels, spec["template"]["spec"], extra_env={"TF_CONFIG": json.dumps(tf_config)}))
+            services.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": pod_name},
+                             "spec": {"clusterIP": "None", "selector": labels}})
+    return pods, services
+
+
+def tfjob_documents() -> tuple[dict, list[dict]]:
+    documents = [d for d in yaml.safe_load_all(TFJOB.read_text()) if d]
+    [job] = [d for d in documents if d["kind"] == "TFJob"]
+    return job, documents
+
+
+def test_the_tfjob_example_is_valid():
+    job, documents = tfjob_documents()
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    specs = job["spec"]["tfReplicaSpecs"]
+    assert set(specs) == {"PS", "Chief", "Worker"}
+    # The operator has no published schema here; each replica's pod template is validated as a Pod.
+    for kind, spec in specs.items():
+        assert spec["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode"), kind
+        assert [c["name"] for c in spec["template"]["spec"]["containers"]] == ["tensorflow"], kind
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": kind.lower()}, "spec": spec["template"]["spec"]}
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(pod, version, strict=True)
+    for other in documents:
+        if other is not job:
+            kubernetes_validate.validate(other, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_the_tfjob_example_trains_with_its_tf_config(pods, image):
+    job, documents = tfjob_documents()
+    example_pods, services = tfjob_pods(job)
+    token = {"comind-token": {"token": b"a token only this test knows"}}  # the example's `kubectl create secret`
+    runner = pods([*documents, *services], image=image, secrets=token)
+    for pod in example_pods:  # fewer and shorter rounds than the example's, as a user would set them
+        pod.extra_env.update(COMIND_ROUNDS="5", COMIND_INTERVAL_STEPS="20")
+    by_name = {p.name: p for p in example_pods}
+    ps, chief, worker = by_name["comind-ps-0"], by_name["comind-chief-0"], by_name["comind-worker-0"]
+    assert json.loads(runner.env(worker)["TF_CONFIG"])["cluster"]["ps"] == ["comind-ps-0.ml.svc:2222"]
+    boot_and_train(runner, ps, [chief, worker], rounds=5)
