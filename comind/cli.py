@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,9 @@ COMMANDS = {
                (config.PS, config.WORKER)),
     "train": ("train on one machine, without a ps", (config.TRAIN,)),
 }
+# How the ps announces its port (port 0 picks a free one): `comind local` and
+# the tests read the port back from this line.
+LISTENING = re.compile(r"Listening on \S+:(\d+)")
 # Commands whose role comes from COMIND_ROLE, TF_CONFIG or --job_name.
 _ROLE_FROM_ENVIRONMENT = ("run", "health")
 # Set by `comind local` itself for each process it starts.

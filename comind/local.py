@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_LISTENING = re.compile(r"Listening on \S+:(\d+)")
+from comind.cli import LISTENING
+
 _SHOWN = re.compile(r"(Round \d+/\d+: .*|Round \d+ evaluation: .*|Training is done.*)")
 _ENDED = object()
 
@@ -94,7 +95,7 @@ def _wait_for_port(events: queue.Queue, log: Path) -> int:
         _, line, _ = events.get(timeout=60)
         if line is _ENDED:
             raise RuntimeError(f"The ps stopped before it listened; see {log}:\n{log.read_text()[-2000:]}")
-        match = _LISTENING.search(line)
+        match = LISTENING.search(line)
         if match:
             return int(match.group(1))
 

@@ -299,7 +299,8 @@ class ParameterServer:
                 except TimeoutError:
                     pass
             for member in self.rounds.expire():
-                log.warning("Worker %d's lease ended; %d live.", member.task_index, len(self.rounds.members))
+                log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
+                            member.description or "no description", len(self.rounds.members))
                 self._membership_changed()
             if self.rounds.overdue():
                 log.warning("Round %d passed its deadline with %d of the %d updates it needs (%d workers live); "

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from comind.cli import LISTENING
+
 ROOT = Path(__file__).resolve().parents[1]
-_LISTENING = re.compile(r"Listening on \S+:(\d+)")
 
 
 class PsProcess:
@@ -29,7 +30,7 @@ class PsProcess:
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      cwd=ROOT, env={**os.environ, "COMIND_METRICS_PORT": "0", **(env or {})})
         threading.Thread(target=self._collect, daemon=True).start()
-        match = self.wait_for(_LISTENING, timeout=30)
+        match = self.wait_for(LISTENING, timeout=30)
         self.port = int(match.group(1))
         self.address = f"127.0.0.1:{self.port}"
 
