@@ -21,18 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 class PsProcess:
     """A ``comind ps`` subprocess whose log is collected as it runs."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0):
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0,
+                 host: str = "127.0.0.1", launcher: tuple[str, ...] = ()):
         self.args = args
         self.lines: list[str] = []
         self._eof = False
         self._changed = threading.Condition()
-        command = [sys.executable, "-m", "comind", "ps", "--listen", f"127.0.0.1:{port}", *args]
+        command = [*launcher, sys.executable, "-m", "comind", "ps", "--listen", f"{host}:{port}", *args]
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      cwd=ROOT, env={**os.environ, "COMIND_METRICS_PORT": "0", **(env or {})})
         threading.Thread(target=self._collect, daemon=True).start()
         match = self.wait_for(LISTENING, timeout=30)
         self.port = int(match.group(1))
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
 
     def _collect(self) -> None:
         for line in self.proc.stderr:
@@ -80,8 +81,9 @@ def start_ps():
     """Starts ``comind ps`` processes with the given flags; kills leftovers at the end."""
     started: list[PsProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, port: int = 0) -> PsProcess:
-        ps = PsProcess(list(args), env, port)
+    def start(*args: str, env: dict[str, str] | None = None, port: int = 0, host: str = "127.0.0.1",
+              launcher: tuple[str, ...] = ()) -> PsProcess:
+        ps = PsProcess(list(args), env, port, host, launcher)
         started.append(ps)
         return ps
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -15,9 +12,7 @@ import numpy as np
 import pytest
 
 from comind import WorkerClient
-from conftest import ROOT
-
-WORKER = ROOT / "tests" / "numpy_worker.py"
+from numpy_cluster import assert_finishes, expected_value, read_history, start_worker
 
 
 def run_clients(address: str, examples: list[int], rounds_seed: int = 0) -> dict[int, dict]:
@@ -67,33 +62,6 @@ def test_global_model_is_the_exact_example_weighted_average(start_ps):
             for task in histories:
                 np.testing.assert_allclose(histories[task]["received"][round][i], expected, rtol=2e-6, atol=2e-6)
     assert len(re.findall(r"Round \d+/4: 3 updates", ps.log())) == 4
-
-
-def start_worker(address: str, task: int, out: Path, *, examples: int = 100, delta: float = 1.0,
-                 pause: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, WORKER, address, str(task), "--examples", str(examples),
-                             "--delta", str(delta), "--out", str(out), "--pause", str(pause)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def assert_finishes(worker: subprocess.Popen, ps, timeout: float = 120) -> None:
-    """The worker exits 0 in time; otherwise the failure shows its log and the ps's."""
-    try:
-        code = worker.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        code = f"still running after {timeout} s"
-    if code != 0:
-        raise AssertionError(f"worker: {code}\n{worker.stderr.read()}\nps:\n{ps.log()}")
-
-
-def read_history(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def expected_value(round: int, examples: list[int], deltas: list[float]) -> float:
-    """Each round adds the example-weighted mean of the workers' deltas to every weight."""
-    return round * float(np.average(deltas, weights=examples))
 
 
 @pytest.mark.parametrize("how", ["lease", "deadline"])

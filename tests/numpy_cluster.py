@@ -1,0 +1,42 @@
+"""Starting and checking ``tests/numpy_worker.py`` processes, for the cluster tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from conftest import ROOT
+
+WORKER = ROOT / "tests" / "numpy_worker.py"
+
+
+def start_worker(address: str, task: int, out: Path, *, examples: int = 100, delta: float = 1.0,
+                 pause: float = 0.0, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A worker process; ``launcher`` prefixes its command (``ip netns exec NAME``)."""
+    return subprocess.Popen([*launcher, sys.executable, WORKER, address, str(task), "--examples", str(examples),
+                             "--delta", str(delta), "--out", str(out), "--pause", str(pause)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def assert_finishes(worker: subprocess.Popen, ps, timeout: float = 120) -> None:
+    """The worker exits 0 in time; otherwise the failure shows its log and the ps's."""
+    try:
+        code = worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        code = f"still running after {timeout} s"
+    if code != 0:
+        raise AssertionError(f"worker: {code}\n{worker.stderr.read()}\nps:\n{ps.log()}")
+
+
+def read_history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def expected_value(round: int, examples: list[int], deltas: list[float]) -> float:
+    """Each round adds the example-weighted mean of the workers' deltas to every weight."""
+    return round * float(np.average(deltas, weights=examples))
