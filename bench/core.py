@@ -385,8 +385,8 @@ def cpu_model() -> str:
     return platform.processor() or "unknown cpu"
 
 
-def machine_facts(settings: Settings) -> list[str]:
-    mode = "quick" if settings == QUICK else "full"
+def machine_facts() -> list[str]:
+    """Date, machine, software and load average: read them before a run loads the machine."""
     return [
         f"date      {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"machine   nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, "
@@ -394,7 +394,6 @@ def machine_facts(settings: Settings) -> list[str]:
         f"{platform.system()} {platform.release()}",
         f"software  python {platform.python_version()}, numpy {np.__version__}, grpcio {grpc.__version__}",
         f"load      {' '.join(f'{load:.2f}' for load in os.getloadavg())} (1/5/15 min, at the start)",
-        f"run       {mode}: {settings.warmup_rounds} warm-up rounds, {settings.repeats} repeats per throughput",
     ]
 
 
@@ -408,15 +407,9 @@ def render(section: Section) -> list[str]:
     return lines + [f"  {note}" for note in section.notes]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats (noisier)")
-    parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the report [{RESULTS}]")
-    flags = parser.parse_args(argv)
-    settings = QUICK if flags.quick else FULL
-    started = time.perf_counter()
-    lines = ["coMind core benchmark", *machine_facts(settings)]  # before the run loads the machine
-    sections = [barrier_section(settings), aggregation_section(settings), memory_section(settings)]
+def write_report(header: list[str], sections: Sequence[Section], started: float, output: Path) -> None:
+    """Prints the header, the sections and how many targets they met, and writes the same to ``output``."""
+    lines = list(header)
     for section in sections:
         lines += render(section)
     verdicts = [row.passed for section in sections for row in section.rows if row.passed is not None]
@@ -424,8 +417,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"run took {time.perf_counter() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
-    flags.output.parent.mkdir(parents=True, exist_ok=True)
-    flags.output.write_text(text)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats (noisier)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the report [{RESULTS}]")
+    flags = parser.parse_args(argv)
+    settings = QUICK if flags.quick else FULL
+    started = time.perf_counter()
+    mode = "quick" if settings == QUICK else "full"
+    lines = ["coMind core benchmark", *machine_facts(),
+             f"run       {mode}: {settings.warmup_rounds} warm-up rounds, {settings.repeats} repeats per throughput"]
+    sections = [barrier_section(settings), aggregation_section(settings), memory_section(settings)]
+    write_report(lines, sections, started, flags.output)
     return 0
 
 

@@ -4,7 +4,8 @@ The global model of a round is the weighted mean of the workers' models
 (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
 from Decentralized Data"), with each worker weighted by its number of
 examples by default. Updates are folded into one running sum as they arrive,
-so the ps holds O(model) memory however many workers there are.
+so the ps holds O(model) memory however many workers there are. The rules
+that outvote poisoned updates instead are in ``robust.py``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class RunningWeightedSum:
         self.total_weight += weight
         self.count += 1
 
-    def mean(self) -> np.ndarray:
+    def result(self) -> np.ndarray:
         """The weighted mean, packed into a new buffer of the layout; resets the sum."""
         if self._sums is None:
             raise ValueError("No update was added, so there is no mean to take.")

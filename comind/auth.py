@@ -18,6 +18,8 @@ import grpc
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "authorization"
+#: Longest token: gRPC refuses headers much beyond a few kilobytes.
+MAX_TOKEN_BYTES = 4096
 
 
 def load_token(token: str | None, token_file: str | None) -> str | None:
@@ -27,11 +29,17 @@ def load_token(token: str | None, token_file: str | None) -> str | None:
                          f"token_file={token_file!r}")
     if token_file:
         try:
-            token = Path(token_file).read_text().strip()
-        except OSError as error:
+            with open(token_file, "rb") as file:
+                token = file.read(MAX_TOKEN_BYTES + 1).decode().strip()  # bounded: it may be /dev/zero
+        except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"Cannot read the token file: {error}. Received: token_file={token_file!r}") from None
         if not token:
             raise ValueError(f"The token file is empty. Received: token_file={token_file!r}")
+    # gRPC sends the token as a header value: printable ASCII of a few kilobytes at most.
+    if token and (len(token) > MAX_TOKEN_BYTES or not (token.isascii() and token.isprintable())):
+        raise ValueError(f"The token must be printable ASCII (letters, digits, punctuation) of at most "
+                         f"{MAX_TOKEN_BYTES} characters, such as `head -c 32 /dev/urandom | xxd -p -c 64`. "
+                         f"Received: token=<hidden, {len(token)} characters>, token_file={token_file!r}")
     return token or None
 
 

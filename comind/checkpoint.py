@@ -14,17 +14,18 @@ import dataclasses
 import logging
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from comind import atomic
-from comind.tensors import Layout, LayoutError
+from comind.npz import NpzFile
+from comind.tensors import Layout
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^round-(\d{9})\.npz$")
+# [0-9], not \d: \d also matches other scripts' digits, which int() reads as a round.
+_NAME = re.compile(r"^round-([0-9]{9})\.npz$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +75,20 @@ class CheckpointStore:
         for round in reversed(self.rounds()):
             try:
                 return self.load(round)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, LayoutError) as error:
+            except (OSError, ValueError) as error:  # NpzError and LayoutError are ValueErrors
                 log.error("Checkpoint %s is unreadable (%s); trying the one before it.", self.path(round), error)
         return None
 
     def load(self, round: int) -> Checkpoint:
-        with np.load(self.path(round), allow_pickle=False) as data:
-            stored = int(data["round"])
-            if stored != round:
-                raise ValueError(f"file says round {stored}")
-            names = [str(n) for n in data["names"]]
-            arrays = [data[f"tensor_{i:05d}"] for i in range(len(names))]
+        with NpzFile(self.path(round)) as data:
+            stored, names = data.read("round"), data.read("names")
+            if stored.shape != () or stored.dtype.kind not in "iu":
+                raise ValueError(f"its round is not an integer but a {stored.dtype} array of shape {stored.shape}")
+            if int(stored) != round:
+                raise ValueError(f"file says round {int(stored)}")
+            if names.ndim != 1 or names.dtype.kind != "U":
+                raise ValueError(f"its names are not a list of text but a {names.dtype} array of shape {names.shape}")
+            names = [str(n) for n in names]
+            arrays = [data.read(f"tensor_{i:05d}") for i in range(len(names))]
         layout = Layout.of(arrays, names)
         return Checkpoint(round, layout, layout.pack(arrays))

@@ -9,9 +9,13 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from comind import cluster_spec, config
 from comind.errors import PsRefusal, PsUnreachable
+
+if TYPE_CHECKING:  # imported where used: `comind health` stays light
+    from comind.robust import AggregationPolicy
 
 COMMANDS = {
     "ps": ("run the parameter server", (config.PS,)),
@@ -21,6 +25,7 @@ COMMANDS = {
     "health": ("check the process that `comind run` started here (the image's health check)",
                (config.PS, config.WORKER)),
     "train": ("train on one machine, without a ps", (config.TRAIN,)),
+    "certificates": ("make a private CA and the ps's TLS certificate (for compose and bare machines)", ()),
 }
 # How the ps announces its port (port 0 picks a free one): `comind local` and
 # the tests read the port back from this line.
@@ -44,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
             config.add_options(command, [o for o in config.OPTIONS if o.name == "role"])
         if name == "local":
             command.add_argument("--workers", type=int, default=2, help="workers to start [default 2]")
+        if name == "certificates":
+            command.add_argument("--out", required=True, help="folder for ca.pem, ps.pem, ps-key.pem; "
+                                 "left as it is if it already holds them")
+            command.add_argument("--hosts", default="ps,localhost,127.0.0.1",
+                                 help="comma-separated names and addresses workers dial the ps by "
+                                      "[default ps,localhost,127.0.0.1]")
+            command.add_argument("--workers", type=int, default=0,
+                                 help="client certificates to make, for mutual TLS [default 0]")
         if name in ("ps", "worker", "run", "health"):
             original = command.add_argument_group("the original tutorials' flags")
             original.add_argument("--job_name", dest="original_job_name", choices=("ps", "worker"))
@@ -64,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = parser.parse_args(argv)
     try:
         settings = _settings(flags, os.environ)
-        logging.basicConfig(level=settings["log_level"].upper(), stream=sys.stderr,
+        logging.basicConfig(level=settings.get("log_level", "info").upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return _run(flags, settings)
     except ValueError as error:  # bad settings or input: nothing ran
@@ -98,6 +111,8 @@ def _run(flags: argparse.Namespace, settings: dict) -> int:
         trouble = problem(settings["role"], settings)
         print(f"unhealthy: {trouble}" if trouble else "healthy")
         return 1 if trouble else 0
+    if command == "certificates":
+        return make_certificates(flags)
     if command == "ps":
         return run_ps(settings)
     # TensorFlow's start-up chatter (CPU features, oneDNN) says nothing a user can act on.
@@ -115,7 +130,33 @@ def _run(flags: argparse.Namespace, settings: dict) -> int:
 
     if flags.workers < 1:
         raise ValueError(f"--workers must be at least 1. Received: --workers={flags.workers}")
+    aggregation_policy(settings, flags.workers)  # fails here rather than in the ps's log
     return run_local(settings, flags.workers)
+
+
+def aggregation_policy(settings: dict, num_workers: int) -> AggregationPolicy:
+    """The ps's :class:`comind.robust.AggregationPolicy`, checked against the updates its rounds will have."""
+    from comind.robust import AggregationPolicy
+
+    policy = AggregationPolicy(settings["aggregation"], settings["trim_fraction"], settings["max_update_norm"])
+    policy.check_quorum(settings["replicas_to_aggregate"] or num_workers)
+    return policy
+
+
+def make_certificates(flags: argparse.Namespace) -> int:
+    try:
+        from comind.certificates import write_cluster
+    except ImportError:
+        raise ValueError("comind certificates needs the cryptography package: pip install 'comind[tls]'. "
+                         "Received: no module named cryptography") from None
+    hosts = [h.strip() for h in flags.hosts.split(",") if h.strip()]
+    written = write_cluster(flags.out, hosts, flags.workers)
+    if written is None:
+        print(f"{flags.out} already holds the cluster's certificates; kept them.")
+    else:
+        print(f"Wrote {', '.join(p.name for p in written)} to {flags.out}; the CA's key is gone. Give workers "
+              f"{written[0]}; the ps's certificate is valid for {', '.join(hosts)}.")
+    return 0
 
 
 def run_ps(settings: dict) -> int:
@@ -136,10 +177,11 @@ def run_ps(settings: dict) -> int:
     tls = TlsFiles(settings["tls_cert"], settings["tls_key"], settings["tls_ca"])
     store = CheckpointStore(settings["checkpoint_dir"], settings["keep_checkpoints"]) \
         if settings["checkpoint_dir"] else None
+    aggregation = aggregation_policy(settings, settings["num_workers"])
 
     async def serve() -> int:
-        ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), weighting=settings["weighting"], store=store,
-                             max_model_bytes=settings["max_model_bytes"])
+        ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), weighting=settings["weighting"],
+                             aggregation=aggregation, store=store, max_model_bytes=settings["max_model_bytes"])
         server, port = service.build_server(ps, settings["listen"], token, tls, settings["max_concurrent_updates"])
         metrics.serve(settings["metrics_port"], REGISTRY)
         if not token:
@@ -148,6 +190,11 @@ def run_ps(settings: dict) -> int:
         host = settings["listen"].rsplit(":", 1)[0]
         log.info("Listening on %s:%d (%s), round %d of %d.", host, port, "TLS" if tls.enabled else "plain text",
                  ps.rounds.round, policy.total_rounds)
+        if aggregation.rule != "mean":
+            log.info("Aggregating by the coordinate-wise %s: every update of a round is held in memory.",
+                     aggregation.rule)
+        if aggregation.max_update_norm:
+            log.info("Each update's change from the global model is clipped to norm %g.", aggregation.max_update_norm)
         return await service.run(ps, server, settings["exit_grace"])
 
     return asyncio.run(serve())

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -23,12 +24,12 @@ import numpy as np
 
 from comind.auth import TlsFiles, call_metadata
 from comind.backoff import Backoff
-from comind.errors import ModelMismatch, PsRefusal, PsUnreachable
+from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
 from comind.metrics import WorkerMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS
-from comind.tensors import Assembler, Layout, chunks
+from comind.tensors import Assembler, Layout, LayoutError, StreamError, chunks
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 UNARY_TIMEOUT_SECONDS = 10.0
 #: Slowest transfer rate allowed for before a model transfer times out.
 MIN_BYTES_PER_SECOND = 20e6
+#: Heartbeats go out at least every third of this, whatever lease the ps gives.
+MAX_LEASE_SECONDS = 3 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,41 @@ class GlobalState:
     weights: list[np.ndarray]
     round: int
     done: bool
+
+
+def read_model(messages: Iterator[pb.ModelChunk], expected: Layout) -> GlobalState | None:
+    """Decodes a PullModel answer into the global model; None when the ps had no newer one yet.
+
+    Raises:
+        ModelMismatch: the ps's model differs from ``expected`` in dtype or shape.
+        ProtocolError: the answer breaks the protocol; nothing is allocated
+            beyond ``expected``'s size whatever its header claims.
+    """
+    first = next(messages, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise ProtocolError("The ps's answer to a pull did not start with a model header.")
+    header = first.header
+    if not header.ready:
+        return None
+    try:
+        layout = Layout.from_proto(header.tensors, max_bytes=1 << 62)
+    except LayoutError as error:
+        raise ProtocolError(f"The ps sent a model header this worker cannot read: {error}") from None
+    problem = layout.mismatch(expected)
+    if problem:
+        raise ModelMismatch(f"This worker's model does not match the ps's global model: {problem} (as "
+                            "the ps has it). Every worker must train the architecture the ps holds: "
+                            "check COMIND_MODEL, COMIND_DATASET and the ps's checkpoint directory.")
+    assembler = Assembler(layout)
+    try:
+        for message in messages:
+            if message.WhichOneof("part") == "header":
+                raise ProtocolError("The ps sent a second model header inside one model.")
+            assembler.feed(message.data)
+        packed = assembler.finish()
+    except StreamError as error:
+        raise ProtocolError(f"The ps sent a broken model: the {error}.") from None
+    return GlobalState(layout.views(packed), header.round, header.done)
 
 
 class WorkerClient:
@@ -199,7 +237,11 @@ class WorkerClient:
                 reply = self._stub.Register(
                     pb.RegisterRequest(task_index=self.task_index, description=self.description),
                     timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
-                self._member_id, self._lease = reply.member_id, reply.lease_seconds
+                if not 0 < reply.lease_seconds < math.inf:
+                    raise ProtocolError(f"The ps gave a lease of {reply.lease_seconds} s; a lease must be a "
+                                        "positive, finite number of seconds.")
+                # A longer lease needs no rarer heartbeat, and would overflow threading's waits.
+                self._member_id, self._lease = reply.member_id, min(reply.lease_seconds, MAX_LEASE_SECONDS)
                 self._epoch += 1
                 self._known_round = reply.round
                 self.total_rounds = reply.total_rounds
@@ -244,20 +286,9 @@ class WorkerClient:
         while True:
             messages = self._stub.PullModel(request, timeout=LONG_POLL_SECONDS + self._transfer_timeout(),
                                             metadata=self._metadata)
-            first = next(messages)
-            header = first.header
-            if not header.ready:
+            state = read_model(messages, self._layout)
+            if state is None:
                 continue  # the ps waited a full long poll; ask again
-            layout = Layout.from_proto(header.tensors, max_bytes=1 << 62)
-            problem = layout.mismatch(self._layout)
-            if problem:
-                raise ModelMismatch(f"This worker's model does not match the ps's global model: {problem} (as "
-                                    "the ps has it). Every worker must train the architecture the ps holds: "
-                                    "check COMIND_MODEL, COMIND_DATASET and the ps's checkpoint directory.")
-            assembler = Assembler(layout)
-            for message in messages:
-                assembler.feed(message.data)
-            state = GlobalState(layout.views(assembler.finish()), header.round, header.done)
             self.round = state.round
             with self._lock:
                 if self._epoch == member.epoch:

@@ -27,15 +27,17 @@ def from_tf_config(text: str) -> dict[str, Any]:
     """
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as error:
+    # ValueError: an integer of thousands of digits; RecursionError: arrays nested thousands deep.
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Received: TF_CONFIG={text!r}") from None
     if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
         raise ValueError(f"TF_CONFIG needs a \"cluster\" object mapping jobs to addresses. Received: TF_CONFIG={text!r}")
     jobs = {name: _addresses(name, job, text) for name, job in config["cluster"].items()}
     task = config.get("task") or {}
+    if not isinstance(task, dict):
+        raise ValueError(f"TF_CONFIG's task must be an object with a type and an index. Received: TF_CONFIG={text!r}")
     kind, index = task.get("type"), task.get("index", 0)
-    if not isinstance(index, int) or index < 0:
-        raise ValueError(f"TF_CONFIG's task index must be an integer >= 0. Received: TF_CONFIG={text!r}")
+    _check_index(index, f"TF_CONFIG={text!r}")
     chiefs = [a for name in _CHIEF_TYPES for a in jobs.get(name, [])]
     return _settings(kind, index, jobs.get("ps", []), chiefs, jobs.get("worker", []), f"TF_CONFIG={text!r}")
 
@@ -47,8 +49,17 @@ def from_original_flags(job_name: str | None, task_index: int | None, ps_hosts: 
         return {}
     ps = [h for h in (ps_hosts or "").split(",") if h]
     workers = [h for h in (worker_hosts or "").split(",") if h]
-    received = f"--job_name={job_name!r}, --ps_hosts={ps_hosts!r}, --worker_hosts={worker_hosts!r}"
-    return _settings(job_name, task_index or 0, ps, [], workers, received)
+    received = (f"--job_name={job_name!r}, --task_index={task_index!r}, --ps_hosts={ps_hosts!r}, "
+                f"--worker_hosts={worker_hosts!r}")
+    task_index = task_index or 0
+    _check_index(task_index, received)
+    return _settings(job_name, task_index, ps, [], workers, received)
+
+
+def _check_index(index: Any, received: str) -> None:
+    # bool is an int to Python, but `true` is no task index.
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"The task index must be an integer >= 0. Received: {received}")
 
 
 def _addresses(name: str, job: Any, text: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,14 +36,23 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    # "inf" parses too, and an infinite timeout overflows the waits it is given to.
+    if not 0 < value < math.inf:
+        raise ValueError
+    return value
+
+
+def fraction_below_half(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 0.5:
         raise ValueError
     return value
 
 
 def address(text: str) -> str:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii(): isdigit() admits other scripts' digits ("٢٢٢٢"), which int() reads but gRPC does not.
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError
     return text
 
@@ -65,7 +75,8 @@ DATASETS = ("digits", "fashion_mnist", "cifar10")
 MODELS = ("basic", "advanced")
 
 _TYPE_NAMES = {positive_int: "a positive integer", non_negative_int: "an integer >= 0",
-               positive_float: "a positive number", address: "host:port (a port from 0 to 65535)",
+               positive_float: "a positive, finite number", address: "host:port (a port from 0 to 65535)",
+               fraction_below_half: "a number from 0 up to, not including, 0.5",
                dataset_name: f"one of {', '.join(DATASETS)}, or a path to a .npz file",
                model_spec: f"one of {', '.join(MODELS)}, or module:function for your own", str: "text"}
 
@@ -144,8 +155,19 @@ OPTIONS = (
     _option("min_updates", 1, "updates a round needs to close at its deadline", (PS,), positive_int),
     _option("round_timeout", 600.0, "seconds a round waits for stragglers", (PS,), positive_float),
     _option("lease_seconds", 10.0, "seconds a worker stays live without a heartbeat", (PS,), positive_float),
-    _option("weighting", "examples", "how updates are weighted in the average", (PS,), str,
+    _option("weighting", "examples", "how updates are weighted in the average (the mean only)", (PS,), str,
             ("examples", "uniform")),
+    # Robust aggregation (comind/robust.py).
+    _option("aggregation", "mean",
+            "how a round's updates are combined: mean (streamed, memory for one model), or median or trimmed-mean "
+            "(coordinate-wise, unweighted; outvote a minority of poisoned updates but hold every update of a "
+            "round in memory)", (PS,), str, ("mean", "median", "trimmed-mean")),
+    _option("trim_fraction", 0.25,
+            "trimmed-mean drops this fraction of the updates from each end of every coordinate (floor of it "
+            "times the updates; a round with too few to trim takes the median)", (PS,), fraction_below_half),
+    _option("max_update_norm", None,
+            "bound on the L2 norm of each update's change from the global model: longer changes are scaled "
+            "down to it; unset: no bound", (PS,), positive_float),
     _option("checkpoint_dir", None, "directory for durable checkpoints; unset: in memory only", (PS,)),
     _option("keep_checkpoints", 3, "checkpoints to keep", (PS,), positive_int),
     _option("max_model_bytes", 4 << 30, "largest model the ps accepts", (PS,), positive_int),

@@ -20,3 +20,8 @@ class PsUnreachable(ConnectionError):
 
 class ModelMismatch(ValueError):
     """This worker's model and the ps's global model differ in dtype or shape."""
+
+
+class ProtocolError(ValueError):
+    """The ps answered with something the protocol does not allow: it is broken,
+    hostile, or of another coMind version."""

@@ -48,6 +48,9 @@ class PsMetrics:
             "comind_checkpoint_duration_seconds", "Seconds to write a checkpoint durably.",
             buckets=ROUND_BUCKETS, registry=registry)
         self.model_bytes = Gauge("comind_model_bytes", "Size of the global model.", registry=registry)
+        self.updates_clipped = Counter(
+            "comind_updates_clipped", "Updates whose change from the global model was scaled down to "
+            "COMIND_MAX_UPDATE_NORM.", registry=registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy):
             gauge.set(math.nan)

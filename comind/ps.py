@@ -17,10 +17,11 @@ import time
 import grpc
 import numpy as np
 
-from comind.aggregation import WEIGHTINGS, RunningWeightedSum
+from comind.aggregation import WEIGHTINGS
 from comind.checkpoint import CheckpointStore
 from comind.metrics import PsMetrics
 from comind.proto import comind_pb2 as pb
+from comind.robust import AggregationPolicy, RoundAggregate, clip_update
 from comind.rounds import RoundPolicy, Rounds, Verdict
 from comind.tensors import Layout, LayoutError
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 #: Models above this size are averaged and saved in a thread, so the event
 #: loop keeps answering heartbeats meanwhile; below it the hop costs more.
 OFFLOAD_BYTES = 4 << 20
+
+#: Longest worker description kept (host or pod names).
+MAX_DESCRIPTION_CHARS = 200
 
 
 class Refusal(Exception):
@@ -78,11 +82,13 @@ _VERDICT_REFUSALS = {
 
 class ParameterServer:
     def __init__(self, policy: RoundPolicy, metrics: PsMetrics, *, weighting: str = "examples",
-                 store: CheckpointStore | None = None, max_model_bytes: int = 4 << 30):
+                 aggregation: AggregationPolicy = AggregationPolicy(), store: CheckpointStore | None = None,
+                 max_model_bytes: int = 4 << 30):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}. Received: weighting={weighting!r}")
         self.metrics = metrics
         self.weighting = weighting
+        self.aggregation = aggregation
         self.store = store
         self.max_model_bytes = max_model_bytes
         self.model: GlobalModel | None = None
@@ -91,7 +97,7 @@ class ParameterServer:
         if checkpoint:
             self._set_model(checkpoint.round, checkpoint.layout, checkpoint.packed)
             log.info("Resumed from %s at round %d.", store.path(checkpoint.round), checkpoint.round)
-        self._sum: RunningWeightedSum | None = None
+        self._sum: RoundAggregate | None = None
         self._stats = np.zeros(3)  # examples, examples * loss, examples * accuracy
         self._round_opened = time.monotonic()
         self._lock = asyncio.Lock()
@@ -105,7 +111,8 @@ class ParameterServer:
     # Membership -------------------------------------------------------------
 
     def register(self, task_index: int, description: str) -> pb.RegisterReply:
-        member_id = self.rounds.register(task_index, description)
+        # Free text from the wire, kept for a lease and logged: a few lines at most.
+        member_id = self.rounds.register(task_index, description[:MAX_DESCRIPTION_CHARS])
         log.info("Worker %d joined (%s); %d live.", task_index, description or "no description",
                  len(self.rounds.members))
         self._membership_changed()
@@ -188,8 +195,21 @@ class ParameterServer:
             if verdict is not Verdict.ACCEPT:
                 raise Refusal(*_refusal(verdict, ticket.member_id, ticket.round, self.rounds.open_round))
             if self._sum is None:
-                self._sum = RunningWeightedSum(self.model.layout)
-            await self._offload(packed.nbytes, self._sum.add, ticket.layout.views(packed), ticket.weight)
+                self._sum = self.aggregation.start(self.model.layout)
+            tensors = ticket.layout.views(packed)
+            bound = self.aggregation.max_update_norm
+            if bound is not None:
+                task = self.rounds.members[ticket.member_id].task_index  # its lease may end during the await
+                norm = await self._offload(packed.nbytes, clip_update, tensors,
+                                           self.model.layout.views(self.model.packed), bound)
+                if norm > bound:
+                    self.metrics.updates_clipped.inc()
+                    log.info("Clipped worker %d's update for round %d: its change had norm %.4g, over the bound "
+                             "of %g.", task, ticket.round, norm, bound)
+                else:  # what honest updates look like, for choosing the bound
+                    log.debug("Worker %d's update for round %d changed the model by norm %.4g.", task, ticket.round,
+                              norm)
+            await self._offload(packed.nbytes, self._sum.add, tensors, ticket.weight)
             self.rounds.record(ticket.member_id)
             self._stats += (ticket.num_examples, ticket.num_examples * ticket.loss,
                             ticket.num_examples * ticket.accuracy)
@@ -217,7 +237,7 @@ class ParameterServer:
                 return
             self.rounds.begin_close()
             round, count = self.rounds.open_round, self._sum.count
-            packed = await self._offload(self.model.layout.nbytes, self._sum.mean)
+            packed = await self._offload(self.model.layout.nbytes, self._sum.result)
             self._sum = None
             examples, loss, accuracy = self._stats
             self._stats = np.zeros(3)
@@ -324,4 +344,5 @@ class ParameterServer:
 
 def _refusal(verdict: Verdict, member: str, round: int, open_round: int) -> tuple[grpc.StatusCode, str, str]:
     code, result, template = _VERDICT_REFUSALS[verdict]
-    return code, template.format(member=member, round=round, open=open_round), result
+    # Ids are 32 characters; a longer one is someone else's text, not to be echoed whole.
+    return code, template.format(member=member[:40], round=round, open=open_round), result

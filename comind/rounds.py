@@ -141,7 +141,9 @@ class Rounds:
             if len(self.contributors) >= policy.replicas_to_aggregate:
                 return True
         elif self._warmed_up or len(self._seen_tasks) >= policy.num_workers or self._clock() >= self._warm_up_ends:
-            if set(self.members) <= self.contributors:
+            # Sizes first: this runs after every update, and comparing the sets
+            # each time would cost O(workers^2) per round.
+            if len(self.contributors) >= len(self.members) and self.contributors.issuperset(self.members):
                 return True
         return self._clock() >= self.deadline and len(self.contributors) >= policy.min_updates
 

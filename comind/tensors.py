@@ -10,6 +10,7 @@ slicing, and lets the ps hold exactly one allocation per model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -28,6 +29,15 @@ ALLOWED_DTYPES = frozenset(
 )
 
 
+#: Limits on a layout from the wire, far above any Keras model's, that keep
+#: what a header can make the ps hold in proportion to the header: a
+#: checkpoint stores names as fixed-width text, as long as the longest.
+MAX_TENSORS = 1 << 16
+MAX_NAME_CHARS = 512
+#: NumPy 1.x's limit; NumPy 2 allows 64.
+MAX_DIMS = 32
+
+
 class LayoutError(ValueError):
     """A tensor spec is malformed, or two layouts disagree."""
 
@@ -40,7 +50,7 @@ class TensorSpec:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=object))
+        return math.prod(self.shape)  # exact for any size; np.prod is slow on every update's header
 
     @property
     def nbytes(self) -> int:
@@ -98,23 +108,15 @@ class Layout:
         """Builds a layout from untrusted wire specs, refusing anything odd.
 
         Raises:
-            LayoutError: an unknown dtype, a negative dimension, or a model
-                larger than ``max_bytes``.
+            LayoutError: an unknown dtype, a bad shape or name, too many
+                tensors, or a model larger than ``max_bytes``.
         """
+        if len(messages) > MAX_TENSORS:
+            raise LayoutError(f"A model may have at most {MAX_TENSORS} tensors. Received: {len(messages)} tensors")
         specs = []
         total = 0
         for i, message in enumerate(messages):
-            if message.dtype not in ALLOWED_DTYPES:
-                raise LayoutError(
-                    f"Tensor {i} ({message.name!r}) has dtype {message.dtype!r}; expected one of "
-                    f"{sorted(ALLOWED_DTYPES)}. Received: dtype={message.dtype!r}"
-                )
-            if any(d < 0 for d in message.shape):
-                raise LayoutError(
-                    f"Tensor {i} ({message.name!r}) has a negative dimension. "
-                    f"Received: shape={list(message.shape)}"
-                )
-            spec = TensorSpec(message.name, _le(np.dtype(message.dtype)), tuple(message.shape))
+            spec = _spec_from_proto(i, message, max_bytes)
             total += spec.nbytes
             if total > max_bytes:
                 raise LayoutError(
@@ -154,6 +156,31 @@ class Layout:
             # "equiv" admits only a byte-order change: a wrong dtype is a bug upstream.
             np.copyto(view, np.asarray(array).reshape(view.shape), casting="equiv")
         return buffer
+
+
+def _spec_from_proto(i: int, message: pb.TensorSpec, max_bytes: int) -> TensorSpec:
+    what = f"Tensor {i} ({_shown(message.name)})"
+    if message.dtype not in ALLOWED_DTYPES:
+        raise LayoutError(f"{what} has dtype {_shown(message.dtype)}; expected one of {sorted(ALLOWED_DTYPES)}. "
+                          f"Received: dtype={_shown(message.dtype)}")
+    if len(message.name) > MAX_NAME_CHARS:
+        raise LayoutError(f"{what} has a name longer than {MAX_NAME_CHARS} characters. "
+                          f"Received: {len(message.name)} characters")
+    shape = tuple(message.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise LayoutError(f"{what} needs a shape of at most {MAX_DIMS} dimensions, none negative. "
+                          f"Received: shape={_shown(str(list(shape)))}")
+    dtype = _le(np.dtype(message.dtype))
+    # NumPy refuses a shape whose non-zero dimensions span too many bytes, even with a zero among them.
+    if 0 in shape and math.prod(d for d in shape if d) * dtype.itemsize > max_bytes:
+        raise LayoutError(f"{what} is empty, but its other dimensions span more than the {max_bytes} bytes "
+                          f"this ps accepts for a model. Received: shape={list(shape)}")
+    return TensorSpec(message.name, dtype, shape)
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """``text`` quoted for an error message, cut short: it may be megabytes of anything."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def chunks(buffer: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:

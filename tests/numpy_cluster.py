@@ -15,10 +15,11 @@ WORKER = ROOT / "tests" / "numpy_worker.py"
 
 
 def start_worker(address: str, task: int, out: Path, *, examples: int = 100, delta: float = 1.0,
-                 pause: float = 0.0, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+                 pause: float = 0.0, launcher: tuple[str, ...] = (), token: str | None = None) -> subprocess.Popen:
     """A worker process; ``launcher`` prefixes its command (``ip netns exec NAME``)."""
     return subprocess.Popen([*launcher, sys.executable, WORKER, address, str(task), "--examples", str(examples),
-                             "--delta", str(delta), "--out", str(out), "--pause", str(pause)],
+                             "--delta", str(delta), "--out", str(out), "--pause", str(pause),
+                             *(["--token", token] if token else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

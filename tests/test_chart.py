@@ -12,7 +12,6 @@ project's image, with the Services' DNS names, until they complete training.
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
 import re
@@ -24,11 +23,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from comind.certificates import Authority
 from compose_cluster import ROOT, build_image, docker_or_skip
 from fake_kube_api import FakeKubeApi
 from pod_runner import KubeApi, Pod, PodRunner, dns_names, statefulset_pods
@@ -215,6 +211,9 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("tls.enabled=true", "tls.enabled needs a certificate for the ps"),
     ("tls.enabled=true,tls.certManager.enabled=true", "needs tls.certManager.issuerRef.name"),
     ("tls.enabled=true,tls.existingSecret=ps-tls", "tls.mutual needs the workers' client certificate"),
+    ("ps.trimFraction=0.5", "/ps/trimFraction"),
+    ("ps.aggregation=median", "ps.aggregation=median needs rounds of at least 3 updates"),
+    ("ps.aggregation=trimmed-mean,workers.replicas=3", "trims nothing from rounds of 3 updates"),
 ])
 def test_bad_values_fail_with_a_message_that_names_them(helm, setting, message):
     result = helm_run(helm, "template", RELEASE, str(CHART), "--set", setting, check=False)
@@ -479,41 +478,18 @@ def chart_cluster(helm: str, *args: str) -> tuple[list[dict], Pod, list[Pod]]:
     return objects, ps, statefulset_pods(statefulsets["comind-worker"])
 
 
-def valid_for_a_day(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (builder.serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1)))
-
-
 class CertManager:
     """Issues what cert-manager would for the chart's Certificates, from one CA."""
 
     def __init__(self):
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "comind test CA")])
-        self.cert = (valid_for_a_day(x509.CertificateBuilder()).subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key())
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
+        self.authority = Authority("comind test CA")
 
     def issue(self, certificate: dict) -> dict[str, bytes]:
         """The Secret data of a Certificate: tls.crt, tls.key, ca.crt."""
         spec = certificate["spec"]
-        key = ec.generate_private_key(ec.SECP256R1())
-        usages = {"server auth": ExtendedKeyUsageOID.SERVER_AUTH, "client auth": ExtendedKeyUsageOID.CLIENT_AUTH}
-        builder = (valid_for_a_day(x509.CertificateBuilder())
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"])]))
-                   .issuer_name(self.cert.subject).public_key(key.public_key())
-                   .add_extension(x509.ExtendedKeyUsage([usages[u] for u in spec["usages"] if u in usages]),
-                                  critical=False))
-        if spec.get("dnsNames"):
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in spec["dnsNames"]]), critical=False)
-        pem = serialization.Encoding.PEM
-        return {"tls.crt": builder.sign(self.key, hashes.SHA256()).public_bytes(pem),
-                "tls.key": key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                             serialization.NoEncryption()),
-                "ca.crt": self.cert.public_bytes(pem)}
+        issued = self.authority.issue(spec["commonName"], server="server auth" in spec["usages"],
+                                      client="client auth" in spec["usages"], hosts=spec.get("dnsNames", ()))
+        return {"tls.crt": issued.cert, "tls.key": issued.key, "ca.crt": self.authority.pem}
 
 
 def test_what_the_chart_renders_trains_and_survives_restarts(helm, pods):

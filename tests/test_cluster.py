@@ -6,7 +6,6 @@ import re
 import shutil
 import signal
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -51,8 +51,9 @@ def test_compose_up_trains_to_the_end_and_down_leaves_nothing(cluster):
 
     states = {c.labels["com.docker.compose.service"]: c.attrs["State"] for c in project.containers()}
     assert {s: (st["Status"], st["ExitCode"]) for s, st in states.items()} == {
-        s: ("exited", 0) for s in ("ps", "worker-0", "worker-1", "output-folder")}
+        s: ("exited", 0) for s in ("certificates", "ps", "worker-0", "worker-1", "output-folder")}
     ps_log = project.logs("ps")
+    assert re.search(r"Listening on \S+ \(TLS\)", ps_log)  # the workers trained over TLS, with the token
     total = int(ROUND.search(ps_log).group(2))
     assert rounds_closed(ps_log) == list(range(1, total + 1))
     assert "Final test accuracy" in project.logs("worker-0")

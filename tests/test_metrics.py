@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import contextlib
 
-import socket
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from comind import WorkerClient
 from comind.metrics import UPDATE_RESULTS, PsMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.tensors import Layout, chunks
+from scrape import Scrape, free_port
 
 ROUNDS = 3
 WEIGHTS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([0.25, -1.0], np.float32)]
@@ -37,26 +35,6 @@ def accuracy_of(task: int, round: int) -> float:
 
 
 EVAL_LOSS, EVAL_ACCURACY = 0.375, 0.8125
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample of the ps's /metrics, keyed by (sample name, sorted label pairs)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def sample(samples: dict, name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    assert key in samples, f"{name}{labels} is not exposed; have {sorted(k for k in samples if 'comind' in k[0])}"
-    return samples[key]
 
 
 def weighted_mean(value_of, round: int) -> float:
@@ -100,35 +78,35 @@ def test_ps_metrics_after_two_workers_train_three_rounds(start_ps):
             raise errors[0]
         assert rounds_seen == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
         ps.wait_for(r"Round 3 evaluation")  # the eval report has been applied
-        samples = scrape(port)  # both workers are still connected
+        samples = Scrape(port)  # both workers are still connected
         clients[1].close()
         ps.wait_for(r"Worker 1 left; 1 live")
-        assert sample(scrape(port), "comind_workers") == 1
+        assert Scrape(port)("comind_workers") == 1
         assert ps.proc.poll() is None  # still waiting for the chief to leave
     finally:
         for client in clients.values():
             client.close()
 
-    assert sample(samples, "comind_round") == ROUNDS
-    assert sample(samples, "comind_rounds_completed_total") == ROUNDS
-    assert sample(samples, "comind_round_duration_seconds_count") == ROUNDS
-    assert sample(samples, "comind_round_duration_seconds_bucket", le="+Inf") == ROUNDS
-    assert sample(samples, "comind_round_duration_seconds_sum") > 0
-    assert sample(samples, "comind_train_loss") == pytest.approx(weighted_mean(loss_of, ROUNDS))
-    assert sample(samples, "comind_train_accuracy") == pytest.approx(weighted_mean(accuracy_of, ROUNDS))
-    assert sample(samples, "comind_eval_loss") == EVAL_LOSS
-    assert sample(samples, "comind_eval_accuracy") == EVAL_ACCURACY
-    assert sample(samples, "comind_workers") == 2
-    assert sample(samples, "comind_model_bytes") == MODEL_BYTES
+    assert samples("comind_round") == ROUNDS
+    assert samples("comind_rounds_completed_total") == ROUNDS
+    assert samples("comind_round_duration_seconds_count") == ROUNDS
+    assert samples("comind_round_duration_seconds_bucket", le="+Inf") == ROUNDS
+    assert samples("comind_round_duration_seconds_sum") > 0
+    assert samples("comind_train_loss") == pytest.approx(weighted_mean(loss_of, ROUNDS))
+    assert samples("comind_train_accuracy") == pytest.approx(weighted_mean(accuracy_of, ROUNDS))
+    assert samples("comind_eval_loss") == EVAL_LOSS
+    assert samples("comind_eval_accuracy") == EVAL_ACCURACY
+    assert samples("comind_workers") == 2
+    assert samples("comind_model_bytes") == MODEL_BYTES
     updates = len(EXAMPLES) * ROUNDS
-    assert sample(samples, "comind_updates_total", result="accepted") == updates
-    assert sample(samples, "comind_updates_total", result="stale") == 0
-    assert sample(samples, "comind_updates_total", result="rejected") == 0
-    assert sample(samples, "comind_auth_failures_total") == 0
+    assert samples("comind_updates_total", result="accepted") == updates
+    assert samples("comind_updates_total", result="stale") == 0
+    assert samples("comind_updates_total", result="rejected") == 0
+    assert samples("comind_auth_failures_total") == 0
     # Received: the chief's initial model, then every update. Sent: each worker's pull at
     # join, then one pull per worker per round.
-    assert sample(samples, "comind_update_bytes_total", direction="received") == MODEL_BYTES * (1 + updates)
-    assert sample(samples, "comind_update_bytes_total", direction="sent") == MODEL_BYTES * (len(EXAMPLES) + updates)
+    assert samples("comind_update_bytes_total", direction="received") == MODEL_BYTES * (1 + updates)
+    assert samples("comind_update_bytes_total", direction="sent") == MODEL_BYTES * (len(EXAMPLES) + updates)
 
     assert ps.wait(timeout=30) == 0  # it exits once both workers left, well before the grace ends
     assert "The ps stopped at round 3." in ps.log()
@@ -195,13 +173,13 @@ def test_duplicate_updates_are_counted_and_change_nothing(start_ps):
         assert not stub.PushUpdate(update_chunks(chief, 1, first), timeout=5).duplicate
         assert stub.PushUpdate(update_chunks(chief, 1, [w * 100 for w in WEIGHTS]), timeout=5).duplicate
 
-        samples = scrape(port)
-        assert sample(samples, "comind_updates_total", result="accepted") == 1
-        assert sample(samples, "comind_updates_total", result="duplicate") == 1
-        assert sample(samples, "comind_updates_total", result="rejected") == 0
+        samples = Scrape(port)
+        assert samples("comind_updates_total", result="accepted") == 1
+        assert samples("comind_updates_total", result="duplicate") == 1
+        assert samples("comind_updates_total", result="rejected") == 0
         # The initial model and the first update; the duplicate was refused before its tensors were read.
-        assert sample(samples, "comind_update_bytes_total", direction="received") == 2 * MODEL_BYTES
-        assert sample(samples, "comind_round") == 0  # the round still waits for the other worker
+        assert samples("comind_update_bytes_total", direction="received") == 2 * MODEL_BYTES
+        assert samples("comind_round") == 0  # the round still waits for the other worker
 
         second = [w + 3 for w in WEIGHTS]
         assert not stub.PushUpdate(update_chunks(other, 1, second), timeout=5).duplicate
@@ -209,7 +187,7 @@ def test_duplicate_updates_are_counted_and_change_nothing(start_ps):
         assert round == 1
         for actual, a, b in zip(model, first, second, strict=True):
             np.testing.assert_allclose(actual, (a + b) / 2)  # the duplicate is nowhere in the average
-        assert sample(scrape(port), "comind_updates_total", result="accepted") == 2
+        assert Scrape(port)("comind_updates_total", result="accepted") == 2
         for member in (chief, other):
             stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
     assert ps.wait(timeout=30) == 0
@@ -249,10 +227,10 @@ def test_a_duplicate_caught_at_commit_is_counted(start_ps):
         assert round == 1
         for actual, a, b in zip(model, first, second, strict=True):
             np.testing.assert_allclose(actual, (a + b) / 2)
-        samples = scrape(port)
+        samples = Scrape(port)
         for member in (chief, other):
             stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
     assert ps.wait(timeout=30) == 0
-    counted = {result: samples.get(("comind_updates_total", (("result", result),)), 0)
+    counted = {result: samples("comind_updates_total", result=result)
                for result in ("accepted", "duplicate", "stale", "rejected")}
     assert counted == {"accepted": 2, "duplicate": 1, "stale": 0, "rejected": 0}  # three pushes, three results

@@ -7,30 +7,23 @@ model stored, no update counted.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import math
 import re
 import secrets
-import socket
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from prometheus_client.parser import text_string_to_metric_families
 
 from comind import PsRefusal, PsUnreachable, WorkerClient
 from comind.auth import TlsFiles
 from comind.backoff import Backoff
+from comind.certificates import Authority, Issued
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.tensors import Layout, chunks
+from scrape import Scrape, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,27 +37,6 @@ QUICK_RETRIES = Backoff(base=0.05, cap=0.25)
 
 
 # Helpers ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Scrape:
-    """One scrape of a ps's /metrics, indexed by sample name and labels."""
-
-    def __init__(self, port: int):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        self.samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                        for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def __call__(self, name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        assert key in self.samples, f"{name}{labels} is not exposed"
-        return self.samples[key]
 
 
 def assert_pristine(metrics: Scrape) -> None:
@@ -211,63 +183,24 @@ def test_auth_failures_counter_ignores_authenticated_calls(token_ps):
 # TLS --------------------------------------------------------------------------
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write(directory: Path, stem: str, key, cert: x509.Certificate) -> tuple[str, str]:
-    key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(cert_path), str(key_path)
-
-
-class Authority:
-    """A test certificate authority that writes PEM files."""
-
-    def __init__(self, directory: Path, name: str):
-        self.directory = directory
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (
-            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .sign(self.key, hashes.SHA256()))
-        self.ca, _ = _write(directory, name, self.key, self.cert)
-
-    def issue(self, name: str, *, server: bool) -> TlsFiles:
-        """A leaf certificate and key; a server's is valid for 127.0.0.1 and localhost."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        builder = (
-            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-        if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        cert, key_path = _write(self.directory, name, key, builder.sign(self.key, hashes.SHA256()))
-        return TlsFiles(cert=cert, key=key_path, ca=self.ca)
-
-
 class Pki:
+    """Certificates from comind.certificates, written as PEM files: a CA and its ps and worker, and a rogue CA."""
+
     def __init__(self, directory: Path):
-        self.authority = Authority(directory, "comind-test-ca")
-        self.rogue = Authority(directory, "rogue-ca")
-        self.server = self.authority.issue("ps", server=True)
-        self.client = self.authority.issue("worker", server=False)
-        self.rogue_client = self.rogue.issue("impostor", server=False)
-        self.ca = self.authority.ca
+        self.directory = directory
+        authority, rogue = Authority("comind-test-ca"), Authority("rogue-ca")
+        self.ca, self.rogue_ca = self._write("ca", authority.pem), self._write("rogue-ca", rogue.pem)
+        self.server = self._files("ps", authority.issue("ps", server=True, hosts=["localhost", "127.0.0.1"]))
+        self.client = self._files("worker", authority.issue("worker", client=True))
+        self.rogue_client = self._files("impostor", rogue.issue("impostor", client=True))
+
+    def _write(self, stem: str, pem: bytes) -> str:
+        path = self.directory / f"{stem}.pem"
+        path.write_bytes(pem)
+        return str(path)
+
+    def _files(self, stem: str, issued: Issued) -> TlsFiles:
+        return TlsFiles(cert=self._write(stem, issued.cert), key=self._write(f"{stem}-key", issued.key))
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +261,7 @@ def test_plain_text_client_cannot_talk_to_a_tls_ps(start_ps, pki):
 
 def test_tls_client_that_does_not_trust_the_ps_certificate_fails(start_ps, pki):
     ps, metrics = tls_ps(start_ps, pki, mutual=False)
-    assert_refused_by_tls(ps, metrics, TlsFiles(ca=pki.rogue.ca), client_reason="CERTIFICATE_VERIFY_FAILED")
+    assert_refused_by_tls(ps, metrics, TlsFiles(ca=pki.rogue_ca), client_reason="CERTIFICATE_VERIFY_FAILED")
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(start_ps, pki):

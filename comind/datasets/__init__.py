@@ -18,17 +18,22 @@ import dataclasses
 import gzip
 import math
 import os
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from comind.npz import NpzFile
+
 NAMES = ("digits", "fashion_mnist", "cifar10")
 
 #: The arrays a user's ``.npz`` file must hold, as ``keras.datasets`` returns them.
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+#: Most classes a user's labels may name: one name is made per class, so a
+#: label of 10**12 must not mean 10**12 of them.
+MAX_CLASSES = 1 << 16
 
 _DIGITS_FILE = Path(__file__).with_name("digits.npz")
 
@@ -170,6 +175,8 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         raise ValueError(f"{path} has the wrong magic number {found}: expected {magic} "
                          f"(an IDX file of {'images' if magic == _IDX_IMAGES_MAGIC else 'labels'}).")
     shape = tuple(int.from_bytes(data[i:i + 4], "big") for i in range(4, header, 4))
+    if 0 in shape:  # nothing to train on, and NumPy refuses such a shape when its other sizes are huge
+        raise ValueError(f"{path} holds no data: its header gives the sizes {shape}.")
     expected = header + math.prod(shape)
     if len(data) != expected:
         raise ValueError(f"{path} has {len(data)} bytes but its header {shape} says {expected}: "
@@ -265,13 +272,9 @@ def _load_npz(path: Path) -> Dataset:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"The dataset file {path} does not exist. Received: dataset={str(path)!r}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            found = data.files
-            arrays = {key: data[key] for key in NPZ_KEYS if key in found}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        # np.load raises ValueError for pickled files and object arrays, which we refuse.
-        raise ValueError(f"{path} is not a readable .npz file of plain arrays: {error}") from error
+    with NpzFile(path) as data:
+        found = data.names
+        arrays = {key: data.read(key) for key in NPZ_KEYS if key in found}
     missing = [key for key in NPZ_KEYS if key not in arrays]
     if missing:
         raise ValueError(f"{path} lacks the array(s) {', '.join(missing)}: a dataset file needs "
@@ -286,7 +289,7 @@ def _checked_npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> 
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y_{split} in {path} must hold integer class labels of shape (N,) or (N, 1). "
                          f"Received: y_{split}.dtype={y.dtype}, y_{split}.shape={y.shape}")
-    if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+    if x.ndim < 2 or not math.prod(x.shape[1:]) or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise ValueError(f"x_{split} in {path} must hold numbers of shape (N, ...) with at least one "
                          f"feature. Received: x_{split}.dtype={x.dtype}, x_{split}.shape={x.shape}")
     if len(x) != len(y):
@@ -294,6 +297,9 @@ def _checked_npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> 
                          f"Received: len(x_{split})={len(x)}, len(y_{split})={len(y)}")
     if y.size and y.min() < 0:
         raise ValueError(f"y_{split} in {path} must hold labels >= 0. Received: min(y_{split})={y.min()}")
+    if y.size and y.max() >= MAX_CLASSES:
+        raise ValueError(f"y_{split} in {path} must hold labels below {MAX_CLASSES} (coMind's most classes); number "
+                         f"your classes from 0. Received: max(y_{split})={y.max()}")
     return y
 
 

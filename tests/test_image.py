@@ -1,0 +1,112 @@
+"""The image itself: who it runs as, what it may write, and what its layers hold.
+
+Reads every file of every layer of ``docker save``, so a secret that was
+written in one layer and deleted in a later one is still found.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+
+import pytest
+import yaml
+
+from compose_cluster import COMPOSE_FILE, ROOT, build_image, docker_or_skip
+
+IMAGE = "comind:latest"
+#: A PEM private key with its body, not just the marker (which cryptography's code holds as a constant).
+PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\r?\n[A-Za-z0-9+/=:,\- \r\n]{40,}-----END ")
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PRIVATE|CREDENTIAL|_KEY$", re.IGNORECASE)
+#: Files above this are wheels' binaries and data, not where keys or tokens are kept.
+SCANNED_BYTES = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def image():
+    client = docker_or_skip()
+    build_image()
+    return client, client.images.get(IMAGE)
+
+
+class _Stream(io.RawIOBase):
+    """``docker save``'s chunks as a file, for tarfile's streaming mode."""
+
+    def __init__(self, chunks):
+        self._chunks, self._rest = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._rest:
+            self._rest = next(self._chunks, None)
+            if self._rest is None:
+                return 0
+        n = min(len(buffer), len(self._rest))
+        buffer[:n], self._rest = self._rest[:n], self._rest[n:]
+        return n
+
+
+def layer_files(image):
+    """(path, small file's bytes or None) for every file of every layer."""
+    outer = tarfile.open(fileobj=io.BufferedReader(_Stream(image.save(chunk_size=1 << 20)), 1 << 20), mode="r|")
+    for blob in outer:
+        if not blob.isfile() or blob.size < 1024:  # manifests and configs, not layers
+            continue
+        try:
+            layer = tarfile.open(fileobj=outer.extractfile(blob), mode="r|*")
+            for member in layer:
+                small = member.isfile() and member.size <= SCANNED_BYTES
+                yield member.name, layer.extractfile(member).read() if small else None
+        except tarfile.ReadError:  # a JSON blob
+            continue
+
+
+def test_the_image_runs_as_a_numeric_non_root_user_and_declares_no_secrets(image):
+    client, found = image
+    config = found.attrs["Config"]
+    assert config["User"] == "10001:10001"
+    names = [entry.split("=", 1)[0] for entry in config["Env"]]
+    assert not [n for n in names if SECRET_NAME.search(n)], names
+    output = client.containers.run(IMAGE, entrypoint=["python", "-c", "import os; print(os.getuid(), os.getgid())"],
+                                   remove=True, read_only=True, tmpfs={"/tmp": ""})
+    assert output.decode().split() == ["10001", "10001"]
+
+
+def test_with_a_read_only_root_it_writes_only_where_it_should(image):
+    client, _ = image
+    probe = ("import pathlib\n"
+             "for d in ('/', '/opt/comind', '/etc', '/tmp', '/checkpoints', '/output', '/tls'):\n"
+             "    try:\n"
+             "        pathlib.Path(d, 'probe').write_text('x'); print(d, 'writable')\n"
+             "    except OSError as error:\n"
+             "        print(d, type(error).__name__)\n")
+    output = client.containers.run(IMAGE, entrypoint=["python", "-c", probe], remove=True, read_only=True,
+                                   tmpfs={"/tmp": ""}, volumes={"comind-image-probe": {"bind": "/checkpoints"}})
+    client.volumes.get("comind-image-probe").remove()
+    results = dict(line.split() for line in output.decode().splitlines())
+    assert results == {"/": "OSError", "/opt/comind": "OSError", "/etc": "OSError", "/tmp": "writable",
+                       "/checkpoints": "writable", "/output": "OSError", "/tls": "OSError"}
+    # Compose and the chart run every container this way.
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    assert all(services[s]["read_only"] for s in ("certificates", "ps", "worker-0", "worker-1"))
+
+
+def test_no_layer_holds_a_secret(image):
+    _, found = image
+    dev_token = (ROOT / "images" / "dev-token").read_text().strip().encode()
+    offenders, scanned = [], 0
+    for path, data in layer_files(found):
+        scanned += 1
+        if re.match(r"(run/secrets/|root/\.cache/|tmp/.+)", path) or path.endswith(("dev-token", ".git/config")):
+            offenders.append(f"{path}: should never be in a layer")
+        elif data is not None and (PRIVATE_KEY.search(data) or dev_token in data):
+            offenders.append(f"{path}: holds a private key or the token")
+    assert scanned > 10000  # the layers were really read
+    assert offenders == []
+    # Build arguments and commands are kept in the history: none may carry a secret either.
+    history = " ".join(step.get("CreatedBy", "") for step in found.history())
+    assert dev_token.decode() not in history and not re.search(r"(TOKEN|PIP_CERT)=(?!/run/secrets/)\S", history)
+    print(f"\n{scanned} files in the layers of {IMAGE}: no secret among them")
