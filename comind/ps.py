@@ -110,9 +110,9 @@ class ParameterServer:
 
     # Membership -------------------------------------------------------------
 
-    def register(self, task_index: int, description: str) -> pb.RegisterReply:
+    def register(self, task_index: int, description: str, peer: bytes | None = None) -> pb.RegisterReply:
         # Free text from the wire, kept for a lease and logged: a few lines at most.
-        member_id = self.rounds.register(task_index, description[:MAX_DESCRIPTION_CHARS])
+        member_id = self.rounds.register(task_index, description[:MAX_DESCRIPTION_CHARS], peer)
         log.info("Worker %d joined (%s); %d live.", task_index, description or "no description",
                  len(self.rounds.members))
         self._membership_changed()
@@ -121,17 +121,34 @@ class ParameterServer:
                                 done=self.rounds.done,
                                 replicas_to_aggregate=self.rounds.policy.replicas_to_aggregate or 0)
 
-    def heartbeat(self, member_id: str) -> pb.HeartbeatReply:
-        self._known(member_id)
+    def heartbeat(self, member_id: str, peer: bytes | None = None) -> pb.HeartbeatReply:
+        self._known(member_id, peer)
         return pb.HeartbeatReply(round=self.rounds.round, done=self.rounds.done)
 
-    def leave(self, member_id: str) -> None:
+    def leave(self, member_id: str, peer: bytes | None = None) -> None:
+        self._claim(member_id, peer)
         member = self.rounds.leave(member_id)
         if member:
             log.info("Worker %d left; %d live.", member.task_index, len(self.rounds.members))
             self._membership_changed()
 
-    def _known(self, member_id: str) -> None:
+    def _claim(self, member_id: str, peer: bytes | None) -> None:
+        """Refuses a member id used over another client certificate than the one that registered it.
+
+        Member ids are secrets, but one may leak (a log, a core dump); under
+        mutual TLS, a worker's certificate keeps it from being used by another.
+        """
+        member = self.rounds.members.get(member_id)
+        if member is not None and member.peer != peer:
+            self.metrics.auth_failures.inc()
+            log.warning("Refused a call with worker %d's member id from another client certificate.",
+                        member.task_index)
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                          "This member id belongs to a worker with another client certificate; register with "
+                          "your own.")
+
+    def _known(self, member_id: str, peer: bytes | None = None) -> None:
+        self._claim(member_id, peer)
         if not self.rounds.renew(member_id):
             raise Refusal(*_refusal(Verdict.UNKNOWN_WORKER, member_id, 0, self.rounds.open_round))
 
@@ -144,9 +161,9 @@ class ParameterServer:
 
     # The first model ----------------------------------------------------------
 
-    def check_initialize(self, member_id: str, layout: Layout) -> bool:
+    def check_initialize(self, member_id: str, layout: Layout, peer: bytes | None = None) -> bool:
         """Whether an initial model of this layout should be streamed in."""
-        self._known(member_id)
+        self._known(member_id, peer)
         if self.model is None:
             return True
         self._check_layout(layout)
@@ -164,9 +181,9 @@ class ParameterServer:
 
     # Updates ------------------------------------------------------------------
 
-    def open_update(self, header: pb.UpdateHeader) -> UpdateTicket | None:
+    def open_update(self, header: pb.UpdateHeader, peer: bytes | None = None) -> UpdateTicket | None:
         """Checks an update's header; None means a duplicate (nothing to do)."""
-        self._known(header.member_id)
+        self._known(header.member_id, peer)
         verdict = self.rounds.check(header.member_id, header.round)
         if verdict is Verdict.DUPLICATE:
             return None
@@ -299,8 +316,9 @@ class ParameterServer:
             except TimeoutError:
                 return None
 
-    def report_eval(self, member_id: str, round: int, loss: float, accuracy: float) -> None:
-        self._known(member_id)
+    def report_eval(self, member_id: str, round: int, loss: float, accuracy: float,
+                    peer: bytes | None = None) -> None:
+        self._known(member_id, peer)
         if not (math.isfinite(loss) and math.isfinite(accuracy)):
             raise Refusal(grpc.StatusCode.OUT_OF_RANGE,
                           f"Eval loss and accuracy must be finite. Received: loss={loss}, accuracy={accuracy}")

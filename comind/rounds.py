@@ -42,6 +42,8 @@ class Member:
     task_index: int
     description: str
     expires_at: float
+    # The fingerprint of the client certificate that registered, under mutual TLS.
+    peer: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +96,9 @@ class Rounds:
     def has_model(self) -> bool:
         return self.round >= 0
 
-    def register(self, task_index: int, description: str = "") -> str:
+    def register(self, task_index: int, description: str = "", peer: bytes | None = None) -> str:
         member_id = secrets.token_hex(16)
-        self.members[member_id] = Member(task_index, description, self._clock() + self.policy.lease_seconds)
+        self.members[member_id] = Member(task_index, description, self._clock() + self.policy.lease_seconds, peer)
         self._seen_tasks.add(task_index)
         return member_id
 

@@ -9,6 +9,8 @@ input                status                 ps state
 ===================  =====================  ===========================
 missing/wrong token  UNAUTHENTICATED        unchanged
 unknown worker       NOT_FOUND              unchanged (register again)
+another's member id  PERMISSION_DENIED      unchanged (mutual TLS: the id
+                                            is bound to its certificate)
 dtype or shape       INVALID_ARGUMENT       unchanged
 NaN or Inf           OUT_OF_RANGE           unchanged
 stale round          ABORTED                unchanged (pull and go on)
@@ -21,6 +23,7 @@ oversized stream     RESOURCE_EXHAUSTED     unchanged
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 
@@ -64,25 +67,25 @@ class Service(pb_grpc.ParameterServerServicer):
         self._buffers = BufferPool(max_concurrent_updates)
 
     async def Register(self, request, context):
-        return self.ps.register(request.task_index, request.description)
+        return self.ps.register(request.task_index, request.description, _peer(context))
 
     async def Heartbeat(self, request, context):
-        return await _answer(context, self.ps.heartbeat, request.member_id)
+        return await _answer(context, self.ps.heartbeat, request.member_id, _peer(context))
 
     async def Leave(self, request, context):
-        self.ps.leave(request.member_id)
+        await _answer(context, self.ps.leave, request.member_id, _peer(context))
         return pb.Empty()
 
     async def ReportEval(self, request, context):
         await _answer(context, self.ps.report_eval, request.member_id, request.round, request.loss,
-                      request.accuracy)
+                      request.accuracy, _peer(context))
         return pb.Empty()
 
     async def Initialize(self, request_iterator, context):
         try:
             header = await _read_header(request_iterator)
             layout = self.ps.layout_of(header.tensors)
-            if not self.ps.check_initialize(header.member_id, layout):
+            if not self.ps.check_initialize(header.member_id, layout, _peer(context)):
                 return pb.InitializeReply(accepted=False, round=self.ps.rounds.round)
             async with self._receiving.hold(layout.nbytes) as deadline:
                 async with asyncio.timeout_at(deadline):
@@ -95,7 +98,7 @@ class Service(pb_grpc.ParameterServerServicer):
     async def PushUpdate(self, request_iterator, context):
         try:
             header = await _read_header(request_iterator)
-            ticket = self.ps.open_update(header)
+            ticket = self.ps.open_update(header, _peer(context))
             if ticket is None:
                 reply = pb.PushReply(round=header.round, duplicate=True)
             else:
@@ -118,7 +121,7 @@ class Service(pb_grpc.ParameterServerServicer):
     async def PullModel(self, request, context):
         try:
             if request.member_id:
-                self.ps.heartbeat(request.member_id)
+                self.ps.heartbeat(request.member_id, _peer(context))
             remaining = context.time_remaining()
             wait = LONG_POLL_SECONDS if remaining is None else max(0.0, min(LONG_POLL_SECONDS, remaining - 1.0))
             model = await self.ps.next_model(request.after_round, wait)
@@ -161,6 +164,12 @@ async def _read_header(request_iterator) -> pb.UpdateHeader:
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                       "A model stream must start with a header message naming its tensors.")
     return first.header
+
+
+def _peer(context) -> bytes | None:
+    """The fingerprint of the caller's client certificate under mutual TLS; None otherwise."""
+    certificates = context.auth_context().get("x509_pem_cert")
+    return hashlib.sha256(certificates[0]).digest() if certificates else None
 
 
 async def _answer(context, function, *args):

@@ -82,9 +82,9 @@ def train(address: str, rounds: int = 2, **client_options) -> None:
         assert state.done
 
 
-def every_call(stub: pb_grpc.ParameterServerStub, metadata) -> dict:
-    """One call of each RPC, covering the four handler kinds, with the given metadata."""
-    member = secrets.token_hex(16)
+def every_call(stub: pb_grpc.ParameterServerStub, metadata, member: str | None = None) -> dict:
+    """One call of each RPC, covering the four handler kinds, with the given metadata and member id."""
+    member = member or secrets.token_hex(16)
     options = dict(metadata=metadata, timeout=5)
     return {
         "Register": lambda: stub.Register(pb.RegisterRequest(task_index=0), **options),
@@ -192,6 +192,7 @@ class Pki:
         self.ca, self.rogue_ca = self._write("ca", authority.pem), self._write("rogue-ca", rogue.pem)
         self.server = self._files("ps", authority.issue("ps", server=True, hosts=["localhost", "127.0.0.1"]))
         self.client = self._files("worker", authority.issue("worker", client=True))
+        self.other_client = self._files("other-worker", authority.issue("other-worker", client=True))
         self.rogue_client = self._files("impostor", rogue.issue("impostor", client=True))
 
     def _write(self, stem: str, pem: bytes) -> str:
@@ -279,6 +280,27 @@ def test_mutual_tls_refuses_a_certificate_from_another_ca(start_ps, pki):
 def test_mutual_tls_accepts_a_certificate_from_the_ca(start_ps, pki):
     ps, metrics = tls_ps(start_ps, pki, mutual=True)
     train(ps.address, tls=TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca))
+    assert ps.wait() == 0
+
+
+def test_mutual_tls_binds_a_member_id_to_the_certificate_that_registered_it(start_ps, pki):
+    ps, metrics = tls_ps(start_ps, pki, mutual=True)
+    mine = TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca)
+    theirs = TlsFiles(cert=pki.other_client.cert, key=pki.other_client.key, ca=pki.ca)
+    with grpc.secure_channel(ps.address, mine.channel_credentials()) as own_channel, \
+            grpc.secure_channel(ps.address, theirs.channel_credentials()) as other_channel:
+        owner, impostor = pb_grpc.ParameterServerStub(own_channel), pb_grpc.ParameterServerStub(other_channel)
+        member = owner.Register(pb.RegisterRequest(task_index=0), timeout=5).member_id
+        calls = every_call(impostor, metadata=(), member=member)
+        for name in ("Heartbeat", "Initialize", "PushUpdate", "PullModel", "ReportEval", "Leave"):
+            error = assert_status(calls[name], grpc.StatusCode.PERMISSION_DENIED)
+            assert "another client certificate" in error.details(), name
+        assert metrics()("comind_auth_failures_total") == 6
+        assert metrics()("comind_model_bytes") == 0  # the impostor's Initialize changed nothing
+        owner.Heartbeat(pb.HeartbeatRequest(member_id=member), timeout=5)  # its Leave removed nobody
+        owner.Leave(pb.LeaveRequest(member_id=member), timeout=5)
+    assert len(re.findall(r"Refused a call with worker 0's member id from another client certificate", ps.log())) == 6
+    train(ps.address, tls=mine)
     assert ps.wait() == 0
 
 
