@@ -12,10 +12,13 @@ import numpy as np
 
 
 def predict(model: keras.Model, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities (or whatever the model outputs), in inference mode."""
-    parts = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-             for i in range(0, len(x), batch_size)]
-    return np.concatenate(parts)
+    """Class probabilities (or whatever the model outputs), in inference mode.
+
+    ``predict_on_batch`` runs the model's compiled predict function (half
+    the time of calling the model eagerly, for the basic model) and leaves
+    the metrics of a running ``fit`` alone.
+    """
+    return np.concatenate([model.predict_on_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:

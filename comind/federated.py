@@ -14,12 +14,16 @@ agreement between workers.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import keras
 
 from comind.client import GlobalState, WorkerClient
 from comind.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
 
 OnRound = Callable[[GlobalState], None]
 
@@ -41,6 +45,7 @@ class _ModelSync:
         self.examples_trained = 0
         self._steps = self._examples = 0
         self._loss = self._accuracy = 0.0
+        self._resumed = time.perf_counter()  # when local training last continued from a global model
 
     @property
     def done(self) -> bool:
@@ -69,8 +74,12 @@ class _ModelSync:
     def sync(self) -> None:
         if self._steps == 0 or self.done:
             return
+        pushed = time.perf_counter()
         state = self.client.sync(self.model.get_weights(), num_examples=max(1, self._examples),
                                  loss=self._loss, accuracy=self._accuracy)
+        # Local training against time spent between rounds: what a round costs beyond its steps.
+        log.debug("Round %d: %d local steps in %.4f s; the sync took %.4f s.", state.round, self._steps,
+                  pushed - self._resumed, time.perf_counter() - pushed)
         self._steps = self._examples = 0
         self.syncs += 1
         self._adopt(state)
@@ -80,6 +89,7 @@ class _ModelSync:
         self.state = state
         if self.on_round:
             self.on_round(state)
+        self._resumed = time.perf_counter()
 
 
 class FederatedAveraging(keras.callbacks.Callback):

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import keras
@@ -116,6 +117,14 @@ class _Chief:
         self.client = client
         self.x_test = prepare(dataset.x_test)
         self.history = report.History()
+        # The chief tests each global model on a twin of its model, in a thread of its
+        # own, while it trains the next round: testing in line would hold up every
+        # worker's round by the length of a test. One thread keeps the records in order.
+        # The twin is seeded and built as the model was, so training draws the same
+        # random numbers as it would without it.
+        self.tester = _model(settings, dataset)
+        self._tests = ThreadPoolExecutor(1, thread_name_prefix="comind-test")
+        self._pending: list[Future] = []
 
     def _eval_every(self) -> int:
         total = self.client.total_rounds or self.settings["rounds"]
@@ -132,21 +141,36 @@ class _Chief:
             logs = {}
         record = report.RoundRecord(state.round, float(logs.get("loss", math.nan)),
                                     float(logs.get("accuracy", math.nan)))
-        if evaluate:
-            record.eval_loss, record.eval_accuracy = evaluate_model(self.model, self.x_test, self.dataset.y_test)
-            self.client.report_eval(state.round, record.eval_loss, record.eval_accuracy)
-            log.info("Round %d/%d: test loss %.4f, test accuracy %.4f.", state.round, self.client.total_rounds,
+        for done in [f for f in self._pending if f.done()]:
+            done.result()  # a test that failed stops training here
+            self._pending.remove(done)
+        # state.weights are this round's own arrays: training the next round does not touch them.
+        self._pending.append(self._tests.submit(self._test, record, state.weights if evaluate else None))
+
+    def _test(self, record: report.RoundRecord, weights: list[np.ndarray] | None) -> None:
+        if weights is not None:
+            self.tester.set_weights(weights)
+            record.eval_loss, record.eval_accuracy = evaluate_model(self.tester, self.x_test, self.dataset.y_test)
+            self.client.report_eval(record.round, record.eval_loss, record.eval_accuracy)
+            log.info("Round %d/%d: test loss %.4f, test accuracy %.4f.", record.round, self.client.total_rounds,
                      record.eval_loss, record.eval_accuracy)
         self.history.add(record)
 
     def finish(self, state: GlobalState) -> None:
         """Writes the outputs, evaluating the final model first if that has not been done."""
-        final = self.history.final
+        final = self._finish_tests()
         if final is None or final.round != state.round:
             self._record(state, evaluate=True)
-            final = self.history.final
+            final = self._finish_tests()
         report.write(self.settings["output_dir"], self.model, self.history, self.dataset.x_test[:25],
                      self.dataset.y_test[:25], self.dataset.class_names)
+
+    def _finish_tests(self) -> report.RoundRecord | None:
+        """Waits for the tests in flight (raising what one raised); returns the last tested record."""
+        for pending in self._pending:
+            pending.result()
+        self._pending.clear()
+        return self.history.final
 
 
 def run_train(settings: dict[str, Any]) -> int:

@@ -38,7 +38,7 @@ from comind.errors import ModelMismatch, ProtocolError
 from comind.npz import NpzError, NpzFile
 from comind.proto import comind_pb2 as pb
 from comind.tensors import (ALLOWED_DTYPES, MAX_DIMS, MAX_TENSORS, Assembler, Layout, LayoutError, NonFiniteValues,
-                            OversizedStream, StreamError, TruncatedStream, chunks)
+                            OversizedStream, TruncatedStream)
 
 #: An error message quotes what it got, but never a whole hostile input.
 MAX_MESSAGE_CHARS = 2000

@@ -1,0 +1,1 @@
+"""coMind's basic classifier trained with Flower's FedAvg, for bench/flower.py."""
