@@ -256,6 +256,13 @@ class ParameterServer:
             round, count = self.rounds.open_round, self._sum.count
             packed = await self._offload(self.model.layout.nbytes, self._sum.result)
             self._sum = None
+            # Finite updates can still average to Inf: float32 sums overflow when values near
+            # the top of the range meet large weights. Such a model would stall every worker.
+            if not await self._offload(packed.nbytes, self.model.layout.finite, packed):
+                log.error("Round %d's average is not finite: updates near the float range's limit overflowed "
+                          "it, so the previous global model stands for the round. --max-update-norm or "
+                          "--aggregation median keeps such updates out.", round)
+                packed = self.model.packed
             examples, loss, accuracy = self._stats
             self._stats = np.zeros(3)
             if not await self._publish(round, self.model.layout, packed):

@@ -149,6 +149,10 @@ class Layout:
             for spec, offset in zip(self.specs, self.offsets)
         ]
 
+    def finite(self, buffer) -> bool:
+        """Whether every floating-point value in a packed buffer is finite."""
+        return all(np.isfinite(view).all() for view in self.views(buffer) if view.dtype.kind == "f")
+
     def pack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Packs arrays of this layout into one new flat uint8 buffer."""
         buffer = np.empty(self.nbytes, dtype=np.uint8)

@@ -125,3 +125,28 @@ def test_the_ps_clips_each_update_it_folds_in_and_counts_those_it_clipped():
     model = asyncio.run(train())
     np.testing.assert_allclose(model, [0.25, 0.3, 0, 0.4], rtol=1e-6)  # the mean of [.5,0,0,0] and [0,.6,0,.8]
     assert registry.get_sample_value("comind_updates_clipped_total") == 1
+
+
+def test_a_round_whose_average_overflows_keeps_the_previous_model(caplog):
+    ps = ParameterServer(RoundPolicy(num_workers=2, total_rounds=2), PsMetrics(CollectorRegistry()))
+    start = [np.ones(4, np.float32)]
+    layout = Layout.of(start)
+    near_the_limit = np.float32(3e38)  # finite, but two of them overflow a float32 sum
+
+    async def train() -> list[np.ndarray]:
+        members = [ps.register(task, "").member_id for task in range(2)]
+        await ps.initialize(layout, layout.pack(start))
+        models = []
+        for round, value in ((1, near_the_limit), (2, np.float32(5))):
+            for member in members:
+                header = pb.UpdateHeader(member_id=member, round=round, num_examples=1, tensors=layout.to_proto())
+                await ps.commit_update(ps.open_update(header), layout.pack([np.full(4, value)]))
+            await ps.maybe_close()
+            models.append(layout.views(ps.model.packed)[0].copy())
+        return models
+
+    overflowed, next_round = asyncio.run(train())
+    np.testing.assert_array_equal(overflowed, start[0])  # round 1 kept round 0's model
+    np.testing.assert_array_equal(next_round, [5, 5, 5, 5])  # and training went on
+    assert ps.rounds.round == 2
+    assert "Round 1's average is not finite" in caplog.text
