@@ -421,11 +421,16 @@ def write_report(header: list[str], sections: Sequence[Section], started: float,
     output.write_text(text)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_flags(doc: str, results: Path, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags every benchmark here takes: --quick, and --output for the report."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats (noisier)")
-    parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the report [{RESULTS}]")
-    flags = parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, default=results, help=f"where to write the report [{results}]")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    flags = parse_flags(__doc__, RESULTS, argv)
     settings = QUICK if flags.quick else FULL
     started = time.perf_counter()
     mode = "quick" if settings == QUICK else "full"

@@ -32,7 +32,6 @@ It prints a table and writes the same text to ``bench/results/load.txt``.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from comind.metrics import UPDATE_RESULTS
-from core import MB, ROOT, Row, Section, machine_facts, proc_status_kib, progress, start_ps, write_report
+from core import MB, ROOT, Row, Section, machine_facts, parse_flags, proc_status_kib, progress, start_ps, write_report
 
 sys.path.insert(0, str(ROOT / "tests"))
 from scrape import Scrape, free_port  # noqa: E402 - the tests' /metrics reader
@@ -250,10 +249,7 @@ def section(run: LoadRun) -> Section:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
-    parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the report [{RESULTS}]")
-    flags = parser.parse_args(argv)
+    flags = parse_flags(__doc__, RESULTS, argv)
     scenarios = QUICK if flags.quick else FULL
     started = time.perf_counter()
     header = ["coMind load benchmark", *machine_facts(), f"run       {'quick' if flags.quick else 'full'}"]
