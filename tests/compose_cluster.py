@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import docker
 import pytest
+
+from scrape import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -39,12 +40,6 @@ def build_image() -> str:
     subprocess.run(["docker", "compose", "-f", COMPOSE_FILE, "build", "ps"], cwd=ROOT, check=True,
                    env={**os.environ, "BASE_IMAGE": base}, capture_output=True)
     return base
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Cluster:

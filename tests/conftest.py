@@ -18,6 +18,12 @@ from comind.cli import LISTENING
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now, in MiB, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
 class PsProcess:
     """A ``comind ps`` subprocess whose log is collected as it runs."""
 

@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from compose_cluster import ROOT, Cluster, build_image, docker_or_skip, free_port
+from compose_cluster import ROOT, Cluster, build_image, docker_or_skip
+from scrape import free_port
 
 ROUND = re.compile(r"Round (\d+)/(\d+): \d+ updates")
 

@@ -11,7 +11,6 @@ rounds.
 from __future__ import annotations
 
 import contextlib
-import re
 
 import grpc
 import numpy as np
@@ -26,6 +25,7 @@ from comind.client import WorkerClient, read_model
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.tensors import Layout
+from conftest import rss_mb
 
 TOKEN = "fuzz-token"
 AUTH = call_metadata(TOKEN)
@@ -40,11 +40,6 @@ RSS_GROWTH_BYTES = 64 << 20
 METHODS = {  # name: (request streaming, response streaming)
     "Register": (False, False), "Heartbeat": (False, False), "Initialize": (True, False),
     "PushUpdate": (True, False), "PullModel": (False, True), "ReportEval": (False, False), "Leave": (False, False)}
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status.read()).group(1)) * 1024
 
 
 def status_of(call) -> grpc.StatusCode:
@@ -67,7 +62,7 @@ def cluster():
     chief.join(WEIGHTS)
     channel = grpc.insecure_channel(ps.address)
     stub = pb_grpc.ParameterServerStub(channel)
-    baseline = rss_bytes(ps.proc.pid)
+    baseline = rss_mb(ps.proc.pid) * (1 << 20)
     yield ps, chief, channel, stub, baseline
     chief.close()
     channel.close()
@@ -184,7 +179,7 @@ def test_the_ps_lives_on_and_serves_well_formed_rounds(cluster):
     """Runs last in this module, after the barrage."""
     ps, chief, channel, stub, baseline = cluster
     assert ps.proc.poll() is None
-    assert rss_bytes(ps.proc.pid) < baseline + RSS_GROWTH_BYTES
+    assert rss_mb(ps.proc.pid) * (1 << 20) < baseline + RSS_GROWTH_BYTES
     assert "Traceback" not in ps.log() and "Unexpected" not in ps.log()
     # Round 1 averages the chief's update with any of the barrage's that were accepted; by round 2 the
     # barrage's members have left or lost their lease, so the chief's update is the model.

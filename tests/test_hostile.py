@@ -12,7 +12,6 @@ import re
 import socket
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,16 +20,13 @@ from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.tensors import Layout
 from comind.transfers import allowed_seconds
+from conftest import rss_mb
 from numpy_cluster import assert_finishes, read_history, start_worker
 from scrape import Scrape, free_port
 
 TOKEN = "hostile-test-token"
 SHAPES = [(100, 10), (10,)]  # tests/numpy_worker.py's model
 ROUNDS = 60
-
-
-def rss_mb(pid: int) -> float:
-    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
 
 def start_metered(start_ps, rounds: int, *flags: str):

@@ -13,21 +13,16 @@ import os
 import random
 import re
 import signal
-from pathlib import Path
 
 import numpy as np
 
+from conftest import rss_mb
 from numpy_cluster import assert_finishes, read_history, start_worker
 
 ROUNDS = int(os.environ.get("SOAK_ROUNDS", "320"))
 SEED = int(os.environ.get("SOAK_SEED", "8"))
 WORKERS = 3
 CHAOS_UNTIL = ROUNDS * 3 // 4  # the rest runs undisturbed, so the ps's last run is long enough to measure
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def test_random_kills_lose_no_round_and_memory_stays_flat(start_ps, tmp_path):
