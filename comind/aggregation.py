@@ -1,11 +1,11 @@
 """Federated averaging as a running weighted sum.
 
-The global model of a round is the weighted mean of the workers' models
-(McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
-from Decentralized Data"), with each worker weighted by its number of
-examples by default. Updates are folded into one running sum as they arrive,
-so the ps holds O(model) memory however many workers there are. The rules
-that outvote poisoned updates instead are in ``robust.py``.
+A round's aggregate is the weighted mean of the workers' updates (McMahan
+et al. 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data"), each weighted as ``weighting.py`` says. Updates are
+folded into one running sum as they arrive, so the ps holds O(model) memory
+however many workers there are. The rules that outvote poisoned updates
+instead are in ``robust.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from comind.tensors import Layout
 #: Elements per step of the weighted add: the scaled block stays in cache,
 #: so adding an update costs about one pass over memory, like a plain ``+=``.
 BLOCK_ELEMENTS = 1 << 16
-
-WEIGHTINGS = ("examples", "uniform")
-
 
 def accumulator_dtype(dtype: np.dtype) -> np.dtype:
     """Floats sum in their own precision (at least float32); others in float64."""

@@ -1,8 +1,10 @@
 """Durable global models: one ``.npz`` file per round, written atomically.
 
 A checkpoint is a plain NumPy ``.npz`` (``np.load(path)`` opens it; no
-pickle): ``round``, ``names`` and the tensors as ``tensor_00000``,
-``tensor_00001``, ... It is written atomically (:mod:`comind.atomic`), so
+pickle): ``round``, ``names``, the tensors as ``tensor_00000``,
+``tensor_00001``, ..., and the state of the round pipeline's stages as
+``state/STAGE/NAME`` (``pipeline.py``), so that a restart resumes the
+optimizer's moments or a privacy ledger with the model they belong to. It is written atomically (:mod:`comind.atomic`), so
 a crash leaves either the old checkpoint or the new one, never half of one. The ps saves before it lets any
 worker pull the model (durability before visibility), so no worker can hold a
 round that a restarted ps has forgotten.
@@ -14,6 +16,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # [0-9], not \d: \d also matches other scripts' digits, which int() reads as a round.
 _NAME = re.compile(r"^round-([0-9]{9})\.npz$")
+STATE_PREFIX = "state/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Checkpoint:
     round: int
     layout: Layout
     packed: np.ndarray  # the model as one flat uint8 buffer
+    state: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the stages', by key
 
 
 class CheckpointStore:
@@ -54,7 +59,8 @@ class CheckpointStore:
     def path(self, round: int) -> Path:
         return self.directory / f"round-{round:09d}.npz"
 
-    def save(self, round: int, layout: Layout, packed: np.ndarray) -> Path:
+    def save(self, round: int, layout: Layout, packed: np.ndarray,
+             state: Mapping[str, np.ndarray] | None = None) -> Path:
         saved = self.rounds()
         if saved and round < saved[-1]:
             raise ValueError(
@@ -63,6 +69,7 @@ class CheckpointStore:
             )
         final = self.path(round)
         arrays = {f"tensor_{i:05d}": view for i, view in enumerate(layout.views(packed))}
+        arrays.update({STATE_PREFIX + key: value for key, value in (state or {}).items()})
         with atomic.replacing(final) as temporary, open(temporary, "wb") as file:
             np.savez(file, round=np.int64(round), names=np.array([s.name for s in layout.specs], dtype=str),
                      **arrays)
@@ -90,5 +97,7 @@ class CheckpointStore:
                 raise ValueError(f"its names are not a list of text but a {names.dtype} array of shape {names.shape}")
             names = [str(n) for n in names]
             arrays = [data.read(f"tensor_{i:05d}") for i in range(len(names))]
+            state = {name.removeprefix(STATE_PREFIX): data.read(name) for name in data.names
+                     if name.startswith(STATE_PREFIX)}
         layout = Layout.of(arrays, names)
-        return Checkpoint(round, layout, layout.pack(arrays))
+        return Checkpoint(round, layout, layout.pack(arrays), state)

@@ -15,7 +15,7 @@ from comind import cluster_spec, config
 from comind.errors import PsRefusal, PsUnreachable
 
 if TYPE_CHECKING:  # imported where used: `comind health` stays light
-    from comind.robust import AggregationPolicy
+    from comind.pipeline import ServerPipeline
 
 COMMANDS = {
     "ps": ("run the parameter server", (config.PS,)),
@@ -130,17 +130,19 @@ def _run(flags: argparse.Namespace, settings: dict) -> int:
 
     if flags.workers < 1:
         raise ValueError(f"--workers must be at least 1. Received: --workers={flags.workers}")
-    aggregation_policy(settings, flags.workers)  # fails here rather than in the ps's log
+    server_pipeline(settings, flags.workers)  # fails here rather than in the ps's log
     return run_local(settings, flags.workers)
 
 
-def aggregation_policy(settings: dict, num_workers: int) -> AggregationPolicy:
-    """The ps's :class:`comind.robust.AggregationPolicy`, checked against the updates its rounds will have."""
-    from comind.robust import AggregationPolicy
+def server_pipeline(settings: dict, num_workers: int) -> ServerPipeline:
+    """The ps's round pipeline, checked against the updates its rounds will have."""
+    from comind.pipeline import PipelineSettings, ServerPipeline
 
-    policy = AggregationPolicy(settings["aggregation"], settings["trim_fraction"], settings["max_update_norm"])
-    policy.check_quorum(settings["replicas_to_aggregate"] or num_workers)
-    return policy
+    pipeline = ServerPipeline(PipelineSettings(
+        weighting=settings["weighting"], aggregation=settings["aggregation"],
+        trim_fraction=settings["trim_fraction"], max_update_norm=settings["max_update_norm"]))
+    pipeline.check_quorum(settings["replicas_to_aggregate"] or num_workers)
+    return pipeline
 
 
 def make_certificates(flags: argparse.Namespace) -> int:
@@ -177,12 +179,13 @@ def run_ps(settings: dict) -> int:
     tls = TlsFiles(settings["tls_cert"], settings["tls_key"], settings["tls_ca"])
     store = CheckpointStore(settings["checkpoint_dir"], settings["keep_checkpoints"]) \
         if settings["checkpoint_dir"] else None
-    aggregation = aggregation_policy(settings, settings["num_workers"])
+    pipeline = server_pipeline(settings, settings["num_workers"])
 
     async def serve() -> int:
-        ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), weighting=settings["weighting"],
-                             aggregation=aggregation, store=store, max_model_bytes=settings["max_model_bytes"])
-        server, port = service.build_server(ps, settings["listen"], token, tls, settings["max_concurrent_updates"])
+        ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), pipeline=pipeline, store=store,
+                             max_model_bytes=settings["max_model_bytes"],
+                             max_concurrent_updates=settings["max_concurrent_updates"])
+        server, port = service.build_server(ps, settings["listen"], token, tls)
         metrics.serve(settings["metrics_port"], REGISTRY)
         if not token:
             log.warning("AUTHENTICATION IS OFF: anyone who reaches this port can read and change the model. "
@@ -190,11 +193,11 @@ def run_ps(settings: dict) -> int:
         host = settings["listen"].rsplit(":", 1)[0]
         log.info("Listening on %s:%d (%s), round %d of %d.", host, port, "TLS" if tls.enabled else "plain text",
                  ps.rounds.round, policy.total_rounds)
-        if aggregation.rule != "mean":
+        if pipeline.aggregator.holds_updates:
             log.info("Aggregating by the coordinate-wise %s: every update of a round is held in memory.",
-                     aggregation.rule)
-        if aggregation.max_update_norm:
-            log.info("Each update's change from the global model is clipped to norm %g.", aggregation.max_update_norm)
+                     settings["aggregation"])
+        if pipeline.clip:
+            log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
         return await service.run(ps, server, settings["exit_grace"])
 
     return asyncio.run(serve())

@@ -1,12 +1,13 @@
 """The worker's side of the protocol, with NumPy only.
 
-A :class:`WorkerClient` registers with the ps, keeps its lease alive from a
-background thread, and turns one federated averaging step into one call:
-:meth:`WorkerClient.sync` pushes the local weights and returns the next
-global model. While the ps is unreachable it retries with jittered
-exponential backoff; when the ps restarted (it no longer knows this worker)
-it registers again and re-sends its update if the ps lost it, so a worker
-never loses its place.
+A :class:`WorkerClient` joins the ps and turns one federated averaging step
+into one call: :meth:`WorkerClient.sync` sends the change of the local
+weights from the global model they trained from, and returns the next global
+model, both in one ``Round`` call that also keeps the worker's lease. While
+the ps is unreachable it retries with jittered exponential backoff; when the
+ps restarted (it no longer knows this worker) it joins again. An update is
+sent again on every attempt until the ps's receipt for it arrives, so no
+failure in the middle of a transfer loses it.
 """
 
 from __future__ import annotations
@@ -28,29 +29,30 @@ from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
 from comind.metrics import WorkerMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS
+from comind.protocol import GRPC_OPTIONS, round_call_seconds
 from comind.tensors import Assembler, Layout, LayoutError, StreamError, chunks
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Statuses that mean "the ps is not there right now": retried with backoff.
+#: Statuses that mean "the ps is not there right now, or not ready": retried with backoff.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.CANCELLED})
 
 UNARY_TIMEOUT_SECONDS = 10.0
-#: Slowest transfer rate allowed for before a model transfer times out.
-MIN_BYTES_PER_SECOND = 20e6
-#: Heartbeats go out at least every third of this, whatever lease the ps gives.
+#: Renewals go out at least every third of this, whatever lease the ps gives.
 MAX_LEASE_SECONDS = 3 * 3600.0
+
+_RECEIPTS = {pb.UPDATE_RESULT_ACCEPTED: "accepted", pb.UPDATE_RESULT_DUPLICATE: "duplicate",
+             pb.UPDATE_RESULT_STALE: "stale", pb.UPDATE_RESULT_EARLY: "early",
+             pb.UPDATE_RESULT_NOT_NEEDED: "not needed"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Membership:
     id: str
-    epoch: int         # registrations so far: a change means the ps forgot us
-    known_round: int   # the newest round the ps is known to hold, in this membership
+    known_round: int   # the newest round the ps is known to hold, in this membership; -1: no model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +62,58 @@ class GlobalState:
     done: bool
 
 
-def read_model(messages: Iterator[pb.ModelChunk], expected: Layout) -> GlobalState | None:
-    """Decodes a PullModel answer into the global model; None when the ps had no newer one yet.
+@dataclasses.dataclass
+class Update:
+    """An update on its way to the ps, until the ps's receipt for it arrives."""
+
+    kind: int            # pb.UPDATE_KIND_*
+    round: int
+    packed: np.ndarray   # the change (initial: the model), packed in the layout
+    num_examples: int = 0
+    loss: float = 0.0
+    accuracy: float = 0.0
+    receipt: str | None = None  # what the ps made of it, once it said
+
+    def header(self, layout: Layout) -> pb.UpdateHeader:
+        return pb.UpdateHeader(kind=self.kind, round=self.round, num_examples=self.num_examples, loss=self.loss,
+                               accuracy=self.accuracy, tensors=layout.to_proto())
+
+
+def delta(layout: Layout, weights: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """``weights - base`` for floating-point tensors, packed; other tensors (counters, seeds) as they are."""
+    change = weights.copy()
+    for out, reference in zip(layout.views(change), layout.views(base)):
+        if out.dtype.kind == "f":
+            np.subtract(out, reference, out=out)
+    return change
+
+
+def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
+               on_receipt: Callable[[pb.Receipt], None] = lambda receipt: None,
+               ) -> tuple[GlobalState, np.ndarray] | None:
+    """Decodes the ps's side of a Round call: a receipt (if an update was sent), then the global model.
+
+    Returns:
+        The model, and the buffer its weights are views of; None when the
+        call waited its longest and the ps had no newer one yet.
 
     Raises:
         ModelMismatch: the ps's model differs from ``expected`` in dtype or shape.
         ProtocolError: the answer breaks the protocol; nothing is allocated
             beyond ``expected``'s size whatever its header claims.
     """
-    first = next(messages, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise ProtocolError("The ps's answer to a pull did not start with a model header.")
-    header = first.header
+    header = None
+    for message in messages:
+        part = message.WhichOneof("part")
+        if part == "receipt":
+            on_receipt(message.receipt)
+        elif part == "model":
+            header = message.model
+            break
+        else:
+            raise ProtocolError("The ps sent model data before a model header.")
+    if header is None:
+        raise ProtocolError("The ps ended a round call without a model.")
     if not header.ready:
         return None
     try:
@@ -86,13 +128,13 @@ def read_model(messages: Iterator[pb.ModelChunk], expected: Layout) -> GlobalSta
     assembler = Assembler(layout)
     try:
         for message in messages:
-            if message.WhichOneof("part") == "header":
-                raise ProtocolError("The ps sent a second model header inside one model.")
+            if message.WhichOneof("part") != "data":
+                raise ProtocolError("The ps sent something other than model data inside a model.")
             assembler.feed(message.data)
         packed = assembler.finish()
     except StreamError as error:
         raise ProtocolError(f"The ps sent a broken model: the {error}.") from None
-    return GlobalState(layout.views(packed), header.round, header.done)
+    return GlobalState(layout.views(packed), header.round, header.done), packed
 
 
 class WorkerClient:
@@ -116,7 +158,7 @@ class WorkerClient:
         self.task_index = task_index
         self.is_chief = task_index == 0 if is_chief is None else is_chief
         self.description = description
-        self.round = -1
+        self.round = -1  # the round of the global model this worker holds
         self.total_rounds: int | None = None
         self.replicas_to_aggregate: int | None = None  # None: every live worker
         self._metadata = call_metadata(token)
@@ -128,82 +170,70 @@ class WorkerClient:
         self._unreachable_timeout = unreachable_timeout
         self._metrics = metrics
         self._layout: Layout | None = None
+        self._global: np.ndarray | None = None  # the global model this worker holds, packed
         self._lock = threading.Lock()
         self._member_id: str | None = None
-        self._epoch = 0
         self._known_round = -1
         self._lease = 10.0
+        self._calls_open = 0
+        self._last_contact = time.monotonic()
         self._closed = threading.Event()
         self._heartbeats: threading.Thread | None = None
 
     # Public API ---------------------------------------------------------------
 
     def join(self, weights: Sequence[np.ndarray], names: Sequence[str] | None = None) -> GlobalState:
-        """Registers and returns the global model to start from.
+        """Joins and returns the global model to start from.
 
         The chief offers ``weights`` as the initial model; the ps keeps it
         unless it already holds one (from a checkpoint). Other workers only
         use ``weights`` to check that their model matches the ps's.
         """
-        self._layout = Layout.of(weights, names)
-        packed = self._layout.pack(weights) if self.is_chief else None
-
-        def attempt(member: Membership) -> GlobalState:
-            if packed is not None and member.known_round < 0:
-                self._initialize(member, packed)
-            return self._pull(member, after_round=-1)
-
-        state = self._retrying("joining", attempt)
+        layout = self._layout = Layout.of(weights, names)
+        initial = Update(pb.UPDATE_KIND_INITIAL, 0, layout.pack(weights)) if self.is_chief else None
+        state = self._retrying("joining", lambda member: self._round_call(member, initial, initial))
         self._start_heartbeats()
         return state
 
     def sync(self, weights: Sequence[np.ndarray], num_examples: int, loss: float = 0.0,
              accuracy: float = 0.0) -> GlobalState:
-        """Pushes local weights for the next round and returns the new global model.
+        """Sends the change of the local weights for the next round and returns the new global model.
 
         Blocks until the round closes. If the round closed without this
         update (it came too late), the update is dropped and the newest
         global model is returned.
+
+        Args:
+            weights: the model after local training, from the last global model.
+            num_examples: this worker's training examples, the update's weight in an
+                example-weighted mean.
+            loss, accuracy: the local training figures, for the ps's round log.
         """
-        if self._layout is None:
+        if self._layout is None or self._global is None:
             raise RuntimeError("Call join() before sync(): the worker needs the first global model.")
-        problem = self._layout.mismatch(Layout.of(weights))
+        layout = self._layout
+        problem = layout.mismatch(Layout.of(weights))
         if problem:
             raise ModelMismatch(f"The weights passed to sync() do not match the model given to join(): {problem}.")
-        packed = self._layout.pack(weights)
+        packed = layout.pack(weights)
         target = self.round + 1
-        header = pb.UpdateHeader(round=target, num_examples=int(num_examples), loss=float(loss),
-                                 accuracy=float(accuracy), tensors=self._layout.to_proto())
-        pushed_epoch: int | None = None
+        update = Update(pb.UPDATE_KIND_DELTA, target, delta(layout, packed, self._global), int(num_examples),
+                        float(loss), float(accuracy))
+        # Should the ps have lost every model (a restart without checkpoints), the chief starts it again from this.
+        restart = Update(pb.UPDATE_KIND_INITIAL, 0, packed) if self.is_chief else None
         started = time.perf_counter()
-
-        def attempt(member: Membership) -> GlobalState:
-            nonlocal pushed_epoch
-            if pushed_epoch != member.epoch and member.known_round < target:
-                # Not pushed yet, or pushed to a ps that restarted and lost it.
-                pushed_epoch = member.epoch
-                if member.known_round == target - 1:
-                    header.member_id = member.id
-                    self._push(header, packed)
-                else:
-                    # The ps restarted from an older checkpoint, or with none at all.
-                    log.warning("The ps is back at round %d, behind our %d; continuing from its model.",
-                                member.known_round, self.round)
-                    if member.known_round < 0 and self.is_chief:
-                        self._initialize(member, packed)
-                    return self._pull(member, after_round=-1)
-            return self._pull(member, after_round=target - 1)
-
-        state = self._retrying(f"the update for round {target}", attempt)
+        state = self._retrying(f"the update for round {target}",
+                               lambda member: self._round_call(member, update, restart))
         if self._metrics:
             self._metrics.sync_duration.observe(time.perf_counter() - started)
         return state
 
     def report_eval(self, round: int, loss: float, accuracy: float) -> None:
         """Reports the chief's evaluation of the global model of ``round``."""
-        def attempt(member: Membership) -> None:
+        def attempt(member: Membership) -> bool:
             self._stub.ReportEval(pb.EvalReport(member_id=member.id, round=round, loss=loss, accuracy=accuracy),
                                   timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
+            return True
         self._retrying("an evaluation report", attempt)
 
     def close(self) -> None:
@@ -225,91 +255,123 @@ class WorkerClient:
     def __enter__(self) -> WorkerClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # Calls --------------------------------------------------------------------
 
     def _membership(self) -> Membership:
-        """This worker's member id, registering first if the ps does not know it."""
+        """This worker's member id, joining first if the ps does not know it."""
         with self._lock:
             if self._member_id is None:
-                reply = self._stub.Register(
-                    pb.RegisterRequest(task_index=self.task_index, description=self.description),
-                    timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
+                reply = self._stub.Join(pb.JoinRequest(task_index=self.task_index, description=self.description),
+                                        timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
                 if not 0 < reply.lease_seconds < math.inf:
                     raise ProtocolError(f"The ps gave a lease of {reply.lease_seconds} s; a lease must be a "
                                         "positive, finite number of seconds.")
-                # A longer lease needs no rarer heartbeat, and would overflow threading's waits.
+                # A longer lease needs no more frequent renewal, and would overflow threading's waits.
                 self._member_id, self._lease = reply.member_id, min(reply.lease_seconds, MAX_LEASE_SECONDS)
-                self._epoch += 1
                 self._known_round = reply.round
                 self.total_rounds = reply.total_rounds
                 self.replicas_to_aggregate = reply.replicas_to_aggregate or None
-                log.info("Registered with the ps at %s (its round %d).", self.address, reply.round)
-            return Membership(self._member_id, self._epoch, self._known_round)
+                log.info("Joined the ps at %s (its round %d).", self.address, reply.round)
+            return Membership(self._member_id, self._known_round)
 
     def _forget_membership(self, member_id: str | None) -> None:
         with self._lock:
             if self._member_id == member_id:
                 self._member_id = None
 
-    def _transfer_timeout(self) -> float:
-        return UNARY_TIMEOUT_SECONDS + self._layout.nbytes / MIN_BYTES_PER_SECOND
+    def _round_call(self, member: Membership, update: Update | None, restart: Update | None) -> GlobalState | None:
+        """One Round call: sends ``update`` if the ps has not said what it made of it, and returns the next
+        global model (None if the call ended before one existed).
 
-    def _stream(self, header: pb.UpdateHeader, packed: np.ndarray):
-        yield pb.UpdateChunk(header=header)
-        for data in chunks(packed):
-            yield pb.UpdateChunk(data=data)
+        ``restart`` (the chief's full model) goes instead when the ps holds no model at all.
+        """
+        assert self._layout is not None
+        layout = self._layout
+        send = update if update is not None and update.receipt is None else None
+        if member.known_round < 0:
+            # The ps holds no model: a change means nothing to it; the chief starts it from its own model.
+            send = restart if restart is not None and restart.receipt is None else None
+        elif send is not None and send.kind == pb.UPDATE_KIND_INITIAL:
+            send = None  # the ps has a model already
+        hello = pb.Hello(member_id=member.id, have_round=self.round)
+        if send is not None:
+            hello.update.CopyFrom(send.header(layout))
+        finished = threading.Event()  # the call is over: stop renewing
+        settled = threading.Event()   # the receipt came: the rest of the update is not needed
 
-    def _initialize(self, member: Membership, packed: np.ndarray) -> None:
-        header = pb.UpdateHeader(member_id=member.id, tensors=self._layout.to_proto())
-        reply = self._stub.Initialize(self._stream(header, packed), timeout=self._transfer_timeout(),
-                                      metadata=self._metadata)
-        log.info("The ps %s our initial model.", "took" if reply.accepted else "already had a model; ignored")
+        def requests() -> Iterator[pb.WorkerMessage]:
+            yield pb.WorkerMessage(hello=hello)
+            if send is not None:
+                for data in chunks(send.packed):
+                    if settled.is_set():
+                        break
+                    yield pb.WorkerMessage(data=data)
+            while not finished.wait(self._lease / 3):
+                yield pb.WorkerMessage(renewal=pb.Renewal())
 
-    def _push(self, header: pb.UpdateHeader, packed: np.ndarray) -> None:
+        def on_receipt(receipt: pb.Receipt) -> None:
+            if send is None or receipt.round != send.round or receipt.result not in _RECEIPTS:
+                raise ProtocolError(f"The ps sent a receipt this worker did not ask for: {receipt}.")
+            send.receipt = _RECEIPTS[receipt.result]
+            settled.set()
+            if send.kind == pb.UPDATE_KIND_INITIAL:
+                log.info("The ps %s our initial model.", "took" if send.receipt == "accepted" else
+                         "already had a model; ignored")
+            elif send.receipt == "duplicate":
+                log.info("The ps already had our update for round %d.", send.round)
+            elif send.receipt == "stale":
+                log.info("Our update for round %d came too late; the ps moved on.", send.round)
+            elif send.receipt == "early":
+                log.warning("The ps is behind our update for round %d (it resumed from an older checkpoint).",
+                            send.round)
+
+        timeout = round_call_seconds(send.packed.nbytes if send else 0, layout.nbytes)
+        self._call_opened()
+        responses = self._stub.Round(requests(), timeout=timeout, metadata=self._metadata)
         try:
-            reply = self._stub.PushUpdate(self._stream(header, packed), timeout=self._transfer_timeout(),
-                                          metadata=self._metadata)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.ABORTED:
-                raise
-            log.info("Update for round %d came too late: %s", header.round, error.details())
-            return
-        if reply.duplicate:
-            log.info("The ps already had our update for round %d.", header.round)
+            received = read_model(responses, layout, on_receipt)
+        except (ProtocolError, ModelMismatch):
+            responses.cancel()
+            raise
+        finally:
+            finished.set()
+            self._call_closed()
+        if received is None:
+            return None
+        state, self._global = received
+        if update is not None and update.receipt is None:
+            # Not sent (the ps had lost every model): it changes a model the ps no longer has.
+            update.receipt = "superseded"
+        if 0 <= state.round < self.round:
+            log.warning("The ps is back at round %d, behind our %d; continuing from its model.", state.round,
+                        self.round)
+        self.round = state.round
+        with self._lock:
+            if self._member_id == member.id:
+                self._known_round = state.round
+        if self._metrics:
+            self._metrics.round.set(state.round)
+        return state
 
-    def _pull(self, member: Membership, after_round: int) -> GlobalState:
-        """The first global model newer than ``after_round``; long polls until it exists."""
-        request = pb.PullRequest(member_id=member.id, after_round=after_round)
-        while True:
-            messages = self._stub.PullModel(request, timeout=LONG_POLL_SECONDS + self._transfer_timeout(),
-                                            metadata=self._metadata)
-            state = read_model(messages, self._layout)
-            if state is None:
-                continue  # the ps waited a full long poll; ask again
-            self.round = state.round
-            with self._lock:
-                if self._epoch == member.epoch:
-                    self._known_round = max(self._known_round, state.round)
-            if self._metrics:
-                self._metrics.round.set(state.round)
-            return state
-
-    def _retrying(self, what: str, attempt: Callable[[Membership], T]) -> T:
-        """Runs ``attempt`` as a registered member until it succeeds or cannot."""
+    def _retrying(self, what: str, attempt: Callable[[Membership], T | None]) -> T:
+        """Runs ``attempt`` as a member until it returns something, or cannot."""
         delays = self._backoff.delays()
         give_up = time.monotonic() + self._unreachable_timeout
         while True:
             member = None
             try:
                 member = self._membership()
-                return attempt(member)
+                result = attempt(member)
+                if result is not None:
+                    return result
+                continue  # a long poll ended before the round closed: call again
             except grpc.RpcError as error:
                 code = error.code()
                 if code == grpc.StatusCode.NOT_FOUND and member is not None:
-                    log.warning("The ps no longer knows this worker (%s); registering again.", error.details())
+                    log.warning("The ps no longer knows this worker (%s); joining again.", error.details())
                     self._forget_membership(member.id)
                     continue
                 if code not in RETRYABLE or self._closed.is_set():
@@ -319,7 +381,7 @@ class WorkerClient:
                         f"The ps at {self.address} did not answer for {self._unreachable_timeout:.0f} s "
                         f"({code.name}: {error.details()}). Check that it runs and that COMIND_PS_ADDRESS "
                         f"points to it.") from None
-                # No slower than the heartbeat: a restarted ps waits about one lease
+                # No slower than the renewals: a restarted ps waits about one lease
                 # for its workers to come back before it closes a round without them.
                 backoff_delay = min(next(delays), self._lease / 3)
                 log.info("The ps is unreachable (%s); retrying %s in %.2f s.", code.name, what, backoff_delay)
@@ -327,25 +389,45 @@ class WorkerClient:
 
     # Lease --------------------------------------------------------------------
 
+    def _call_opened(self) -> None:
+        with self._lock:
+            self._calls_open += 1
+
+    def _call_closed(self) -> None:
+        with self._lock:
+            self._calls_open -= 1
+            self._last_contact = time.monotonic()
+
     def _start_heartbeats(self) -> None:
         self._heartbeats = threading.Thread(target=self._heartbeat_loop, name="comind-heartbeat", daemon=True)
         self._heartbeats.start()
 
     def _heartbeat_loop(self) -> None:
+        """Renews the lease while local training keeps the worker out of Round calls for long."""
         while not self._closed.wait(self._lease / 3):
             with self._lock:
                 member_id = self._member_id
+                quiet = self._calls_open == 0 and time.monotonic() - self._last_contact >= self._lease / 3
+            if not quiet:
+                continue  # an open call renews the lease, and one just ended did
             try:
-                if member_id is None:
-                    self._membership()
-                else:
-                    self._stub.Heartbeat(pb.HeartbeatRequest(member_id=member_id),
-                                         timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
-                    self._forget_membership(member_id)
-                    # Re-register at once, so the ps counts this worker in the current round.
-                    try:
-                        self._membership()
-                    except grpc.RpcError:
-                        pass  # unreachable: the next beat tries again
+                self._heartbeat(member_id)
+            except Exception as error:  # noqa: BLE001 - this thread must outlive any one failure
+                log.warning("Could not renew this worker's lease (%s: %s); trying again in %.1f s.",
+                            type(error).__name__, error, self._lease / 3)
+
+    def _heartbeat(self, member_id: str | None) -> None:
+        if member_id is None:
+            self._membership()
+            return
+        try:
+            self._stub.Heartbeat(pb.HeartbeatRequest(member_id=member_id), timeout=UNARY_TIMEOUT_SECONDS,
+                                 metadata=self._metadata)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # Join again at once, so the ps counts this worker in the current round.
+            self._forget_membership(member_id)
+            self._membership()
+        with self._lock:
+            self._last_contact = time.monotonic()

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 #: (a CNN on CPUs); the default buckets are sized for web requests.
 ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-UPDATE_RESULTS = ("accepted", "duplicate", "stale", "rejected")
+#: ``comind_updates_total`` labels: what became of each update. ``early`` is an update for a round the ps has
+#: not reached (it resumed from an older checkpoint); ``busy`` one the ps had no room to receive in time.
+UPDATE_RESULTS = ("accepted", "duplicate", "stale", "early", "rejected", "busy")
 
 
 class PsMetrics:

@@ -5,8 +5,14 @@ from comind.tensors import CHUNK_BYTES
 #: Room for a chunk plus a header listing many tensors.
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
 
-#: How long a pull waits for the next model before answering "not yet".
+#: How long a Round call waits for the next model before answering "not yet".
 LONG_POLL_SECONDS = 30.0
+
+#: A model transfer may take this long plus its size at the rate below. The
+#: ps cuts a transfer off at this bound and a worker's call allows for it, so
+#: a slow link that one side accepts the other does too.
+MIN_TRANSFER_SECONDS = 30.0
+MIN_BYTES_PER_SECOND = 1e6
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -15,3 +21,13 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def transfer_seconds(nbytes: int) -> float:
+    """The longest a model of ``nbytes`` may take to cross the wire, waiting for a free slot included."""
+    return MIN_TRANSFER_SECONDS + nbytes / MIN_BYTES_PER_SECOND
+
+
+def round_call_seconds(update_bytes: int, model_bytes: int) -> float:
+    """A worker's deadline for a Round call: its update up, the long poll, the model down."""
+    return transfer_seconds(update_bytes) + LONG_POLL_SECONDS + transfer_seconds(model_bytes)

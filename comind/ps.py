@@ -1,105 +1,129 @@
 """The parameter server: the global model, its rounds, and the rules for changing them.
 
 One asyncio event loop owns all state, so there are no data races; only the
-heavy NumPy work (folding a large update into the sum, writing a checkpoint)
-is handed to a thread, under ``_lock``. The gRPC layer (``service.py``)
-turns requests into calls here and :class:`Refusal` into statuses.
+heavy NumPy work (folding a large update into the round, writing a
+checkpoint) is handed to a thread, under ``_lock``. This module speaks
+domain types and raises :class:`comind.refusals.Refusal`; ``service.py``
+turns gRPC messages into calls here and refusals into statuses.
+
+What happens to an update between its bytes and the next global model is
+the round pipeline (``pipeline.py``); this module orchestrates it: validate,
+transform and aggregate, step the server optimizer, check the result is
+finite, persist, publish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 
-from comind.aggregation import WEIGHTINGS
+from comind import refusals, tensors
 from comind.checkpoint import CheckpointStore
 from comind.metrics import PsMetrics
-from comind.proto import comind_pb2 as pb
-from comind.robust import AggregationPolicy, RoundAggregate, clip_update
+from comind.pipeline import RoundInProgress, ServerPipeline
 from comind.rounds import RoundPolicy, Rounds, Verdict
-from comind.tensors import Layout, LayoutError
+from comind.tensors import Assembler, Layout
+from comind.transfers import BufferPool, Slots
 
 log = logging.getLogger(__name__)
 
-#: Models above this size are averaged and saved in a thread, so the event
-#: loop keeps answering heartbeats meanwhile; below it the hop costs more.
+T = TypeVar("T")
+
+#: Models above this size are aggregated and saved in a thread, so the event
+#: loop keeps answering meanwhile; below it the hop costs more.
 OFFLOAD_BYTES = 4 << 20
 
 #: Longest worker description kept (host or pod names).
 MAX_DESCRIPTION_CHARS = 200
 
+#: How long the timer task pauses after an unexpected error before it goes on.
+TIMER_RETRY_SECONDS = 1.0
 
-class Refusal(Exception):
-    """A request the ps will not carry out; the state is unchanged."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, result: str = "rejected"):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.result = result  # the comind_updates_total label, for updates
+class UpdateKind(enum.Enum):
+    DELTA = "delta"      # a change trained from the global model of round - 1
+    INITIAL = "initial"  # the chief's initial model, for a ps that holds none
+
+
+class UpdateResult(enum.Enum):
+    """What became of an update; the values are the ``comind_updates_total`` labels."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    EARLY = "early"            # for a round past the open one: the ps resumed from an older checkpoint
+    NOT_NEEDED = "not_needed"  # an initial model, but the ps holds one
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateHeader:
+    kind: UpdateKind
+    round: int
+    layout: Layout
+    num_examples: int = 0
+    loss: float = 0.0
+    accuracy: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinInfo:
+    member_id: str
+    lease_seconds: float
+    round: int
+    total_rounds: int
+    done: bool
+    replicas_to_aggregate: int | None
 
 
 @dataclasses.dataclass(frozen=True)
 class GlobalModel:
     round: int
+    total_rounds: int
     layout: Layout
     packed: np.ndarray
     done: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class UpdateTicket:
-    """An update whose header passed every check; its tensors are still to come."""
-
-    member_id: str
-    round: int
-    layout: Layout
-    weight: float
-    num_examples: int
-    loss: float
-    accuracy: float
-
-
-_VERDICT_REFUSALS = {
-    Verdict.UNKNOWN_WORKER: (grpc.StatusCode.NOT_FOUND, "rejected",
-                             "Unknown worker id {member}: its lease ended or the ps restarted. Register again."),
-    Verdict.NO_MODEL: (grpc.StatusCode.FAILED_PRECONDITION, "rejected",
-                       "The ps holds no model yet: the chief (task 0) must initialize it first."),
-    Verdict.STALE: (grpc.StatusCode.ABORTED, "stale",
-                    "Stale update for round {round}: the ps has moved on to round {open}. Pull the "
-                    "current model and continue from it."),
-    Verdict.EARLY: (grpc.StatusCode.FAILED_PRECONDITION, "rejected",
-                    "Update for round {round}, but the open round is {open}: push only updates trained "
-                    "from the last global model."),
-}
-
-
 class ParameterServer:
-    def __init__(self, policy: RoundPolicy, metrics: PsMetrics, *, weighting: str = "examples",
-                 aggregation: AggregationPolicy = AggregationPolicy(), store: CheckpointStore | None = None,
-                 max_model_bytes: int = 4 << 30):
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}. Received: weighting={weighting!r}")
+    """The global model and its rounds.
+
+    Args:
+        policy: membership, quorum and deadline rules.
+        metrics: where to count.
+        pipeline: the round's stages (weighting, transforms, aggregator, server optimizer).
+        store: durable checkpoints, or None to keep the model in memory only.
+        max_model_bytes: the largest model accepted.
+        max_concurrent_updates: updates received at once (each holds a model-sized buffer).
+    """
+
+    def __init__(self, policy: RoundPolicy, metrics: PsMetrics, *, pipeline: ServerPipeline | None = None,
+                 store: CheckpointStore | None = None, max_model_bytes: int = 4 << 30,
+                 max_concurrent_updates: int = 2):
         self.metrics = metrics
-        self.weighting = weighting
-        self.aggregation = aggregation
+        self.pipeline = pipeline or ServerPipeline()
+        self.pipeline.check_quorum(policy.replicas_to_aggregate or policy.num_workers)
         self.store = store
         self.max_model_bytes = max_model_bytes
         self.model: GlobalModel | None = None
         checkpoint = store.latest() if store else None
         self.rounds = Rounds(policy, round=checkpoint.round if checkpoint else -1)
-        if checkpoint:
+        if checkpoint and store:
             self._set_model(checkpoint.round, checkpoint.layout, checkpoint.packed)
+            self.pipeline.restore(checkpoint.state)
             log.info("Resumed from %s at round %d.", store.path(checkpoint.round), checkpoint.round)
-        self._sum: RoundAggregate | None = None
+        self._round: RoundInProgress | None = None
         self._stats = np.zeros(3)  # examples, examples * loss, examples * accuracy
         self._round_opened = time.monotonic()
+        self._receiving = Slots(max_concurrent_updates, "receiving")
+        self._buffers = BufferPool(max_concurrent_updates)
         self._lock = asyncio.Lock()
         self._published = asyncio.Event()  # replaced at each publish; waiters hold the old one
         self._poke = asyncio.Event()        # wakes the timer when leases or deadlines change
@@ -108,22 +132,39 @@ class ParameterServer:
         self.failure = ""
         self.finished = asyncio.Event()     # training is done and every worker has left
 
+    @property
+    def round(self) -> int:
+        """The last completed round; -1 while there is no model."""
+        return self.rounds.round
+
+    @property
+    def done(self) -> bool:
+        return self.rounds.done
+
     # Membership -------------------------------------------------------------
 
-    def register(self, task_index: int, description: str, peer: bytes | None = None) -> pb.RegisterReply:
+    def join(self, task_index: int, description: str, peer: bytes | None = None) -> JoinInfo:
         # Free text from the wire, kept for a lease and logged: a few lines at most.
         member_id = self.rounds.register(task_index, description[:MAX_DESCRIPTION_CHARS], peer)
-        log.info("Worker %d joined (%s); %d live.", task_index, description or "no description",
-                 len(self.rounds.members))
+        log.info("Worker %d joined (%s); %d live.", task_index, description[:MAX_DESCRIPTION_CHARS] or
+                 "no description", len(self.rounds.members))
         self._membership_changed()
-        return pb.RegisterReply(member_id=member_id, lease_seconds=self.rounds.policy.lease_seconds,
-                                round=self.rounds.round, total_rounds=self.rounds.policy.total_rounds,
-                                done=self.rounds.done,
-                                replicas_to_aggregate=self.rounds.policy.replicas_to_aggregate or 0)
+        policy = self.rounds.policy
+        return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
+                        policy.replicas_to_aggregate)
 
-    def heartbeat(self, member_id: str, peer: bytes | None = None) -> pb.HeartbeatReply:
-        self._known(member_id, peer)
-        return pb.HeartbeatReply(round=self.rounds.round, done=self.rounds.done)
+    def renew(self, member_id: str, peer: bytes | None = None) -> None:
+        """Renews a member's lease.
+
+        Raises:
+            UnknownMember: its lease ended, or the ps restarted.
+            ForeignCertificate: the id belongs to another client certificate.
+        """
+        self._claim(member_id, peer)
+        if not self.rounds.renew(member_id):
+            # Ids are 32 characters; a longer one is someone else's text, not to be echoed whole.
+            raise refusals.UnknownMember(f"Unknown worker id {member_id[:40]}: its lease ended or the ps "
+                                         f"restarted. Join again.")
 
     def leave(self, member_id: str, peer: bytes | None = None) -> None:
         self._claim(member_id, peer)
@@ -143,14 +184,8 @@ class ParameterServer:
             self.metrics.auth_failures.inc()
             log.warning("Refused a call with worker %d's member id from another client certificate.",
                         member.task_index)
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                          "This member id belongs to a worker with another client certificate; register with "
-                          "your own.")
-
-    def _known(self, member_id: str, peer: bytes | None = None) -> None:
-        self._claim(member_id, peer)
-        if not self.rounds.renew(member_id):
-            raise Refusal(*_refusal(Verdict.UNKNOWN_WORKER, member_id, 0, self.rounds.open_round))
+            raise refusals.ForeignCertificate("This member id belongs to a worker with another client "
+                                              "certificate; join with your own.")
 
     def _membership_changed(self) -> None:
         self.metrics.workers.set(len(self.rounds.members))
@@ -159,92 +194,146 @@ class ParameterServer:
         self._poke.set()
         asyncio.ensure_future(self.maybe_close())
 
-    # The first model ----------------------------------------------------------
-
-    def check_initialize(self, member_id: str, layout: Layout, peer: bytes | None = None) -> bool:
-        """Whether an initial model of this layout should be streamed in."""
-        self._known(member_id, peer)
-        if self.model is None:
-            return True
-        self._check_layout(layout)
-        return False
-
-    async def initialize(self, layout: Layout, packed: np.ndarray) -> pb.InitializeReply:
-        async with self._lock:
-            if self.model is not None:  # another worker won the race
-                self._check_layout(layout)
-                return pb.InitializeReply(accepted=False, round=self.rounds.round)
-            if not await self._publish(0, layout, packed):
-                raise Refusal(grpc.StatusCode.UNAVAILABLE, self.failure)
-        log.info("Initialized the global model: %d tensors, %d bytes.", len(layout), layout.nbytes)
-        return pb.InitializeReply(accepted=True, round=0)
-
     # Updates ------------------------------------------------------------------
 
-    def open_update(self, header: pb.UpdateHeader, peer: bytes | None = None) -> UpdateTicket | None:
-        """Checks an update's header; None means a duplicate (nothing to do)."""
-        self._known(header.member_id, peer)
-        verdict = self.rounds.check(header.member_id, header.round)
-        if verdict is Verdict.DUPLICATE:
-            return None
-        if verdict is not Verdict.ACCEPT:
-            raise Refusal(*_refusal(verdict, header.member_id, header.round, self.rounds.open_round))
-        layout = self.layout_of(header.tensors)
-        self._check_layout(layout)
-        if header.num_examples < 1:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"An update must count at least one example. Received: num_examples={header.num_examples}")
-        if not (math.isfinite(header.loss) and math.isfinite(header.accuracy)):
-            raise Refusal(grpc.StatusCode.OUT_OF_RANGE,
-                          f"Loss and accuracy must be finite numbers. Received: loss={header.loss}, "
-                          f"accuracy={header.accuracy}")
-        weight = float(header.num_examples) if self.weighting == "examples" else 1.0
-        return UpdateTicket(header.member_id, header.round, layout, weight, header.num_examples,
-                            header.loss, header.accuracy)
+    def layout_of(self, read: Callable[[int], Layout]) -> Layout:
+        """A layout read from the wire by ``read(max_model_bytes)``, with its errors as refusals."""
+        try:
+            return read(self.max_model_bytes)
+        except tensors.LayoutTooLarge as error:
+            raise refusals.ModelTooLarge(str(error)) from None
+        except tensors.LayoutError as error:
+            raise refusals.InvalidRequest(str(error)) from None
 
-    async def commit_update(self, ticket: UpdateTicket, packed: np.ndarray) -> pb.PushReply:
-        """Folds a fully received, checked update into the round's sum."""
+    async def receive(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes],
+                      peer: bytes | None = None) -> UpdateResult:
+        """Takes an update: checks its header, reads its bytes from ``data`` (unless it is not needed) and
+        folds it into the round, or makes it the initial model.
+
+        Returns:
+            What became of it; when not ACCEPTED, ``data`` was not read.
+
+        Raises:
+            Refusal: bad input; nothing changed.
+        """
+        try:
+            self.renew(member_id, peer)
+            if header.kind is UpdateKind.INITIAL:
+                return await self._initialize(header, data)
+            result = await self._update(member_id, header, data)
+        except refusals.Refusal as refusal:
+            if header.kind is UpdateKind.DELTA:  # initial models are not updates
+                self.metrics.updates.labels(refusal.result).inc()
+            log.warning("Refused an update: %s", refusal.message)
+            raise
+        self.metrics.updates.labels(result.value).inc()
+        if result is UpdateResult.ACCEPTED:
+            await self.maybe_close()
+        return result
+
+    async def _initialize(self, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
+        if self.model is not None:
+            self._check_layout(header.layout)
+            return UpdateResult.NOT_NEEDED
+        # A buffer of its own: the initial model becomes the global model.
+        packed = await self._read(header.layout, data, np.empty(header.layout.nbytes, np.uint8))
         async with self._lock:
-            # The round may have closed while the tensors streamed in.
-            verdict = self.rounds.check(ticket.member_id, ticket.round)
-            if verdict is Verdict.DUPLICATE:
-                return pb.PushReply(round=ticket.round, duplicate=True)
-            if verdict is not Verdict.ACCEPT:
-                raise Refusal(*_refusal(verdict, ticket.member_id, ticket.round, self.rounds.open_round))
-            if self._sum is None:
-                self._sum = self.aggregation.start(self.model.layout)
-            tensors = ticket.layout.views(packed)
-            bound = self.aggregation.max_update_norm
-            if bound is not None:
-                task = self.rounds.members[ticket.member_id].task_index  # its lease may end during the await
-                norm = await self._offload(packed.nbytes, clip_update, tensors,
-                                           self.model.layout.views(self.model.packed), bound)
+            if self.model is not None:  # another worker won the race
+                self._check_layout(header.layout)
+                return UpdateResult.NOT_NEEDED
+            if not await self._publish(0, header.layout, packed, self.pipeline.state()):
+                raise refusals.NotServing(self.failure)
+        log.info("Initialized the global model: %d tensors, %d bytes.", len(header.layout), header.layout.nbytes)
+        return UpdateResult.ACCEPTED
+
+    def _verdict(self, member_id: str, round: int) -> UpdateResult | None:
+        """What becomes of an update for ``round`` without reading it; None when it is to be read."""
+        verdict = self.rounds.check(member_id, round)
+        if verdict is Verdict.UNKNOWN_WORKER:  # its lease ended while its update streamed in
+            raise refusals.UnknownMember("This worker's lease ended while its update came in. Join again.")
+        if verdict is Verdict.NO_MODEL:
+            raise refusals.NoModelYet("The ps holds no model yet: the chief (task 0) must give the initial "
+                                      "model first.")
+        return {Verdict.ACCEPT: None, Verdict.DUPLICATE: UpdateResult.DUPLICATE, Verdict.STALE: UpdateResult.STALE,
+                Verdict.EARLY: UpdateResult.EARLY}[verdict]
+
+    async def _update(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
+        result = self._verdict(member_id, header.round)
+        if result is not None:
+            if result is UpdateResult.STALE:
+                log.info("A stale update for round %d came in after the ps moved on to round %d.", header.round,
+                         self.rounds.open_round)
+            return result
+        self._check_layout(header.layout)
+        if header.num_examples < 1:
+            raise refusals.InvalidRequest(f"An update must count at least one example. Received: "
+                                          f"num_examples={header.num_examples}")
+        if not (math.isfinite(header.loss) and math.isfinite(header.accuracy)):
+            raise refusals.NotFinite(f"Loss and accuracy must be finite numbers. Received: loss={header.loss}, "
+                                     f"accuracy={header.accuracy}")
+        nbytes = header.layout.nbytes
+        async with self._receiving.hold(nbytes) as deadline:
+            buffer = self._buffers.take(nbytes)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    packed = await self._read(header.layout, data, buffer, member_id)
+                return await self._commit(member_id, header, packed)
+            finally:
+                self._buffers.give_back(buffer)
+
+    async def _read(self, layout: Layout, data: AsyncIterator[bytes], buffer: np.ndarray,
+                    member_id: str | None = None) -> np.ndarray:
+        assembler = Assembler(layout, check_finite=True, buffer=buffer)
+        try:
+            async for chunk in data:
+                if member_id is not None:
+                    # A large update over a slow link may take longer than a lease: what arrives renews it.
+                    self.rounds.renew(member_id)
+                assembler.feed(chunk)
+            return assembler.finish()
+        except tensors.TruncatedStream as error:
+            raise refusals.TruncatedStream(f"Truncated model: the {error}.") from None
+        except tensors.OversizedStream as error:
+            raise refusals.OversizedStream(f"Oversized model: the {error}.") from None
+        except tensors.NonFiniteValues as error:
+            raise refusals.NotFinite(f"The model is not finite: {error}. Training diverged; lower the learning "
+                                     f"rate or clip gradients.") from None
+        finally:
+            self.metrics.update_bytes.labels("received").inc(assembler.received)
+
+    async def _commit(self, member_id: str, header: UpdateHeader, packed: np.ndarray) -> UpdateResult:
+        """Folds a fully received, checked update into the round."""
+        async with self._lock:
+            # The round may have closed while the update streamed in.
+            result = self._verdict(member_id, header.round)
+            if result is not None:
+                return result
+            assert self.model is not None  # a verdict of ACCEPT needs a model
+            if self._round is None:
+                self._round = self.pipeline.start_round(self.model.layout)
+            task = self.rounds.members[member_id].task_index  # its lease may end during the await
+            weight = self.pipeline.weight(header.num_examples)
+            norm = await self._offload(packed.nbytes, self._round.add, header.layout.views(packed), weight)
+            bound = self.pipeline.settings.max_update_norm
+            if norm is not None and bound is not None:
                 if norm > bound:
                     self.metrics.updates_clipped.inc()
-                    log.info("Clipped worker %d's update for round %d: its change had norm %.4g, over the bound "
-                             "of %g.", task, ticket.round, norm, bound)
+                    log.info("Clipped worker %d's update for round %d: its norm was %.4g, over the bound of %g.",
+                             task, header.round, norm, bound)
                 else:  # what honest updates look like, for choosing the bound
-                    log.debug("Worker %d's update for round %d changed the model by norm %.4g.", task, ticket.round,
-                              norm)
-            await self._offload(packed.nbytes, self._sum.add, tensors, ticket.weight)
-            self.rounds.record(ticket.member_id)
-            self._stats += (ticket.num_examples, ticket.num_examples * ticket.loss,
-                            ticket.num_examples * ticket.accuracy)
-        return pb.PushReply(round=ticket.round)
-
-    def layout_of(self, specs) -> Layout:
-        try:
-            return Layout.from_proto(specs, self.max_model_bytes)
-        except LayoutError as error:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if "larger" in str(error) else grpc.StatusCode.INVALID_ARGUMENT
-            raise Refusal(code, str(error)) from None
+                    log.debug("Worker %d's update for round %d has norm %.4g.", task, header.round, norm)
+            self.rounds.record(member_id)
+            self._stats += (header.num_examples, header.num_examples * header.loss,
+                            header.num_examples * header.accuracy)
+        return UpdateResult.ACCEPTED
 
     def _check_layout(self, layout: Layout) -> None:
+        assert self.model is not None
         problem = self.model.layout.mismatch(layout)
         if problem:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"The model does not match the ps's global model: {problem}. Every worker must "
-                          f"train the same architecture (check COMIND_MODEL and the checkpoint directory).")
+            raise refusals.InvalidRequest(
+                f"The model does not match the ps's global model: {problem}. Every worker must train the same "
+                f"architecture (check COMIND_MODEL and the checkpoint directory).")
 
     # Rounds -------------------------------------------------------------------
 
@@ -252,20 +341,14 @@ class ParameterServer:
         async with self._lock:
             if not self.rounds.ready_to_close():
                 return
+            assert self.model is not None and self._round is not None
             self.rounds.begin_close()
-            round, count = self.rounds.open_round, self._sum.count
-            packed = await self._offload(self.model.layout.nbytes, self._sum.result)
-            self._sum = None
-            # Finite updates can still average to Inf: float32 sums overflow when values near
-            # the top of the range meet large weights. Such a model would stall every worker.
-            if not await self._offload(packed.nbytes, self.model.layout.finite, packed):
-                log.error("Round %d's average is not finite: updates near the float range's limit overflowed "
-                          "it, so the previous global model stands for the round. --max-update-norm or "
-                          "--aggregation median keeps such updates out.", round)
-                packed = self.model.packed
+            round, count, model = self.rounds.open_round, self._round.count, self.model
+            in_progress, self._round = self._round, None
             examples, loss, accuracy = self._stats
             self._stats = np.zeros(3)
-            if not await self._publish(round, self.model.layout, packed):
+            packed, state = await self._next_model(round, in_progress, model)
+            if not await self._publish(round, model.layout, packed, state):
                 return
         self.metrics.train_loss.set(loss / examples)
         self.metrics.train_accuracy.set(accuracy / examples)
@@ -274,12 +357,33 @@ class ParameterServer:
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", round)
 
-    async def _publish(self, round: int, layout: Layout, packed: np.ndarray) -> bool:
+    async def _next_model(self, round: int, in_progress: RoundInProgress,
+                          model: GlobalModel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The round's new model and stage state; the previous ones if the round's result cannot stand."""
+        try:
+            aggregate = await self._offload(model.layout.nbytes, in_progress.result)
+            packed, state = await self._offload(model.layout.nbytes, self.pipeline.step, model.layout,
+                                                model.packed, aggregate)
+        except Exception:  # noqa: BLE001 - a MemoryError under the median, a bug in a stage: the round must end
+            log.exception("Round %d's aggregation failed, so the previous global model stands for the round.",
+                          round)
+            return model.packed, self.pipeline.state()
+        # Finite updates can still sum to Inf: float32 sums overflow when values near
+        # the top of the range meet large weights. Such a model would stall every worker.
+        if not await self._offload(packed.nbytes, model.layout.finite, packed):
+            log.error("Round %d's new model is not finite: updates near the float range's limit overflowed it, "
+                      "so the previous global model stands for the round. --max-update-norm or --aggregation "
+                      "median keeps such updates out.", round)
+            return model.packed, self.pipeline.state()
+        self.pipeline.commit(state)
+        return packed, self.pipeline.state()
+
+    async def _publish(self, round: int, layout: Layout, packed: np.ndarray, state: dict[str, np.ndarray]) -> bool:
         """Makes a new global model durable, then visible; False if it could not be saved. Holds ``_lock``."""
         if self.store:
             started = time.perf_counter()
             try:
-                await self._offload(layout.nbytes, self.store.save, round, layout, packed)
+                await self._offload(layout.nbytes, self.store.save, round, layout, packed, state)
             except OSError as error:
                 # Fail-stop: publishing a round that a restart would forget
                 # breaks the promise that rounds never go backwards.
@@ -306,17 +410,23 @@ class ParameterServer:
         return True
 
     def _set_model(self, round: int, layout: Layout, packed: np.ndarray) -> None:
-        self.model = GlobalModel(round, layout, packed, done=round >= self.rounds.policy.total_rounds)
+        total = self.rounds.policy.total_rounds
+        self.model = GlobalModel(round, total, layout, packed, done=round >= total)
         self.metrics.round.set(round)
         self.metrics.model_bytes.set(layout.nbytes)
 
-    async def next_model(self, after_round: int, timeout: float) -> GlobalModel | None:
-        """The first global model newer than ``after_round`` (or the final one), waiting
-        at most ``timeout`` seconds for it; None if it did not come in time."""
+    async def next_model(self, have_round: int, timeout: float) -> GlobalModel | None:
+        """The global model for a worker that holds ``have_round``, waiting at most ``timeout`` seconds
+        for one; None if none came in time.
+
+        That is the first model newer than ``have_round``, or the final one, or
+        at once the ps's own if it is behind ``have_round`` (it resumed from an
+        older checkpoint: the worker continues from it).
+        """
         deadline = time.monotonic() + timeout
         while True:
             model = self.model
-            if model is not None and (model.round > after_round or model.done):
+            if model is not None and (model.round != have_round or model.done):
                 return model
             try:
                 await asyncio.wait_for(self._published.wait(), deadline - time.monotonic())
@@ -325,35 +435,50 @@ class ParameterServer:
 
     def report_eval(self, member_id: str, round: int, loss: float, accuracy: float,
                     peer: bytes | None = None) -> None:
-        self._known(member_id, peer)
+        self.renew(member_id, peer)
         if not (math.isfinite(loss) and math.isfinite(accuracy)):
-            raise Refusal(grpc.StatusCode.OUT_OF_RANGE,
-                          f"Eval loss and accuracy must be finite. Received: loss={loss}, accuracy={accuracy}")
+            raise refusals.NotFinite(f"Eval loss and accuracy must be finite. Received: loss={loss}, "
+                                     f"accuracy={accuracy}")
         self.metrics.eval_loss.set(loss)
         self.metrics.eval_accuracy.set(accuracy)
         log.info("Round %d evaluation: loss %.4f, accuracy %.4f.", round, loss, accuracy)
 
+    def count_sent(self, nbytes: int) -> None:
+        self.metrics.update_bytes.labels("sent").inc(nbytes)
+
+    # Time ---------------------------------------------------------------------
+
     async def run_timers(self) -> None:
-        """Ends leases and round deadlines on time: sleeps until the next one or a change."""
+        """Ends leases and round deadlines on time: sleeps until the next one or a change.
+
+        An unexpected error is logged with its traceback and the timers go
+        on: without them leases and deadlines would stop without a word.
+        """
         while True:
-            self._poke.clear()
-            wait = self.rounds.next_event() - time.monotonic()
-            if wait > 0:
-                try:
-                    await asyncio.wait_for(self._poke.wait(), None if math.isinf(wait) else wait)
-                except TimeoutError:
-                    pass
-            for member in self.rounds.expire():
-                log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
-                            member.description or "no description", len(self.rounds.members))
-                self._membership_changed()
-            if self.rounds.overdue():
-                log.warning("Round %d passed its deadline with %d of the %d updates it needs (%d workers live); "
-                            "waiting another %.0f s.", self.rounds.open_round, len(self.rounds.contributors),
-                            self.rounds.policy.min_updates, len(self.rounds.members),
-                            self.rounds.policy.round_timeout)
-                self.rounds.extend_deadline()
-            await self.maybe_close()
+            try:
+                await self._timers_once()
+            except Exception:  # noqa: BLE001 - see the docstring
+                log.exception("The ps's timers failed; retrying in %.0f s.", TIMER_RETRY_SECONDS)
+                await asyncio.sleep(TIMER_RETRY_SECONDS)
+
+    async def _timers_once(self) -> None:
+        self._poke.clear()
+        wait = self.rounds.next_event() - time.monotonic()
+        if wait > 0:
+            try:
+                await asyncio.wait_for(self._poke.wait(), None if math.isinf(wait) else wait)
+            except TimeoutError:
+                pass
+        for member in self.rounds.expire():
+            log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
+                        member.description or "no description", len(self.rounds.members))
+            self._membership_changed()
+        if self.rounds.overdue():
+            log.warning("Round %d passed its deadline with %d of the %d updates it needs (%d workers live); "
+                        "waiting another %.0f s.", self.rounds.open_round, len(self.rounds.contributors),
+                        self.rounds.policy.min_updates, len(self.rounds.members), self.rounds.policy.round_timeout)
+            self.rounds.extend_deadline()
+        await self.maybe_close()
 
     async def drain(self) -> None:
         """Waits for a close or checkpoint in progress, so that it lands on disk."""
@@ -361,13 +486,7 @@ class ParameterServer:
             pass
 
     @staticmethod
-    async def _offload(nbytes: int, function, *args):
+    async def _offload(nbytes: int, function: Callable[..., T], *args: Any) -> T:
         if nbytes > OFFLOAD_BYTES:
             return await asyncio.to_thread(function, *args)
         return function(*args)
-
-
-def _refusal(verdict: Verdict, member: str, round: int, open_round: int) -> tuple[grpc.StatusCode, str, str]:
-    code, result, template = _VERDICT_REFUSALS[verdict]
-    # Ids are 32 characters; a longer one is someone else's text, not to be echoed whole.
-    return code, template.format(member=member[:40], round=round, open=open_round), result

@@ -1,45 +1,60 @@
 """The ps over gRPC: the servicer, the server, and the process's life.
 
-Maps each RPC onto :class:`comind.ps.ParameterServer` and each
-:class:`comind.ps.Refusal` onto its status code, so that a client can tell
-every kind of bad input apart:
+Turns each call into domain calls on :class:`comind.ps.ParameterServer`,
+and each :class:`comind.refusals.Refusal` into its status code through one
+table, :data:`STATUSES`, so that a client can tell every kind of bad input
+apart:
 
-===================  =====================  ===========================
-input                status                 ps state
-===================  =====================  ===========================
-missing/wrong token  UNAUTHENTICATED        unchanged
-unknown worker       NOT_FOUND              unchanged (register again)
-another's member id  PERMISSION_DENIED      unchanged (mutual TLS: the id
-                                            is bound to its certificate)
-dtype or shape       INVALID_ARGUMENT       unchanged
-NaN or Inf           OUT_OF_RANGE           unchanged
-stale round          ABORTED                unchanged (pull and go on)
-duplicate            OK, ``duplicate=true`` unchanged (idempotent)
-truncated stream     DATA_LOSS              unchanged
-oversized stream     RESOURCE_EXHAUSTED     unchanged
-===================  =====================  ===========================
+====================  =====================  ===========================
+input                 status                 ps state
+====================  =====================  ===========================
+missing/wrong token   UNAUTHENTICATED        unchanged
+unknown worker        NOT_FOUND              unchanged (join again)
+another's member id   PERMISSION_DENIED      unchanged (mutual TLS: the id
+                                             is bound to its certificate)
+dtype, shape, order   INVALID_ARGUMENT       unchanged
+NaN or Inf            OUT_OF_RANGE           unchanged
+truncated stream      DATA_LOSS              unchanged
+oversized stream      RESOURCE_EXHAUSTED     unchanged
+no model yet          FAILED_PRECONDITION    unchanged
+the ps is busy        UNAVAILABLE            unchanged (retry)
+a transfer too slow   DEADLINE_EXCEEDED      unchanged (retry)
+stale round           OK, receipt ``STALE``  unchanged; the newest model
+                                             follows
+duplicate             OK, receipt            unchanged (idempotent)
+                      ``DUPLICATE``
+====================  =====================  ===========================
+
+A worker's part in a round is one ``Round`` call: a hello (with its update's
+header, if it has one), the update's bytes, a receipt, renewals of its
+lease while the round is open, and the next global model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 
+from comind import refusals
 from comind.auth import TlsFiles, TokenInterceptor
 from comind.decoding import DecodingInterceptor
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS
-from comind.ps import ParameterServer, Refusal
-from comind.transfers import BufferPool, ModelMessages, Slots, not_ready
-from comind.tensors import Assembler, Layout, NonFiniteValues, OversizedStream, TruncatedStream
+from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, transfer_seconds
+from comind.ps import GlobalModel, ParameterServer, UpdateHeader, UpdateKind, UpdateResult
+from comind.tensors import Layout, chunks
+from comind.transfers import Slots
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
@@ -52,11 +67,30 @@ SERVER_OPTIONS = [
     ("grpc.http2.lookahead_bytes", 1 << 20),
 ]
 
+#: The status of each refusal.
+STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
+    refusals.UnknownMember: grpc.StatusCode.NOT_FOUND,
+    refusals.ForeignCertificate: grpc.StatusCode.PERMISSION_DENIED,
+    refusals.NoModelYet: grpc.StatusCode.FAILED_PRECONDITION,
+    refusals.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    refusals.ModelTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    refusals.NotFinite: grpc.StatusCode.OUT_OF_RANGE,
+    refusals.TruncatedStream: grpc.StatusCode.DATA_LOSS,
+    refusals.OversizedStream: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    refusals.Busy: grpc.StatusCode.UNAVAILABLE,
+    refusals.TooSlow: grpc.StatusCode.DEADLINE_EXCEEDED,
+    refusals.NotServing: grpc.StatusCode.UNAVAILABLE,
+}
+
+_KINDS = {pb.UPDATE_KIND_DELTA: UpdateKind.DELTA, pb.UPDATE_KIND_INITIAL: UpdateKind.INITIAL}
+_RESULTS = {UpdateResult.ACCEPTED: pb.UPDATE_RESULT_ACCEPTED, UpdateResult.DUPLICATE: pb.UPDATE_RESULT_DUPLICATE,
+            UpdateResult.STALE: pb.UPDATE_RESULT_STALE, UpdateResult.EARLY: pb.UPDATE_RESULT_EARLY,
+            UpdateResult.NOT_NEEDED: pb.UPDATE_RESULT_NOT_NEEDED}
+
 
 class Service(pb_grpc.ParameterServerServicer):
-    def __init__(self, ps: ParameterServer, max_concurrent_updates: int = 2):
+    def __init__(self, ps: ParameterServer):
         self.ps = ps
-        self._receiving = Slots(max_concurrent_updates, "receiving")
         # Few sends at once: each holds megabytes of gRPC buffers, and a model
         # goes out faster to one worker after another than to all at once.
         # (Dozens at once saved only about 5% of the ps's CPU with a thousand
@@ -64,119 +98,191 @@ class Service(pb_grpc.ParameterServerServicer):
         # together, buffered by gRPC: up to 250 MB more; bench/load.py.)
         self._sending = Slots(2, "sending")
         self._messages = ModelMessages()
-        self._buffers = BufferPool(max_concurrent_updates)
 
-    async def Register(self, request, context):
-        return self.ps.register(request.task_index, request.description, _peer(context))
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        info = self.ps.join(request.task_index, request.description, _peer(context))
+        return pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
+                            total_rounds=info.total_rounds, done=info.done,
+                            replicas_to_aggregate=info.replicas_to_aggregate or 0)
 
-    async def Heartbeat(self, request, context):
-        return await _answer(context, self.ps.heartbeat, request.member_id, _peer(context))
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        await _answer(context, self.ps.renew, request.member_id, _peer(context))
+        return pb.HeartbeatReply(round=self.ps.round, done=self.ps.done)
 
-    async def Leave(self, request, context):
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
         await _answer(context, self.ps.leave, request.member_id, _peer(context))
         return pb.Empty()
 
-    async def ReportEval(self, request, context):
+    async def ReportEval(self, request: pb.EvalReport, context: grpc.aio.ServicerContext) -> pb.Empty:
         await _answer(context, self.ps.report_eval, request.member_id, request.round, request.loss,
                       request.accuracy, _peer(context))
         return pb.Empty()
 
-    async def Initialize(self, request_iterator, context):
+    async def Round(self, request_iterator: AsyncIterator[pb.WorkerMessage],
+                    context: grpc.aio.ServicerContext) -> None:
         try:
-            header = await _read_header(request_iterator)
-            layout = self.ps.layout_of(header.tensors)
-            if not self.ps.check_initialize(header.member_id, layout, _peer(context)):
-                return pb.InitializeReply(accepted=False, round=self.ps.rounds.round)
-            async with self._receiving.hold(layout.nbytes) as deadline:
-                async with asyncio.timeout_at(deadline):
-                    # A buffer of its own: the initial model becomes the global model.
-                    packed = await self._receive(request_iterator, layout, np.empty(layout.nbytes, np.uint8))
-                return await self.ps.initialize(layout, packed)
-        except Refusal as refusal:
-            await context.abort(refusal.code, refusal.message)
+            await self._round(_Requests(request_iterator), context)
+        except refusals.Refusal as refusal:
+            await context.abort(STATUSES[type(refusal)], refusal.message)
 
-    async def PushUpdate(self, request_iterator, context):
+    async def _round(self, requests: _Requests, context: grpc.aio.ServicerContext) -> None:
+        peer = _peer(context)
+        first = await requests.next()
+        if first is None or first.WhichOneof("part") != "hello":
+            raise refusals.InvalidRequest("A Round call must start with a hello message naming the worker.")
+        hello = first.hello
+        self.ps.renew(hello.member_id, peer)
+        unread = False  # whether the update's bytes are still coming, unread
+        if hello.HasField("update"):
+            header = self._header(hello.update)
+            result = await self.ps.receive(hello.member_id, header, _data(requests, header.layout.nbytes), peer)
+            await context.write(pb.PsMessage(receipt=pb.Receipt(round=header.round, result=_RESULTS[result]))
+                                .SerializeToString())
+            unread = result is not UpdateResult.ACCEPTED
+        # From here to the call's end, the worker's renewals keep its lease: while the round is open, and while
+        # a large model goes down a slow link.
+        renewals = asyncio.ensure_future(self._renewals(requests, hello.member_id, peer, unread))
         try:
-            header = await _read_header(request_iterator)
-            ticket = self.ps.open_update(header, _peer(context))
-            if ticket is None:
-                reply = pb.PushReply(round=header.round, duplicate=True)
-            else:
-                async with self._receiving.hold(ticket.layout.nbytes) as deadline:
-                    buffer = self._buffers.take(ticket.layout.nbytes)
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            packed = await self._receive(request_iterator, ticket.layout, buffer)
-                        reply = await self.ps.commit_update(ticket, packed)
-                    finally:
-                        self._buffers.give_back(buffer)
-            self.ps.metrics.updates.labels("duplicate" if reply.duplicate else "accepted").inc()
-        except Refusal as refusal:
-            self.ps.metrics.updates.labels(refusal.result).inc()
-            log.warning("Refused an update: %s", refusal.message)
-            await context.abort(refusal.code, refusal.message)
-        await self.ps.maybe_close()
-        return reply
-
-    async def PullModel(self, request, context):
-        try:
-            if request.member_id:
-                self.ps.heartbeat(request.member_id, _peer(context))
-            remaining = context.time_remaining()
-            wait = LONG_POLL_SECONDS if remaining is None else max(0.0, min(LONG_POLL_SECONDS, remaining - 1.0))
-            model = await self.ps.next_model(request.after_round, wait)
-            if model is None:
-                await context.write(not_ready(self.ps.rounds.round))
-                return
-            async with self._sending.hold(model.layout.nbytes) as deadline:
-                async with asyncio.timeout_at(deadline):
-                    sent = self.ps.metrics.update_bytes.labels("sent")
-                    for message, nbytes in self._messages.of(model):
-                        await context.write(message)
-                        sent.inc(nbytes)
-        except Refusal as refusal:
-            await context.abort(refusal.code, refusal.message)
-
-    async def _receive(self, request_iterator, layout: Layout, buffer: np.ndarray) -> np.ndarray:
-        assembler = Assembler(layout, check_finite=True, buffer=buffer)
-        try:
-            async for message in request_iterator:
-                if message.WhichOneof("part") != "data":
-                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                                  "Only the first message of a stream may be a header; the rest carry data.")
-                assembler.feed(message.data)
-            return assembler.finish()
-        except TruncatedStream as error:
-            raise Refusal(grpc.StatusCode.DATA_LOSS, f"Truncated model: the {error}.") from None
-        except OversizedStream as error:
-            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Oversized model: the {error}.") from None
-        except NonFiniteValues as error:
-            raise Refusal(grpc.StatusCode.OUT_OF_RANGE,
-                          f"The model is not finite: {error}. Training diverged; lower the learning "
-                          f"rate or clip gradients.") from None
+            await self._answer(hello, renewals, context)
         finally:
-            self.ps.metrics.update_bytes.labels("received").inc(assembler.received)
+            renewals.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewals
+
+    async def _answer(self, hello: pb.Hello, renewals: asyncio.Future[None],
+                      context: grpc.aio.ServicerContext) -> None:
+        """Sends the worker's next model, or "not yet" after a long poll; a refusal in ``renewals`` ends it."""
+        remaining = context.time_remaining()
+        model_bytes = self.ps.model.layout.nbytes if self.ps.model else 0
+        wait = LONG_POLL_SECONDS if remaining is None else \
+            max(0.0, min(LONG_POLL_SECONDS, remaining - transfer_seconds(model_bytes)))
+        model = await _unless_refused(renewals, self.ps.next_model(hello.have_round, wait))
+        if model is None:
+            await context.write(not_ready(self.ps.round))
+            return
+        async with self._sending.hold(model.layout.nbytes) as deadline:
+            async with asyncio.timeout_at(deadline):
+                for message, nbytes in self._messages.of(model):
+                    _raise_if_refused(renewals)
+                    await context.write(message)
+                    self.ps.count_sent(nbytes)
+
+    def _header(self, message: pb.UpdateHeader) -> UpdateHeader:
+        kind = _KINDS.get(message.kind)
+        if kind is None:
+            raise refusals.InvalidRequest(f"An update must be a delta or an initial model. Received: "
+                                          f"kind={message.kind}")
+        layout = self.ps.layout_of(lambda max_bytes: Layout.from_proto(message.tensors, max_bytes))
+        return UpdateHeader(kind, message.round, layout, message.num_examples, message.loss, message.accuracy)
+
+    async def _renewals(self, requests: _Requests, member_id: str, peer: bytes | None, unread: bool) -> None:
+        while (message := await requests.next()) is not None:
+            part = message.WhichOneof("part")
+            if part == "renewal":
+                self.ps.renew(member_id, peer)
+            elif part == "data" and unread:
+                continue  # the rest of an update the ps did not need, sent before its receipt arrived
+            elif part == "data":
+                raise refusals.OversizedStream("Oversized model: the stream carries more bytes than its header "
+                                               "declared.")
+            else:
+                raise refusals.InvalidRequest(f"A Round call carries one hello; after it, only the update's "
+                                              f"bytes and renewals. Received: {part}")
 
 
-async def _read_header(request_iterator) -> pb.UpdateHeader:
-    first = await anext(aiter(request_iterator), None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                      "A model stream must start with a header message naming its tensors.")
-    return first.header
+async def _unless_refused(renewals: asyncio.Future[None], work: Awaitable[T]) -> T:
+    """Awaits ``work``, unless ``renewals`` fails first (the worker's lease ended meanwhile): then raises that."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({renewals, task}, return_when=asyncio.FIRST_COMPLETED)
+        _raise_if_refused(renewals)
+        return await task
+    finally:
+        task.cancel()
 
 
-def _peer(context) -> bytes | None:
+def _raise_if_refused(renewals: asyncio.Future[None]) -> None:
+    """Raises the refusal that ended ``renewals``, if one did; a normal end (the worker half-closed) is fine."""
+    if renewals.done() and not renewals.cancelled():
+        renewals.result()
+
+
+class _Requests:
+    """A Round call's incoming messages, read one at a time."""
+
+    def __init__(self, iterator: AsyncIterator[pb.WorkerMessage]):
+        self._iterator = aiter(iterator)
+
+    async def next(self) -> pb.WorkerMessage | None:
+        return await anext(self._iterator, None)
+
+
+async def _data(requests: _Requests, nbytes: int) -> AsyncIterator[bytes]:
+    """An update's bytes: the data messages that follow its hello, up to the ``nbytes`` its header declared."""
+    received = 0
+    while received < nbytes:
+        message = await requests.next()
+        if message is None:
+            return  # the assembler reports the truncation
+        if message.WhichOneof("part") != "data":
+            raise refusals.InvalidRequest(f"An update's bytes must follow its hello as data messages. Received: "
+                                          f"{message.WhichOneof('part')} after {received} of {nbytes} bytes")
+        received += len(message.data)
+        yield message.data
+
+
+class ModelMessages:
+    """The messages that carry the newest global model down, serialized.
+
+    A thousand workers receive the same model in a round: serializing its
+    messages once, not once per call, saves two copies of the model per
+    worker (slicing it into bytes, then serializing those), and the
+    allocations that go with them. The server writes these bytes as they are
+    (Round has no response serializer).
+    """
+
+    #: Models up to this size are serialized once per round; a larger one,
+    #: chunk by chunk for each call, so that the ps never holds a second copy of it.
+    SHARED_MAX_BYTES = 64 << 20
+
+    def __init__(self) -> None:
+        self._model: GlobalModel | None = None
+        self._messages: list[tuple[bytes, int]] = []
+
+    def of(self, model: GlobalModel) -> Iterable[tuple[bytes, int]]:
+        """Each message of ``model``, serialized, with the model bytes it carries."""
+        if model.layout.nbytes > self.SHARED_MAX_BYTES:
+            return _serialize(model)
+        if model is not self._model:
+            self._model, self._messages = model, list(_serialize(model))
+        return self._messages
+
+
+def not_ready(round: int) -> bytes:
+    """The last message of a call that waited a whole long poll for a newer model."""
+    return pb.PsMessage(model=pb.ModelHeader(ready=False, round=round)).SerializeToString()
+
+
+def _serialize(model: GlobalModel) -> Iterator[tuple[bytes, int]]:
+    header = pb.ModelHeader(ready=True, round=model.round, done=model.done, total_rounds=model.total_rounds,
+                            tensors=model.layout.to_proto())
+    yield pb.PsMessage(model=header).SerializeToString(), 0
+    for data in chunks(model.packed):
+        yield pb.PsMessage(data=data).SerializeToString(), len(data)
+
+
+def _peer(context: grpc.aio.ServicerContext) -> bytes | None:
     """The fingerprint of the caller's client certificate under mutual TLS; None otherwise."""
     certificates = context.auth_context().get("x509_pem_cert")
     return hashlib.sha256(certificates[0]).digest() if certificates else None
 
 
-async def _answer(context, function, *args):
+async def _answer(context: grpc.aio.ServicerContext, function: Callable[..., T], *args: Any) -> T:
     try:
         return function(*args)
-    except Refusal as refusal:
-        await context.abort(refusal.code, refusal.message)
+    except refusals.Refusal as refusal:
+        await context.abort(STATUSES[type(refusal)], refusal.message)
+        raise  # abort raises; this line is for the type checker
 
 
 class _Registrations:
@@ -192,24 +298,24 @@ class _Registrations:
 
 
 def _method_handlers(service: Service) -> dict[str, grpc.RpcMethodHandler]:
-    """The generated handlers, except that PullModel writes bytes serialized in advance
-    (:class:`comind.transfers.ModelMessages`): without a serializer, gRPC sends them as they are."""
+    """The generated handlers, except that Round writes bytes serialized in advance
+    (:class:`ModelMessages`): without a serializer, gRPC sends them as they are."""
     registrations = _Registrations()
     pb_grpc.add_ParameterServerServicer_to_server(service, registrations)
-    pull = registrations.handlers["PullModel"]
-    registrations.handlers["PullModel"] = grpc.unary_stream_rpc_method_handler(
-        pull.unary_stream, request_deserializer=pull.request_deserializer)
+    round = registrations.handlers["Round"]
+    registrations.handlers["Round"] = grpc.stream_stream_rpc_method_handler(
+        round.stream_stream, request_deserializer=round.request_deserializer)
     return registrations.handlers
 
 
-def build_server(ps: ParameterServer, listen: str, token: str | None, tls: TlsFiles,
-                 max_concurrent_updates: int = 2) -> tuple[grpc.aio.Server, int]:
+def build_server(ps: ParameterServer, listen: str, token: str | None,
+                 tls: TlsFiles = TlsFiles()) -> tuple[grpc.aio.Server, int]:
     """A gRPC server for ``ps`` bound to ``listen``; returns it and the bound port."""
     # The token is checked first: garbage from a stranger is UNAUTHENTICATED.
     interceptors = [TokenInterceptor(token, on_failure=ps.metrics.auth_failures.inc)] if token else []
     interceptors.append(DecodingInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS + SERVER_OPTIONS)
-    handlers = _method_handlers(Service(ps, max_concurrent_updates))
+    handlers = _method_handlers(Service(ps))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     try:
@@ -229,7 +335,7 @@ async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: 
     Returns the exit status: 1 if a checkpoint could not be written, else 0.
     """
     await server.start()
-    timers = asyncio.create_task(ps.run_timers())
+    timers = asyncio.create_task(ps.run_timers())  # never ends: it logs and survives its own errors
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

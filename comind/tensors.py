@@ -42,6 +42,10 @@ class LayoutError(ValueError):
     """A tensor spec is malformed, or two layouts disagree."""
 
 
+class LayoutTooLarge(LayoutError):
+    """A layout that declares more bytes than the reader accepts."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -119,7 +123,7 @@ class Layout:
             spec = _spec_from_proto(i, message, max_bytes)
             total += spec.nbytes
             if total > max_bytes:
-                raise LayoutError(
+                raise LayoutTooLarge(
                     f"The model is larger than this ps accepts ({max_bytes} bytes); raise "
                     f"--max-model-bytes if that is intended. Received: {total}+ bytes"
                 )

@@ -31,11 +31,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds of pretend training per round")
     parser.add_argument("--token", default=None)
+    parser.add_argument("--rows", type=int, default=SHAPES[0][0], help="rows of the first tensor (its size)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {args.task_index} %(levelname)s %(message)s")
     with WorkerClient(args.address, task_index=args.task_index, token=args.token) as client, \
             open(args.out, "a", buffering=1) as out:
-        state = client.join([np.zeros(shape, np.float32) for shape in SHAPES])
+        shapes = [(args.rows, *SHAPES[0][1:]), *SHAPES[1:]]
+        state = client.join([np.zeros(shape, np.float32) for shape in shapes])
         while True:
             out.write(json.dumps({"round": state.round, "done": state.done,
                                   "values": [float(w.ravel()[0]) for w in state.weights],

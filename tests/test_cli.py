@@ -12,7 +12,7 @@ import pytest
 from comind import cli
 from comind.checkpoint import CheckpointStore
 from comind.tensors import Layout
-from conftest import ROOT
+from processes import ROOT
 
 
 def ps(*args, env=None):

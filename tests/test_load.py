@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from processes import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 from core import MB, render  # noqa: E402 - the benchmarks' helpers

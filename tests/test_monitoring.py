@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from comind.metrics import PsMetrics, WorkerMetrics
-from conftest import ROOT
+from processes import ROOT
 
 MONITORING = ROOT / "monitoring"
 

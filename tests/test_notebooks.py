@@ -12,7 +12,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from processes import ROOT
 
 TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = ("1-basic-classifier.ipynb", "2-distributed.ipynb", "3-federated.ipynb")

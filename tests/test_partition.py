@@ -95,7 +95,7 @@ def test_a_ps_cut_off_from_everyone_loses_no_worker(network, start_ps, tmp_path)
     logs = finish(ps, workers)
     assert len(re.findall(r"lease ended", "\n".join(ps.lines[cut_line:heal_line]))) == 2
     for log in logs:  # each worker kept retrying rather than giving up
-        assert "The ps is unreachable" in log or "registering again" in log, log
+        assert "The ps is unreachable" in log or "joining again" in log, log
     for out in outs:
         rounds = [h["round"] for h in read_history(out)]
         assert rounds == sorted(set(rounds)) and rounds[-1] == ROUNDS

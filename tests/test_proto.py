@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from processes import ROOT
 
 GENERATED = ["comind_pb2.py", "comind_pb2.pyi", "comind_pb2_grpc.py"]
 

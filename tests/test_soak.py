@@ -16,7 +16,7 @@ import signal
 
 import numpy as np
 
-from conftest import rss_mb
+from processes import rss_mb
 from numpy_cluster import assert_finishes, read_history, start_worker
 
 ROUNDS = int(os.environ.get("SOAK_ROUNDS", "320"))

@@ -1,10 +1,35 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class UpdateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPDATE_KIND_UNSPECIFIED: _ClassVar[UpdateKind]
+    UPDATE_KIND_DELTA: _ClassVar[UpdateKind]
+    UPDATE_KIND_INITIAL: _ClassVar[UpdateKind]
+
+class UpdateResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPDATE_RESULT_UNSPECIFIED: _ClassVar[UpdateResult]
+    UPDATE_RESULT_ACCEPTED: _ClassVar[UpdateResult]
+    UPDATE_RESULT_DUPLICATE: _ClassVar[UpdateResult]
+    UPDATE_RESULT_STALE: _ClassVar[UpdateResult]
+    UPDATE_RESULT_EARLY: _ClassVar[UpdateResult]
+    UPDATE_RESULT_NOT_NEEDED: _ClassVar[UpdateResult]
+UPDATE_KIND_UNSPECIFIED: UpdateKind
+UPDATE_KIND_DELTA: UpdateKind
+UPDATE_KIND_INITIAL: UpdateKind
+UPDATE_RESULT_UNSPECIFIED: UpdateResult
+UPDATE_RESULT_ACCEPTED: UpdateResult
+UPDATE_RESULT_DUPLICATE: UpdateResult
+UPDATE_RESULT_STALE: UpdateResult
+UPDATE_RESULT_EARLY: UpdateResult
+UPDATE_RESULT_NOT_NEEDED: UpdateResult
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -16,7 +41,7 @@ class TensorSpec(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class RegisterRequest(_message.Message):
+class JoinRequest(_message.Message):
     __slots__ = ("task_index", "description")
     TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -24,7 +49,7 @@ class RegisterRequest(_message.Message):
     description: str
     def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
-class RegisterReply(_message.Message):
+class JoinReply(_message.Message):
     __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +65,78 @@ class RegisterReply(_message.Message):
     replicas_to_aggregate: int
     def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ...) -> None: ...
 
+class Hello(_message.Message):
+    __slots__ = ("member_id", "have_round", "update")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    HAVE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    have_round: int
+    update: UpdateHeader
+    def __init__(self, member_id: _Optional[str] = ..., have_round: _Optional[int] = ..., update: _Optional[_Union[UpdateHeader, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    kind: UpdateKind
+    round: int
+    num_examples: int
+    loss: float
+    accuracy: float
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "data", "renewal")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    data: bytes
+    renewal: Renewal
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., data: _Optional[bytes] = ..., renewal: _Optional[_Union[Renewal, _Mapping]] = ...) -> None: ...
+
+class Renewal(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("round", "result")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    result: UpdateResult
+    def __init__(self, round: _Optional[int] = ..., result: _Optional[_Union[UpdateResult, str]] = ...) -> None: ...
+
+class ModelHeader(_message.Message):
+    __slots__ = ("ready", "round", "done", "total_rounds", "tensors")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    round: int
+    done: bool
+    total_rounds: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class PsMessage(_message.Message):
+    __slots__ = ("receipt", "model", "data")
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    receipt: Receipt
+    model: ModelHeader
+    data: bytes
+    def __init__(self, receipt: _Optional[_Union[Receipt, _Mapping]] = ..., model: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class HeartbeatRequest(_message.Message):
     __slots__ = ("member_id",)
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -53,74 +150,6 @@ class HeartbeatReply(_message.Message):
     round: int
     done: bool
     def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
-
-class UpdateHeader(_message.Message):
-    __slots__ = ("member_id", "round", "num_examples", "loss", "accuracy", "tensors")
-    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
-    LOSS_FIELD_NUMBER: _ClassVar[int]
-    ACCURACY_FIELD_NUMBER: _ClassVar[int]
-    TENSORS_FIELD_NUMBER: _ClassVar[int]
-    member_id: str
-    round: int
-    num_examples: int
-    loss: float
-    accuracy: float
-    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, member_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
-
-class UpdateChunk(_message.Message):
-    __slots__ = ("header", "data")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    header: UpdateHeader
-    data: bytes
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class InitializeReply(_message.Message):
-    __slots__ = ("accepted", "round")
-    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    accepted: bool
-    round: int
-    def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
-
-class PushReply(_message.Message):
-    __slots__ = ("round", "duplicate")
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
-    round: int
-    duplicate: bool
-    def __init__(self, round: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
-
-class PullRequest(_message.Message):
-    __slots__ = ("member_id", "after_round")
-    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
-    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
-    member_id: str
-    after_round: int
-    def __init__(self, member_id: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
-
-class ModelHeader(_message.Message):
-    __slots__ = ("ready", "round", "done", "tensors")
-    READY_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    DONE_FIELD_NUMBER: _ClassVar[int]
-    TENSORS_FIELD_NUMBER: _ClassVar[int]
-    ready: bool
-    round: int
-    done: bool
-    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
-
-class ModelChunk(_message.Message):
-    __slots__ = ("header", "data")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    header: ModelHeader
-    data: bytes
-    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EvalReport(_message.Message):
     __slots__ = ("member_id", "round", "loss", "accuracy")

@@ -34,38 +34,28 @@ class ParameterServerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Register = channel.unary_unary(
-                '/comind.v1.ParameterServer/Register',
-                request_serializer=comind_dot_proto_dot_comind__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=comind_dot_proto_dot_comind__pb2.RegisterReply.FromString,
+        self.Join = channel.unary_unary(
+                '/comind.v2.ParameterServer/Join',
+                request_serializer=comind_dot_proto_dot_comind__pb2.JoinRequest.SerializeToString,
+                response_deserializer=comind_dot_proto_dot_comind__pb2.JoinReply.FromString,
+                _registered_method=True)
+        self.Round = channel.stream_stream(
+                '/comind.v2.ParameterServer/Round',
+                request_serializer=comind_dot_proto_dot_comind__pb2.WorkerMessage.SerializeToString,
+                response_deserializer=comind_dot_proto_dot_comind__pb2.PsMessage.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
-                '/comind.v1.ParameterServer/Heartbeat',
+                '/comind.v2.ParameterServer/Heartbeat',
                 request_serializer=comind_dot_proto_dot_comind__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=comind_dot_proto_dot_comind__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
-        self.Initialize = channel.stream_unary(
-                '/comind.v1.ParameterServer/Initialize',
-                request_serializer=comind_dot_proto_dot_comind__pb2.UpdateChunk.SerializeToString,
-                response_deserializer=comind_dot_proto_dot_comind__pb2.InitializeReply.FromString,
-                _registered_method=True)
-        self.PushUpdate = channel.stream_unary(
-                '/comind.v1.ParameterServer/PushUpdate',
-                request_serializer=comind_dot_proto_dot_comind__pb2.UpdateChunk.SerializeToString,
-                response_deserializer=comind_dot_proto_dot_comind__pb2.PushReply.FromString,
-                _registered_method=True)
-        self.PullModel = channel.unary_stream(
-                '/comind.v1.ParameterServer/PullModel',
-                request_serializer=comind_dot_proto_dot_comind__pb2.PullRequest.SerializeToString,
-                response_deserializer=comind_dot_proto_dot_comind__pb2.ModelChunk.FromString,
-                _registered_method=True)
         self.ReportEval = channel.unary_unary(
-                '/comind.v1.ParameterServer/ReportEval',
+                '/comind.v2.ParameterServer/ReportEval',
                 request_serializer=comind_dot_proto_dot_comind__pb2.EvalReport.SerializeToString,
                 response_deserializer=comind_dot_proto_dot_comind__pb2.Empty.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
-                '/comind.v1.ParameterServer/Leave',
+                '/comind.v2.ParameterServer/Leave',
                 request_serializer=comind_dot_proto_dot_comind__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=comind_dot_proto_dot_comind__pb2.Empty.FromString,
                 _registered_method=True)
@@ -74,33 +64,22 @@ class ParameterServerStub:
 class ParameterServerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Register(self, request, context):
+    def Join(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Initialize(self, request_iterator, context):
-        """The first model: the chief's initial weights, unless the ps has one.
+    def Round(self, request_iterator, context):
+        """A worker's part in a round: its update up, the next global model down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PushUpdate(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PullModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Heartbeat(self, request, context):
+        """Renews the lease while no Round call is open (long local training).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -121,30 +100,20 @@ class ParameterServerServicer:
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Register': grpc.unary_unary_rpc_method_handler(
-                    servicer.Register,
-                    request_deserializer=comind_dot_proto_dot_comind__pb2.RegisterRequest.FromString,
-                    response_serializer=comind_dot_proto_dot_comind__pb2.RegisterReply.SerializeToString,
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=comind_dot_proto_dot_comind__pb2.JoinRequest.FromString,
+                    response_serializer=comind_dot_proto_dot_comind__pb2.JoinReply.SerializeToString,
+            ),
+            'Round': grpc.stream_stream_rpc_method_handler(
+                    servicer.Round,
+                    request_deserializer=comind_dot_proto_dot_comind__pb2.WorkerMessage.FromString,
+                    response_serializer=comind_dot_proto_dot_comind__pb2.PsMessage.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
                     request_deserializer=comind_dot_proto_dot_comind__pb2.HeartbeatRequest.FromString,
                     response_serializer=comind_dot_proto_dot_comind__pb2.HeartbeatReply.SerializeToString,
-            ),
-            'Initialize': grpc.stream_unary_rpc_method_handler(
-                    servicer.Initialize,
-                    request_deserializer=comind_dot_proto_dot_comind__pb2.UpdateChunk.FromString,
-                    response_serializer=comind_dot_proto_dot_comind__pb2.InitializeReply.SerializeToString,
-            ),
-            'PushUpdate': grpc.stream_unary_rpc_method_handler(
-                    servicer.PushUpdate,
-                    request_deserializer=comind_dot_proto_dot_comind__pb2.UpdateChunk.FromString,
-                    response_serializer=comind_dot_proto_dot_comind__pb2.PushReply.SerializeToString,
-            ),
-            'PullModel': grpc.unary_stream_rpc_method_handler(
-                    servicer.PullModel,
-                    request_deserializer=comind_dot_proto_dot_comind__pb2.PullRequest.FromString,
-                    response_serializer=comind_dot_proto_dot_comind__pb2.ModelChunk.SerializeToString,
             ),
             'ReportEval': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEval,
@@ -158,9 +127,9 @@ def add_ParameterServerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'comind.v1.ParameterServer', rpc_method_handlers)
+            'comind.v2.ParameterServer', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('comind.v1.ParameterServer', rpc_method_handlers)
+    server.add_registered_method_handlers('comind.v2.ParameterServer', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -168,7 +137,7 @@ class ParameterServer:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Register(request,
+    def Join(request,
             target,
             options=(),
             channel_credentials=None,
@@ -181,9 +150,36 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/comind.v1.ParameterServer/Register',
-            comind_dot_proto_dot_comind__pb2.RegisterRequest.SerializeToString,
-            comind_dot_proto_dot_comind__pb2.RegisterReply.FromString,
+            '/comind.v2.ParameterServer/Join',
+            comind_dot_proto_dot_comind__pb2.JoinRequest.SerializeToString,
+            comind_dot_proto_dot_comind__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Round(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/comind.v2.ParameterServer/Round',
+            comind_dot_proto_dot_comind__pb2.WorkerMessage.SerializeToString,
+            comind_dot_proto_dot_comind__pb2.PsMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -208,90 +204,9 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/comind.v1.ParameterServer/Heartbeat',
+            '/comind.v2.ParameterServer/Heartbeat',
             comind_dot_proto_dot_comind__pb2.HeartbeatRequest.SerializeToString,
             comind_dot_proto_dot_comind__pb2.HeartbeatReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Initialize(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/comind.v1.ParameterServer/Initialize',
-            comind_dot_proto_dot_comind__pb2.UpdateChunk.SerializeToString,
-            comind_dot_proto_dot_comind__pb2.InitializeReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PushUpdate(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/comind.v1.ParameterServer/PushUpdate',
-            comind_dot_proto_dot_comind__pb2.UpdateChunk.SerializeToString,
-            comind_dot_proto_dot_comind__pb2.PushReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PullModel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/comind.v1.ParameterServer/PullModel',
-            comind_dot_proto_dot_comind__pb2.PullRequest.SerializeToString,
-            comind_dot_proto_dot_comind__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -316,7 +231,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/comind.v1.ParameterServer/ReportEval',
+            '/comind.v2.ParameterServer/ReportEval',
             comind_dot_proto_dot_comind__pb2.EvalReport.SerializeToString,
             comind_dot_proto_dot_comind__pb2.Empty.FromString,
             options,
@@ -343,7 +258,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/comind.v1.ParameterServer/Leave',
+            '/comind.v2.ParameterServer/Leave',
             comind_dot_proto_dot_comind__pb2.LeaveRequest.SerializeToString,
             comind_dot_proto_dot_comind__pb2.Empty.FromString,
             options,

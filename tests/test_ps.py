@@ -1,0 +1,304 @@
+"""The ps's core in-process, on domain types: no gRPC, no processes.
+
+Each test drives :class:`comind.ps.ParameterServer` the way ``service.py``
+does, with updates as async iterators of bytes, and reads the results back
+from the ps's model, its checkpoints and a fresh metrics registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from comind import refusals, service, transfers
+from comind.checkpoint import CheckpointStore
+from comind.metrics import PsMetrics
+from comind.pipeline import PipelineSettings, ServerPipeline
+from comind.ps import ParameterServer, UpdateHeader, UpdateKind, UpdateResult
+from comind.rounds import RoundPolicy
+from comind.tensors import Layout, chunks
+
+INITIAL = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32), np.array([5], np.int64)]
+LAYOUT = Layout.of(INITIAL)
+
+
+async def data(arrays: Sequence[np.ndarray]) -> AsyncIterator[bytes]:
+    for chunk in chunks(LAYOUT.pack(arrays), chunk_bytes=16):
+        yield chunk
+
+
+def make_ps(registry: CollectorRegistry | None = None, *, pipeline: ServerPipeline | None = None,
+            store: CheckpointStore | None = None, **policy: object) -> ParameterServer:
+    settings = {"num_workers": 2, "total_rounds": 5, "lease_seconds": 30.0, **policy}
+    return ParameterServer(RoundPolicy(**settings), PsMetrics(registry or CollectorRegistry()),  # type: ignore[arg-type]
+                           pipeline=pipeline, store=store)
+
+
+async def initialized(ps: ParameterServer, workers: int = 2) -> list[str]:
+    members = [ps.join(task, f"worker {task}").member_id for task in range(workers)]
+    header = UpdateHeader(UpdateKind.INITIAL, 0, LAYOUT)
+    assert await ps.receive(members[0], header, data(INITIAL)) is UpdateResult.ACCEPTED
+    return members
+
+
+def delta(value: float, counter: int = 5, examples: int = 10, round: int = 1) -> tuple[UpdateHeader, list]:
+    arrays = [np.full((4, 3), value, np.float32), np.full(3, value, np.float32), np.array([counter], np.int64)]
+    return UpdateHeader(UpdateKind.DELTA, round, LAYOUT, examples, loss=1.0, accuracy=0.5), arrays
+
+
+def model_values(ps: ParameterServer) -> list[np.ndarray]:
+    assert ps.model is not None
+    return ps.model.layout.views(ps.model.packed)
+
+
+@pytest.mark.parametrize("weighting, expected", [("examples", (1 * 100 + 4 * 300) / 400), ("uniform", 2.5)])
+def test_a_round_adds_the_weighted_mean_of_the_deltas(weighting, expected):
+    async def scenario():
+        ps = make_ps(pipeline=ServerPipeline(PipelineSettings(weighting=weighting)))
+        a, b = await initialized(ps)
+        for member, value, counter, examples in ((a, 1.0, 7, 100), (b, 4.0, 10, 300)):
+            header, arrays = delta(value, counter, examples)
+            assert await ps.receive(member, header, data(arrays)) is UpdateResult.ACCEPTED
+        return ps
+
+    ps = asyncio.run(scenario())
+    assert ps.round == 1
+    kernel, bias, counter = model_values(ps)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-6)
+    np.testing.assert_allclose(bias, expected, rtol=1e-6)
+    # Integer tensors travel as values: their mean, rounded, replaces them.
+    assert counter[0] == round((7 * 100 + 10 * 300) / 400 if weighting == "examples" else 8.5)
+
+
+def test_stale_duplicate_and_early_updates_are_receipts_and_change_nothing():
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = make_ps(registry)
+        a, b = await initialized(ps)
+        header, arrays = delta(1.0)
+        assert await ps.receive(a, header, data(arrays)) is UpdateResult.ACCEPTED
+        assert await ps.receive(a, header, data(arrays)) is UpdateResult.DUPLICATE
+        early, _ = delta(1.0, round=3)
+        assert await ps.receive(b, early, data(arrays)) is UpdateResult.EARLY
+        assert await ps.receive(b, header, data(arrays)) is UpdateResult.ACCEPTED  # closes round 1
+        assert await ps.receive(b, header, data(arrays)) is UpdateResult.STALE
+        return ps, registry
+
+    ps, registry = asyncio.run(scenario())
+    assert ps.round == 1
+    np.testing.assert_allclose(model_values(ps)[0], 1.0)
+    counts = {result: registry.get_sample_value("comind_updates_total", {"result": result})
+              for result in ("accepted", "duplicate", "early", "stale")}
+    assert counts == {"accepted": 2, "duplicate": 1, "early": 1, "stale": 1}
+
+
+def test_an_initial_model_the_ps_does_not_need_is_not_read():
+    async def never_read() -> AsyncIterator[bytes]:
+        raise AssertionError("the ps read an initial model it did not need")
+        yield b""
+
+    async def scenario():
+        ps = make_ps()
+        a, _ = await initialized(ps)
+        return await ps.receive(a, UpdateHeader(UpdateKind.INITIAL, 0, LAYOUT), never_read())
+
+    assert asyncio.run(scenario()) is UpdateResult.NOT_NEEDED
+
+
+@pytest.mark.parametrize("case, error", [
+    ("unknown member", refusals.UnknownMember),
+    ("wrong shape", refusals.InvalidRequest),
+    ("no examples", refusals.InvalidRequest),
+    ("NaN loss", refusals.NotFinite),
+    ("NaN value", refusals.NotFinite),
+    ("truncated", refusals.TruncatedStream),
+])
+def test_bad_updates_are_refusals_that_change_nothing(case, error):
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = make_ps(registry)
+        a, _ = await initialized(ps)
+        header, arrays = delta(1.0)
+        member = "0" * 32 if case == "unknown member" else a
+        stream = data(arrays)
+        if case == "wrong shape":
+            header = UpdateHeader(UpdateKind.DELTA, 1, Layout.of([np.zeros((3, 4), np.float32)]), 10)
+        elif case == "no examples":
+            header = delta(1.0, examples=0)[0]
+        elif case == "NaN loss":
+            header = UpdateHeader(UpdateKind.DELTA, 1, LAYOUT, 10, loss=float("nan"))
+        elif case == "NaN value":
+            arrays[1][2] = np.nan
+            stream = data(arrays)
+        elif case == "truncated":
+            async def first_chunk() -> AsyncIterator[bytes]:
+                yield LAYOUT.pack(arrays).tobytes()[:20]
+            stream = first_chunk()
+        with pytest.raises(error):
+            await ps.receive(member, header, stream)
+        return ps, registry
+
+    ps, registry = asyncio.run(scenario())
+    np.testing.assert_array_equal(model_values(ps)[0], 0.0)
+    assert ps.rounds.contributors == set()
+    assert registry.get_sample_value("comind_updates_total", {"result": "rejected"}) == 1
+
+
+def test_every_refusal_has_its_own_status():
+    kinds = set(refusals.Refusal.__subclasses__())
+    assert kinds == set(service.STATUSES), "a refusal without a status would reach the worker as UNKNOWN"
+
+
+def test_the_ps_core_imports_neither_grpc_nor_tensorflow():
+    code = ("import sys, comind.ps; bad = [m for m in ('grpc', 'tensorflow', 'keras') if m in sys.modules]; "
+            "print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_busy_ps_is_counted_as_busy_not_rejected(monkeypatch):
+    allowed = iter([0.5, 0.1])  # the first update holds the only slot longer than the second may wait
+    monkeypatch.setattr(transfers, "transfer_seconds", lambda nbytes: next(allowed))
+
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = ParameterServer(RoundPolicy(num_workers=2, total_rounds=5), PsMetrics(registry),
+                             max_concurrent_updates=1)
+        a, b = await initialized(ps)
+        release = asyncio.Event()
+
+        async def held() -> AsyncIterator[bytes]:
+            await release.wait()
+            yield b""
+
+        header, arrays = delta(1.0)
+        slow = asyncio.ensure_future(ps.receive(a, header, held()))
+        await asyncio.sleep(0.05)
+        with pytest.raises(refusals.Busy):
+            await ps.receive(b, header, data(arrays))
+        with pytest.raises(refusals.TooSlow):
+            await slow
+        return registry
+
+    registry = asyncio.run(scenario())
+    assert registry.get_sample_value("comind_updates_total", {"result": "busy"}) == 1
+    assert registry.get_sample_value("comind_updates_total", {"result": "rejected"}) == 1  # the slow one
+
+
+class _FailingAggregate:
+    count = 2
+
+    def add(self, update, weight):
+        pass
+
+    def result(self):
+        raise MemoryError("no room for the median")
+
+
+def test_a_round_whose_aggregation_fails_keeps_the_previous_model_and_training_goes_on(caplog):
+    async def scenario():
+        ps = make_ps()
+        a, b = await initialized(ps)
+        real_start = ps.pipeline.aggregator.start
+        ps.pipeline.aggregator.start = lambda layout: _FailingAggregate()  # type: ignore[method-assign]
+        for member in (a, b):
+            header, arrays = delta(1.0)
+            await ps.receive(member, header, data(arrays))
+        after_failure = ps.round, model_values(ps)[0].copy()
+        ps.pipeline.aggregator.start = real_start  # type: ignore[method-assign]
+        for member in (a, b):
+            header, arrays = delta(2.0, round=2)
+            assert await ps.receive(member, header, data(arrays)) is UpdateResult.ACCEPTED
+        return ps, after_failure
+
+    with caplog.at_level(logging.ERROR):
+        ps, (round, kernel) = asyncio.run(scenario())
+    assert round == 1 and (kernel == 0).all()  # the round ended, with the previous model
+    assert "aggregation failed" in caplog.text and "MemoryError" in caplog.text
+    assert ps.round == 2
+    np.testing.assert_allclose(model_values(ps)[0], 2.0)
+
+
+def test_the_timers_survive_their_own_errors(monkeypatch, caplog):
+    monkeypatch.setattr("comind.ps.TIMER_RETRY_SECONDS", 0.01)
+
+    async def scenario():
+        ps = make_ps(lease_seconds=0.2)
+        ps.join(0, "")
+        real_expire, calls = ps.rounds.expire, []
+
+        def expire_failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the timers")
+            return real_expire()
+
+        ps.rounds.expire = expire_failing_once  # type: ignore[method-assign]
+        timers = asyncio.create_task(ps.run_timers())
+        await asyncio.sleep(0.6)
+        timers.cancel()
+        return ps
+
+    with caplog.at_level(logging.WARNING):
+        ps = asyncio.run(scenario())
+    assert "timers failed" in caplog.text and "a bug in the timers" in caplog.text
+    assert ps.rounds.members == {}  # the lease still ended after the error
+    assert "lease ended" in caplog.text
+
+
+class CountingOptimizer:
+    """A server optimizer with state: the number of steps, and the sum of every aggregate."""
+
+    def initial_state(self, layout):
+        return {"steps": np.zeros((), np.int64), "total": np.zeros(layout.nbytes, np.uint8)}
+
+    def step(self, layout, model, aggregate, state):
+        total = state["total"].copy()
+        for out, change in zip(layout.views(total), layout.views(aggregate)):
+            if out.dtype.kind == "f":
+                out += change
+        packed, _ = ServerPipeline().optimizer.step(layout, model, aggregate, {})
+        return packed, {"steps": state["steps"] + 1, "total": total}
+
+
+def test_stage_state_is_saved_with_the_model_and_restored_on_resume(tmp_path):
+    def pipeline() -> ServerPipeline:
+        stages = ServerPipeline()
+        stages.optimizer = CountingOptimizer()  # type: ignore[assignment]
+        return stages
+
+    async def rounds(ps: ParameterServer, members: list[str], values: Sequence[float], first: int) -> None:
+        for offset, value in enumerate(values):
+            for member in members:
+                header, arrays = delta(value, round=first + offset)
+                assert await ps.receive(member, header, data(arrays)) is UpdateResult.ACCEPTED
+
+    async def interrupted():
+        ps = make_ps(pipeline=pipeline(), store=CheckpointStore(tmp_path / "run"))
+        await rounds(ps, await initialized(ps), [1.0, 2.0], first=1)
+        resumed = make_ps(pipeline=pipeline(), store=CheckpointStore(tmp_path / "run"))
+        assert resumed.round == 2
+        members = [resumed.join(task, "").member_id for task in range(2)]
+        await rounds(resumed, members, [3.0], first=3)
+        return resumed
+
+    async def uninterrupted():
+        ps = make_ps(pipeline=pipeline())
+        await rounds(ps, await initialized(ps), [1.0, 2.0, 3.0], first=1)
+        return ps
+
+    resumed, straight = asyncio.run(interrupted()), asyncio.run(uninterrupted())
+    assert resumed.pipeline.state().keys() == {"server_optimizer/fedavg/steps", "server_optimizer/fedavg/total"}
+    for key, value in straight.pipeline.state().items():
+        np.testing.assert_array_equal(resumed.pipeline.state()[key], value)
+    assert int(resumed.pipeline.state()["server_optimizer/fedavg/steps"]) == 3
+    np.testing.assert_array_equal(resumed.model.packed, straight.model.packed)
+    saved = CheckpointStore(tmp_path / "run").latest()
+    assert saved is not None and saved.round == 3 and int(saved.state["server_optimizer/fedavg/steps"]) == 3
