@@ -7,6 +7,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from comind.metrics import UPDATE_RESULTS
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -28,3 +30,7 @@ class Scrape:
         assert key in self.samples, (f"{name}{labels} is not exposed; have "
                                      f"{sorted(k for k in self.samples if 'comind' in k[0])}")
         return self.samples[key]
+
+    def updates(self) -> dict[str, float]:
+        """``comind_updates_total`` by result."""
+        return {result: self("comind_updates_total", result=result) for result in UPDATE_RESULTS}

@@ -92,20 +92,39 @@ def test_a_header_of_too_many_tensors_is_refused():
         Layout.from_proto([pb.TensorSpec(dtype="bool")] * (MAX_TENSORS + 1), max_bytes=1 << 20)
 
 
+#: Every message of the protocol, each a decoder of untrusted bytes (the ps's of the worker's, and back).
+MESSAGE_TYPES = [pb.DESCRIPTOR.message_types_by_name[name]._concrete_class
+                 for name in sorted(pb.DESCRIPTOR.message_types_by_name)]
+
+
+def specs_in(message) -> list:
+    """The tensor specs a decoded message carries: an update's header in a hello, or a model's header."""
+    if isinstance(message, pb.WorkerMessage) and message.WhichOneof("part") == "hello":
+        message = message.hello
+    if isinstance(message, pb.PsMessage) and message.WhichOneof("part") == "model":
+        message = message.model
+    if isinstance(message, pb.Hello) and message.HasField("update"):
+        message = message.update
+    return list(message.tensors) if isinstance(message, (pb.UpdateHeader, pb.ModelHeader)) else []
+
+
 @given(st.binary(max_size=200))
-@example(b"\x0a\x06\x32\x04\x0a\x02\xff\xfe")  # a header whose tensor name is not UTF-8
+@example(bytes.fromhex("0a08 1a06 3204 0a02 fffe"))  # a hello's update header whose tensor name is not UTF-8
+@example(bytes.fromhex("1206 2a04 0a02 fffe"))       # a model header's, likewise
+@example(bytes.fromhex("0a08 1a06 3204 1202 fffe"))  # a dtype that is not UTF-8
+@example(bytes.fromhex("0a06 1a04 3202 18ff"))       # a shape cut short in its varint
 def test_raw_bytes_parse_or_raise_decode_error_and_headers_become_layouts(raw):
-    for message_type in (pb.UpdateChunk, pb.ModelChunk, pb.RegisterRequest, pb.HeartbeatRequest, pb.PullRequest,
-                         pb.EvalReport, pb.LeaveRequest):
+    assert {t.__name__ for t in MESSAGE_TYPES} >= {"WorkerMessage", "PsMessage", "Hello", "UpdateHeader",
+                                                    "ModelHeader", "Receipt", "JoinRequest", "JoinReply"}
+    for message_type in MESSAGE_TYPES:
         try:
             message = message_type.FromString(raw)
         except DecodeError:
             continue
-        if message_type in (pb.UpdateChunk, pb.ModelChunk) and message.WhichOneof("part") == "header":
-            try:
-                check_layout(Layout.from_proto(message.header.tensors, 1 << 16), 1 << 16)
-            except LayoutError:
-                pass
+        try:
+            check_layout(Layout.from_proto(specs_in(message), 1 << 16), 1 << 16)
+        except LayoutError:
+            pass
 
 
 ARRAYS = st.lists(npst.arrays(st.sampled_from(["<f4", ">f8", "<f2", "<i8", "|u1", "|b1"]),
@@ -152,38 +171,115 @@ EXPECTED = Layout.of([np.zeros((2, 3), np.float32), np.zeros(4, np.int64)])
 EXPECTED_BYTES = EXPECTED.pack([np.ones((2, 3), np.float32), np.arange(4)]).tobytes()
 
 MODEL_HEADERS = st.builds(
-    pb.ModelHeader, ready=st.booleans(), round=INT64, done=st.booleans(),
+    pb.ModelHeader, ready=st.booleans(), round=INT64, done=st.booleans(), total_rounds=INT64,
     tensors=st.one_of(st.just(EXPECTED.to_proto()), st.lists(TENSOR_SPECS, max_size=3)))
-MODEL_CHUNKS = st.one_of(
-    st.builds(pb.ModelChunk, header=MODEL_HEADERS),
-    st.builds(pb.ModelChunk, data=st.one_of(st.binary(max_size=64), st.just(EXPECTED_BYTES))),
-    st.just(pb.ModelChunk()))
+#: Results the protocol names, and numbers it does not (proto3 enums keep unknown values).
+RECEIPTS = st.builds(pb.Receipt, round=st.one_of(st.integers(-1, 2), INT64),
+                     result=st.one_of(st.sampled_from(pb.UpdateResult.values()), st.integers(-(1 << 31), (1 << 31) - 1)))
+PS_MESSAGES = st.one_of(
+    st.builds(pb.PsMessage, receipt=RECEIPTS),
+    st.builds(pb.PsMessage, model=MODEL_HEADERS),
+    st.builds(pb.PsMessage, data=st.one_of(st.binary(max_size=64), st.just(EXPECTED_BYTES))),
+    st.just(pb.PsMessage()))
+GOOD_MODEL = [pb.PsMessage(model=pb.ModelHeader(ready=True, tensors=EXPECTED.to_proto())),
+              pb.PsMessage(data=EXPECTED_BYTES)]
+ACCEPTED = pb.PsMessage(receipt=pb.Receipt(round=0, result=pb.UPDATE_RESULT_ACCEPTED))
 
 
-@given(st.lists(MODEL_CHUNKS, max_size=5))
-@example([])  # the ps ended the stream without a word
-@example([pb.ModelChunk(data=EXPECTED_BYTES)])  # no header: a worker must not ask again at once, for ever
-@example([pb.ModelChunk(header=pb.ModelHeader(ready=True, tensors=EXPECTED.to_proto())),
-          pb.ModelChunk(data=EXPECTED_BYTES), pb.ModelChunk(header=pb.ModelHeader(ready=True))])
-def test_a_model_stream_from_a_hostile_ps_decodes_or_is_refused(messages):
+@given(st.lists(PS_MESSAGES, max_size=5))
+@example([])  # the ps ended the call without a word
+@example([pb.PsMessage(data=EXPECTED_BYTES)])  # no header: a worker must not ask again at once, for ever
+@example([*GOOD_MODEL, pb.PsMessage(model=pb.ModelHeader(ready=True))])  # a second header inside the model
+@example([ACCEPTED, ACCEPTED, *GOOD_MODEL])
+@example([*GOOD_MODEL[:1], ACCEPTED, *GOOD_MODEL[1:]])  # a receipt inside the model
+@example([ACCEPTED])  # a receipt, and no model
+def test_a_round_call_answered_by_a_hostile_ps_decodes_or_is_refused(messages):
+    receipts: list[pb.Receipt] = []
     try:
-        state = read_model(iter(messages), EXPECTED)
+        received = read_model(iter(messages), EXPECTED, receipts.append)
     except (ModelMismatch, ProtocolError) as error:
         assert len(str(error)) < MAX_MESSAGE_CHARS
         return
-    if state is not None:
-        assert EXPECTED.mismatch(Layout.of(state.weights)) is None
-        assert EXPECTED.pack(state.weights).tobytes() == b"".join(m.data for m in messages[1:])
+    parts = [m.WhichOneof("part") for m in messages]
+    header = parts.index("model")  # there was one, or read_model would have refused
+    assert receipts == [m.receipt for m in messages[:header]] and set(parts[:header]) <= {"receipt"}
+    if received is None:
+        assert not messages[header].model.ready
+        return
+    state, packed = received
+    assert (state.round, state.done) == (messages[header].model.round, messages[header].model.done)
+    assert EXPECTED.mismatch(Layout.of(state.weights)) is None
+    assert packed.tobytes() == EXPECTED.pack(state.weights).tobytes() == b"".join(m.data for m in messages[header + 1:])
+
+
+class HostilePs:
+    """A stand-in stub whose first Round call answers with ``answers``, and later ones with GOOD_MODEL."""
+
+    def __init__(self, answers: list[pb.PsMessage], lease: float = 30.0):
+        self.answers = answers
+        self.lease = lease
+        self.hellos: list[pb.Hello] = []
+
+    def Join(self, request, **kwargs) -> pb.JoinReply:
+        return pb.JoinReply(member_id="m", lease_seconds=self.lease, round=-1, total_rounds=3)
+
+    def Round(self, requests, **kwargs):
+        first = next(requests)
+        assert first.WhichOneof("part") == "hello"
+        self.hellos.append(first.hello)
+        return _Responses(self.answers if len(self.hellos) == 1 else GOOD_MODEL)
+
+    def Leave(self, request, **kwargs) -> pb.Empty:
+        return pb.Empty()
+
+
+class _Responses:
+    """A Round call's answers, as gRPC's client gives them: an iterator that can be cancelled."""
+
+    def __init__(self, messages: list[pb.PsMessage]):
+        self._messages = iter(messages)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pb.PsMessage:
+        return next(self._messages)
+
+    def cancel(self) -> None:
+        pass
+
+
+@given(st.lists(PS_MESSAGES, max_size=5))
+@example([pb.PsMessage(receipt=pb.Receipt(round=5, result=pb.UPDATE_RESULT_ACCEPTED)), *GOOD_MODEL])  # not ours
+@example([pb.PsMessage(receipt=pb.Receipt(round=0, result=99)), *GOOD_MODEL])  # a result no version knows
+@example([pb.PsMessage(model=pb.ModelHeader(ready=False))])  # not yet: the chief calls again
+def test_a_worker_joining_a_hostile_ps_gets_a_model_or_a_protocol_error(messages):
+    """The chief's whole join: its initial model up, the ps's answers down, and another call if they say
+    "not yet"."""
+    client = WorkerClient("localhost:1", task_index=0)
+    client._stub = ps = HostilePs(messages)
+    try:
+        state = client.join([np.zeros((2, 3), np.float32), np.zeros(4, np.int64)])
+    except (ModelMismatch, ProtocolError) as error:
+        assert len(str(error)) < MAX_MESSAGE_CHARS
+        return
+    finally:
+        client.close()
+    assert ps.hellos[0].update.kind == pb.UPDATE_KIND_INITIAL
+    assert EXPECTED.mismatch(Layout.of(state.weights)) is None and client.round == state.round
 
 
 @given(st.floats())
 @example(float("nan"))
 @example(-1.0)     # a heartbeat loop with no pause
 @example(1e12)     # threading's waits overflow beyond about 9e9 s
+@example(5e-324)   # positive, but a third of it is 0: a heartbeat loop with no pause
+@pytest.mark.xfail(reason="comind bug: WorkerClient._membership takes any lease over 0, and a third of a lease "
+                          "of 5e-324 s is 0.0, so the heartbeat thread waits 0 s between heartbeats", strict=True)
 def test_a_lease_from_a_hostile_ps_is_used_or_refused(lease):
     client = WorkerClient("localhost:1")  # connects at the first call, which the stand-in stub answers
     client._stub = types.SimpleNamespace(
-        Register=lambda *args, **kwargs: pb.RegisterReply(member_id="m", lease_seconds=lease),
+        Join=lambda *args, **kwargs: pb.JoinReply(member_id="m", lease_seconds=lease),
         Leave=lambda *args, **kwargs: pb.Empty())
     try:
         client._membership()
@@ -198,7 +294,7 @@ def test_a_lease_from_a_hostile_ps_is_used_or_refused(lease):
 def test_a_model_stream_claiming_a_huge_model_allocates_nothing():
     header = pb.ModelHeader(ready=True, tensors=[pb.TensorSpec(dtype="float64", shape=[1 << 27])])  # 1 GiB
     with memory_at_most(1 << 20), pytest.raises(ModelMismatch):
-        read_model(iter([pb.ModelChunk(header=header)]), EXPECTED)
+        read_model(iter([pb.PsMessage(model=header)]), EXPECTED)
 
 
 # --- Files: .npz (checkpoints, data sets), IDX and CIFAR-10 batches --------------------------------

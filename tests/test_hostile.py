@@ -17,11 +17,10 @@ import grpc
 import numpy as np
 
 from comind.proto import comind_pb2 as pb
-from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.tensors import Layout
-from comind.transfers import allowed_seconds
-from conftest import rss_mb
+from comind.protocol import transfer_seconds
 from numpy_cluster import assert_finishes, read_history, start_worker
+from processes import rss_mb
+from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 
 TOKEN = "hostile-test-token"
@@ -36,10 +35,9 @@ def start_metered(start_ps, rounds: int, *flags: str):
     return ps, lambda: Scrape(port)
 
 
-def header(member_id: str, round: int) -> pb.UpdateChunk:
-    layout = Layout.of([np.zeros(shape, np.float32) for shape in SHAPES])
-    return pb.UpdateChunk(header=pb.UpdateHeader(member_id=member_id, round=round, num_examples=1,
-                                                 tensors=layout.to_proto()))
+def hello(member_id: str, round: int) -> pb.WorkerMessage:
+    """The first message of a Round call that carries an update of tests/numpy_worker.py's model."""
+    return update_messages(member_id, [np.zeros(shape, np.float32) for shape in SHAPES], round)[0]
 
 
 def test_a_barrage_of_unauthenticated_peers_does_not_disturb_training(start_ps, tmp_path):
@@ -56,11 +54,10 @@ def test_a_barrage_of_unauthenticated_peers_does_not_disturb_training(start_ps, 
     refused: list[grpc.StatusCode] = []
 
     def intruder(metadata) -> None:
-        with grpc.insecure_channel(ps.address) as channel:
-            stub = pb_grpc.ParameterServerStub(channel)
+        with RawClient(ps.address) as client:
             for _ in range(25):
                 try:
-                    stub.PushUpdate(iter([header("0" * 32, 1)]), timeout=10, metadata=metadata)
+                    client.call([hello("0" * 32, 1)], metadata=metadata)
                 except grpc.RpcError as error:
                     refused.append(error.code())
 
@@ -83,13 +80,13 @@ def test_a_barrage_of_unauthenticated_peers_does_not_disturb_training(start_ps, 
     assert refused == [grpc.StatusCode.UNAUTHENTICATED] * 200
     assert counted("comind_auth_failures_total") == 200
     assert counted("comind_updates_total", result="rejected") == 0  # refused before they were read
-    assert len(re.findall(r"Refused /comind.v1.ParameterServer/PushUpdate: (no token was sent|the token is wrong)",
+    assert len(re.findall(r"Refused /comind\.v2\.ParameterServer/Round: (no token was sent|the token is wrong)",
                           ps.log())) == 200
     assert len(re.findall(rf"Round \d+/{ROUNDS}: 2 updates", ps.log())) == ROUNDS  # nobody got in or was lost
     for out in outs:
         assert [h["round"] for h in read_history(out)] == list(range(ROUNDS + 1))
     assert peak - before < 50, (before, peak)
-    print(f"\n200 idle connections, 50 of garbage and 200 unauthenticated pushes in {barrage_seconds:.1f} s: "
+    print(f"\n200 idle connections, 50 of garbage and 200 unauthenticated updates in {barrage_seconds:.1f} s: "
           f"all refused and counted; ps RSS {before:.0f} -> {peak:.0f} MB; training finished every round")
 
 
@@ -100,28 +97,26 @@ def test_a_slow_drip_is_cut_off_at_its_deadline_while_the_others_train(start_ps,
     outs = [tmp_path / f"worker-{task}.jsonl" for task in range(2)]
     workers = [start_worker(ps.address, task, outs[task], pause=0.4, token=TOKEN) for task in range(2)]
     ps.wait_for(rf"Round 1/{rounds}")
-    metadata = (("authorization", f"Bearer {TOKEN}"),)
-    with grpc.insecure_channel(ps.address) as channel:
-        stub = pb_grpc.ParameterServerStub(channel)
-        slow = stub.Register(pb.RegisterRequest(task_index=7, description="slowloris"), metadata=metadata).member_id
-        round = stub.Heartbeat(pb.HeartbeatRequest(member_id=slow), metadata=metadata).round
+    with RawClient(ps.address, TOKEN) as client:
+        slow = client.join(7, "slowloris")
+        round = client.heartbeat(slow).round
         model_bytes = sum(int(np.prod(shape)) * 4 for shape in SHAPES)
 
         def drip():
-            yield header(slow, round + 1)
+            yield hello(slow, round + 1)
             for _ in range(model_bytes):
                 time.sleep(0.5)
-                yield pb.UpdateChunk(data=b"\0")
+                yield pb.WorkerMessage(data=b"\0")
 
         started = time.monotonic()
         try:
-            stub.PushUpdate(drip(), timeout=300, metadata=metadata)
+            client.call(drip(), timeout=300, wait_for_model=False)
             code = grpc.StatusCode.OK
         except grpc.RpcError as error:
             code = error.code()
         cut_after = time.monotonic() - started
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert allowed_seconds(model_bytes) <= cut_after < allowed_seconds(model_bytes) + 5
+    assert transfer_seconds(model_bytes) <= cut_after < transfer_seconds(model_bytes) + 5
     ps.wait_for(r"Refused an update: .*took over")
     assert metrics()("comind_updates_total", result="rejected") == 1
     during = len(re.findall(rf"Round \d+/{rounds}: 2 updates", ps.log()))
@@ -129,5 +124,5 @@ def test_a_slow_drip_is_cut_off_at_its_deadline_while_the_others_train(start_ps,
         assert_finishes(worker, ps)
     assert ps.wait(timeout=60) == 0
     assert during >= 10  # the honest workers trained on while the drip held a receive slot
-    print(f"\nA push trickling 2 bytes/s was cut after {cut_after:.1f} s; meanwhile the others trained "
+    print(f"\nAn update trickling 2 bytes/s was cut after {cut_after:.1f} s; meanwhile the others trained "
           f"{during} rounds")

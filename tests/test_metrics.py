@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -15,8 +13,7 @@ from prometheus_client import CollectorRegistry
 from comind import WorkerClient
 from comind.metrics import UPDATE_RESULTS, PsMetrics
 from comind.proto import comind_pb2 as pb
-from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.tensors import Layout, chunks
+from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 
 ROUNDS = 3
@@ -99,12 +96,10 @@ def test_ps_metrics_after_two_workers_train_three_rounds(start_ps):
     assert samples("comind_workers") == 2
     assert samples("comind_model_bytes") == MODEL_BYTES
     updates = len(EXAMPLES) * ROUNDS
-    assert samples("comind_updates_total", result="accepted") == updates
-    assert samples("comind_updates_total", result="stale") == 0
-    assert samples("comind_updates_total", result="rejected") == 0
+    assert samples.updates() == {**NONE, "accepted": updates}
     assert samples("comind_auth_failures_total") == 0
-    # Received: the chief's initial model, then every update. Sent: each worker's pull at
-    # join, then one pull per worker per round.
+    # Received: the chief's initial model, then every update. Sent: each worker's model at
+    # join, then one per worker per round.
     assert samples("comind_update_bytes_total", direction="received") == MODEL_BYTES * (1 + updates)
     assert samples("comind_update_bytes_total", direction="sent") == MODEL_BYTES * (len(EXAMPLES) + updates)
 
@@ -137,59 +132,53 @@ def test_metrics_of_two_ps_registries_are_independent():
     assert second.get_sample_value("comind_update_bytes_total", {"direction": "sent"}) == 7
 
 
-def update_chunks(member_id: str, round: int, weights, num_examples: int = 1):
-    layout = Layout.of(weights)
-    yield pb.UpdateChunk(header=pb.UpdateHeader(member_id=member_id, round=round, num_examples=num_examples,
-                                                tensors=layout.to_proto()))
-    for data in chunks(layout.pack(weights)):
-        yield pb.UpdateChunk(data=data)
+#: Every result counted zero times.
+NONE = dict.fromkeys(UPDATE_RESULTS, 0)
 
 
-def pull(stub, member_id: str, after_round: int) -> tuple[int, list[np.ndarray]]:
-    messages = list(stub.PullModel(pb.PullRequest(member_id=member_id, after_round=after_round), timeout=10))
-    header = messages[0].header
-    assert header.ready
-    layout = Layout.from_proto(header.tensors, max_bytes=1 << 20)
-    return header.round, layout.views(b"".join(m.data for m in messages[1:]))
+def receipt(client: RawClient, member: str, change, **header) -> int:
+    """Sends an update (a change of WEIGHTS) for round 1; returns its receipt's result."""
+    return client.send(member, change, 1, **header).receipt.result
+
+
+def round_1(client: RawClient, member: str) -> list[np.ndarray]:
+    """The model of round 1, once it is published."""
+    reply = client.model(member, have_round=0)
+    assert reply.header.round == 1
+    return reply.weights()
 
 
 @contextlib.contextmanager
 def initialized_ps(start_ps):
-    """A ps for one round with two registered workers and an initial model."""
+    """A ps for one round with two workers that joined, and an initial model."""
     port = free_port()
     ps = start_ps("--num-workers", "2", "--rounds", "1", "--exit-grace", "5", "--metrics-port", str(port))
-    with grpc.insecure_channel(ps.address) as channel:
-        stub = pb_grpc.ParameterServerStub(channel)
-        chief = stub.Register(pb.RegisterRequest(task_index=0), timeout=5).member_id
-        other = stub.Register(pb.RegisterRequest(task_index=1), timeout=5).member_id
-        assert stub.Initialize(update_chunks(chief, 0, WEIGHTS), timeout=5).accepted
-        yield ps, port, stub, chief, other
+    with RawClient(ps.address) as client:
+        chief, other = client.join(0), client.join(1)
+        assert client.initialize(chief, WEIGHTS).receipt.result == pb.UPDATE_RESULT_ACCEPTED
+        yield ps, port, client, chief, other
 
 
 @pytest.mark.timeout(60)
 def test_duplicate_updates_are_counted_and_change_nothing(start_ps):
-    with initialized_ps(start_ps) as (ps, port, stub, chief, other):
-        first = [w + 1 for w in WEIGHTS]
-        assert not stub.PushUpdate(update_chunks(chief, 1, first), timeout=5).duplicate
-        assert stub.PushUpdate(update_chunks(chief, 1, [w * 100 for w in WEIGHTS]), timeout=5).duplicate
+    with initialized_ps(start_ps) as (ps, port, client, chief, other):
+        first = [np.full_like(w, 1) for w in WEIGHTS]
+        assert receipt(client, chief, first) == pb.UPDATE_RESULT_ACCEPTED
+        assert receipt(client, chief, [w * 100 for w in WEIGHTS]) == pb.UPDATE_RESULT_DUPLICATE
 
         samples = Scrape(port)
-        assert samples("comind_updates_total", result="accepted") == 1
-        assert samples("comind_updates_total", result="duplicate") == 1
-        assert samples("comind_updates_total", result="rejected") == 0
-        # The initial model and the first update; the duplicate was refused before its tensors were read.
+        assert samples.updates() == {**NONE, "accepted": 1, "duplicate": 1}
+        # The initial model and the first update; the duplicate was answered before its tensors were read.
         assert samples("comind_update_bytes_total", direction="received") == 2 * MODEL_BYTES
         assert samples("comind_round") == 0  # the round still waits for the other worker
 
-        second = [w + 3 for w in WEIGHTS]
-        assert not stub.PushUpdate(update_chunks(other, 1, second), timeout=5).duplicate
-        round, model = pull(stub, chief, 0)
-        assert round == 1
-        for actual, a, b in zip(model, first, second, strict=True):
-            np.testing.assert_allclose(actual, (a + b) / 2)  # the duplicate is nowhere in the average
-        assert Scrape(port)("comind_updates_total", result="accepted") == 2
+        second = [np.full_like(w, 3) for w in WEIGHTS]
+        assert receipt(client, other, second) == pb.UPDATE_RESULT_ACCEPTED
+        for actual, start, a, b in zip(round_1(client, chief), WEIGHTS, first, second, strict=True):
+            np.testing.assert_allclose(actual, start + (a + b) / 2)  # the duplicate is nowhere in the average
+        assert Scrape(port).updates() == {**NONE, "accepted": 2, "duplicate": 1}
         for member in (chief, other):
-            stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
+            client.stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
     assert ps.wait(timeout=30) == 0
 
 
@@ -201,36 +190,36 @@ def test_every_update_result_the_ps_counts_is_pre_created():
 
 @pytest.mark.timeout(60)
 def test_a_duplicate_caught_at_commit_is_counted(start_ps):
-    with initialized_ps(start_ps) as (ps, port, stub, chief, other):
+    with initialized_ps(start_ps) as (ps, port, client, chief, other):
 
-        # Push A sends its header, which passes every check, then stalls; push B of the same
-        # worker and round arrives whole meanwhile and is accepted; then A's tensors come in.
+        # Call A sends its hello, whose update header passes every check, then stalls; call B of the
+        # same worker and round arrives whole meanwhile and is accepted; then A's tensors come in.
         gate = threading.Event()
         stalled = [w * 100 for w in WEIGHTS]
 
         def stalling():
-            messages = update_chunks(chief, 1, stalled)
-            yield next(messages)
+            hello, *data = update_messages(chief, stalled, 1)
+            yield hello
             gate.wait(10)
-            yield from messages
+            yield from data
 
-        late = stub.PushUpdate.future(stalling(), timeout=20)
+        late: list[int] = []
+        thread = threading.Thread(
+            target=lambda: late.append(client.call(stalling(), timeout=20, wait_for_model=False).receipt.result))
+        thread.start()
         time.sleep(1.0)  # A's header is checked (a local call answers in milliseconds)
-        first = [w + 1 for w in WEIGHTS]
-        assert not stub.PushUpdate(update_chunks(chief, 1, first), timeout=5).duplicate
+        first = [np.full_like(w, 1) for w in WEIGHTS]
+        assert receipt(client, chief, first) == pb.UPDATE_RESULT_ACCEPTED
         gate.set()
-        assert late.result().duplicate  # refused at commit: the model is safe
+        thread.join(timeout=20)
+        assert late == [pb.UPDATE_RESULT_DUPLICATE]  # caught at commit: the model is safe
 
-        second = [w + 3 for w in WEIGHTS]
-        assert not stub.PushUpdate(update_chunks(other, 1, second), timeout=5).duplicate
-        round, model = pull(stub, chief, 0)
-        assert round == 1
-        for actual, a, b in zip(model, first, second, strict=True):
-            np.testing.assert_allclose(actual, (a + b) / 2)
+        second = [np.full_like(w, 3) for w in WEIGHTS]
+        assert receipt(client, other, second) == pb.UPDATE_RESULT_ACCEPTED
+        for actual, start, a, b in zip(round_1(client, chief), WEIGHTS, first, second, strict=True):
+            np.testing.assert_allclose(actual, start + (a + b) / 2)
         samples = Scrape(port)
         for member in (chief, other):
-            stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
+            client.stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
     assert ps.wait(timeout=30) == 0
-    counted = {result: samples("comind_updates_total", result=result)
-               for result in ("accepted", "duplicate", "stale", "rejected")}
-    assert counted == {"accepted": 2, "duplicate": 1, "stale": 0, "rejected": 0}  # three pushes, three results
+    assert samples.updates() == {**NONE, "accepted": 2, "duplicate": 1}  # three updates, three results

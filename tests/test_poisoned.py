@@ -17,18 +17,18 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from comind.metrics import PsMetrics
-from comind.proto import comind_pb2 as pb
-from comind.ps import ParameterServer
-from comind.robust import AggregationPolicy
+from comind.pipeline import PipelineSettings, ServerPipeline
+from comind.ps import ParameterServer, UpdateHeader, UpdateKind, UpdateResult
 from comind.rounds import RoundPolicy
 from comind.tensors import Layout
-from conftest import ROOT, PsProcess
+from processes import ROOT, PsProcess
 
 WORKERS, ROUNDS = 4, 20
 POISONED_TASK = WORKERS - 1  # not the chief, which provides the initial model and reports the accuracy
@@ -106,21 +106,40 @@ def test_each_defence_keeps_the_accuracy_of_the_clean_run(start_ps, tmp_path, ca
         assert clipped == [POISONED_TASK] * ROUNDS
 
 
+START = [np.zeros(4, np.float32)]
+LAYOUT = Layout.of(START)
+
+
+async def packed(values) -> AsyncIterator[bytes]:
+    """An update's bytes, as the ps reads them from a Round call: a change of the one tensor of LAYOUT."""
+    yield LAYOUT.pack([np.asarray(values, np.float32)]).tobytes()
+
+
+async def started(ps: ParameterServer, start: list[np.ndarray]) -> list[str]:
+    """Two members, the first of which gave the initial model ``start``."""
+    members = [ps.join(task, "").member_id for task in range(2)]
+    assert await ps.receive(members[0], UpdateHeader(UpdateKind.INITIAL, 0, LAYOUT), packed(start[0])) \
+        is UpdateResult.ACCEPTED
+    return members
+
+
+async def round_of(ps: ParameterServer, members: list[str], round: int, changes) -> np.ndarray:
+    """One round of an update from each member; the global model after it."""
+    for member, change in zip(members, changes, strict=True):
+        header = UpdateHeader(UpdateKind.DELTA, round, LAYOUT, num_examples=1)
+        assert await ps.receive(member, header, packed(change)) is UpdateResult.ACCEPTED
+    assert ps.round == round and ps.model is not None
+    return LAYOUT.views(ps.model.packed)[0].copy()
+
+
 def test_the_ps_clips_each_update_it_folds_in_and_counts_those_it_clipped():
     registry = CollectorRegistry()
-    ps = ParameterServer(RoundPolicy(num_workers=2, total_rounds=1), PsMetrics(registry),
-                         aggregation=AggregationPolicy(max_update_norm=1.0))
-    start = [np.zeros(4, np.float32)]
-    layout = Layout.of(start)
 
     async def train() -> np.ndarray:
-        members = [ps.register(task, "").member_id for task in range(2)]
-        await ps.initialize(layout, layout.pack(start))
-        for member, update in zip(members, ([0.5, 0, 0, 0], [0, 30, 0, 40])):  # norms 0.5 and 50
-            header = pb.UpdateHeader(member_id=member, round=1, num_examples=1, tensors=layout.to_proto())
-            await ps.commit_update(ps.open_update(header), layout.pack([np.float32(update)]))
-        await ps.maybe_close()
-        return layout.views(ps.model.packed)[0]
+        ps = ParameterServer(RoundPolicy(num_workers=2, total_rounds=1), PsMetrics(registry),
+                             pipeline=ServerPipeline(PipelineSettings(max_update_norm=1.0)))
+        members = await started(ps, START)
+        return await round_of(ps, members, 1, ([0.5, 0, 0, 0], [0, 30, 0, 40]))  # norms 0.5 and 50
 
     model = asyncio.run(train())
     np.testing.assert_allclose(model, [0.25, 0.3, 0, 0.4], rtol=1e-6)  # the mean of [.5,0,0,0] and [0,.6,0,.8]
@@ -128,25 +147,17 @@ def test_the_ps_clips_each_update_it_folds_in_and_counts_those_it_clipped():
 
 
 def test_a_round_whose_average_overflows_keeps_the_previous_model(caplog):
-    ps = ParameterServer(RoundPolicy(num_workers=2, total_rounds=2), PsMetrics(CollectorRegistry()))
     start = [np.ones(4, np.float32)]
-    layout = Layout.of(start)
     near_the_limit = np.float32(3e38)  # finite, but two of them overflow a float32 sum
 
     async def train() -> list[np.ndarray]:
-        members = [ps.register(task, "").member_id for task in range(2)]
-        await ps.initialize(layout, layout.pack(start))
-        models = []
-        for round, value in ((1, near_the_limit), (2, np.float32(5))):
-            for member in members:
-                header = pb.UpdateHeader(member_id=member, round=round, num_examples=1, tensors=layout.to_proto())
-                await ps.commit_update(ps.open_update(header), layout.pack([np.full(4, value)]))
-            await ps.maybe_close()
-            models.append(layout.views(ps.model.packed)[0].copy())
-        return models
+        ps = ParameterServer(RoundPolicy(num_workers=2, total_rounds=2), PsMetrics(CollectorRegistry()))
+        members = await started(ps, start)
+        with np.errstate(over="ignore"):
+            overflowed = await round_of(ps, members, 1, [np.full(4, near_the_limit)] * 2)
+        return [overflowed, await round_of(ps, members, 2, [np.full(4, 5, np.float32)] * 2)]
 
     overflowed, next_round = asyncio.run(train())
     np.testing.assert_array_equal(overflowed, start[0])  # round 1 kept round 0's model
-    np.testing.assert_array_equal(next_round, [5, 5, 5, 5])  # and training went on
-    assert ps.rounds.round == 2
-    assert "Round 1's average is not finite" in caplog.text
+    np.testing.assert_array_equal(next_round, start[0] + 5)  # and training went on from it
+    assert "Round 1's new model is not finite" in caplog.text

@@ -1,7 +1,7 @@
 """Authentication and encryption against a real ps process.
 
 Every refusal is checked for its exact gRPC status, and, through the ps's
-Prometheus endpoint, for leaving the ps as it was: no member registered, no
+Prometheus endpoint, for leaving the ps as it was: no member joined, no
 model stored, no update counted.
 """
 
@@ -21,8 +21,7 @@ from comind.auth import TlsFiles
 from comind.backoff import Backoff
 from comind.certificates import Authority, Issued
 from comind.proto import comind_pb2 as pb
-from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.tensors import Layout, chunks
+from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,8 +43,7 @@ def assert_pristine(metrics: Scrape) -> None:
     assert metrics("comind_workers") == 0
     assert metrics("comind_model_bytes") == 0
     assert metrics("comind_round") == 0
-    for result in ("accepted", "stale", "rejected"):
-        assert metrics("comind_updates_total", result=result) == 0
+    assert not any(metrics.updates().values())
     for direction in ("received", "sent"):
         assert metrics("comind_update_bytes_total", direction=direction) == 0
 
@@ -57,13 +55,8 @@ def start_metered(start_ps, *args: str, env: dict[str, str] | None = None):
     return ps, lambda: Scrape(port)
 
 
-def update_chunks(member_id: str, round: int, weights=WEIGHTS):
-    layout = Layout.of(weights)
-    header = pb.UpdateHeader(member_id=member_id, round=round, num_examples=1, loss=0.5, accuracy=0.5,
-                             tensors=layout.to_proto())
-    yield pb.UpdateChunk(header=header)
-    for data in chunks(layout.pack(weights)):
-        yield pb.UpdateChunk(data=data)
+def initial_model(member_id: str, weights=WEIGHTS) -> list[pb.WorkerMessage]:
+    return update_messages(member_id, weights, 0, have_round=-1, kind=pb.UPDATE_KIND_INITIAL)
 
 
 def train(address: str, rounds: int = 2, **client_options) -> None:
@@ -82,19 +75,25 @@ def train(address: str, rounds: int = 2, **client_options) -> None:
         assert state.done
 
 
-def every_call(stub: pb_grpc.ParameterServerStub, metadata, member: str | None = None) -> dict:
-    """One call of each RPC, covering the four handler kinds, with the given metadata and member id."""
+def every_call(client: RawClient, metadata, member: str | None = None) -> dict:
+    """One call of each RPC (both handler kinds), and each kind of Round call, with the given metadata and
+    member id; named ``method (what)``."""
     member = member or secrets.token_hex(16)
-    options = dict(metadata=metadata, timeout=5)
+    stub, options = client.stub, dict(metadata=metadata, timeout=5)
     return {
-        "Register": lambda: stub.Register(pb.RegisterRequest(task_index=0), **options),
+        "Join": lambda: stub.Join(pb.JoinRequest(task_index=0), **options),
         "Heartbeat": lambda: stub.Heartbeat(pb.HeartbeatRequest(member_id=member), **options),
-        "Initialize": lambda: stub.Initialize(update_chunks(member, 0), **options),
-        "PushUpdate": lambda: stub.PushUpdate(update_chunks(member, 1), **options),
-        "PullModel": lambda: list(stub.PullModel(pb.PullRequest(member_id=member, after_round=-1), **options)),
+        "Round (initial model)": lambda: client.call(initial_model(member), **options),
+        "Round (update)": lambda: client.call(update_messages(member, WEIGHTS, 1), **options),
+        "Round (model)": lambda: client.call([pb.WorkerMessage(hello=pb.Hello(member_id=member, have_round=-1))],
+                                             **options),
         "ReportEval": lambda: stub.ReportEval(pb.EvalReport(member_id=member, round=0, loss=1.0), **options),
         "Leave": lambda: stub.Leave(pb.LeaveRequest(member_id=member), **options),
     }
+
+
+def method(call_name: str) -> str:
+    return call_name.split()[0]
 
 
 def assert_status(call, code: grpc.StatusCode) -> grpc.RpcError:
@@ -120,18 +119,17 @@ def token_ps(request, start_ps, tmp_path: Path):
 def test_calls_without_or_with_a_wrong_token_are_unauthenticated(token_ps):
     ps, metrics = token_ps
     refusals = 0
-    with grpc.insecure_channel(ps.address) as channel:
-        stub = pb_grpc.ParameterServerStub(channel)
+    with RawClient(ps.address) as client:
         for metadata, reason in [((), "no token was sent"),
                                  ((("authorization", "Bearer wrong"),), "the token is wrong"),
                                  ((("authorization", TOKEN),), "the token is wrong"),  # no "Bearer "
                                  ((("authorization", f"Bearer {TOKEN}x"),), "the token is wrong")]:
-            for method, call in every_call(stub, metadata).items():
+            for name, call in every_call(client, metadata).items():
                 error = assert_status(call, grpc.StatusCode.UNAUTHENTICATED)
-                assert reason in error.details(), (method, error.details())
+                assert reason in error.details(), (name, error.details())
                 assert "COMIND_TOKEN" in error.details()
                 refusals += 1
-                ps.wait_for(rf"Refused /comind\.v1\.ParameterServer/{method}: {reason}\.")
+                ps.wait_for(rf"Refused /comind\.v2\.ParameterServer/{method(name)}: {reason}\.")
     after = metrics()
     assert after("comind_auth_failures_total") == refusals == 28
     assert_pristine(after)  # no call got past the token check
@@ -145,15 +143,14 @@ def test_worker_client_with_a_wrong_or_no_token_is_refused_not_retried(token_ps)
                 client.join(WEIGHTS)
         assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     after = metrics()
-    assert after("comind_auth_failures_total") == 2  # one Register each: UNAUTHENTICATED is not retried
+    assert after("comind_auth_failures_total") == 2  # one Join each: UNAUTHENTICATED is not retried
     assert_pristine(after)
 
 
 def test_the_right_token_works_end_to_end(token_ps):
     ps, metrics = token_ps
-    with grpc.insecure_channel(ps.address) as channel:
-        assert_status(lambda: pb_grpc.ParameterServerStub(channel).Register(pb.RegisterRequest(), timeout=5),
-                      grpc.StatusCode.UNAUTHENTICATED)
+    with RawClient(ps.address) as client:
+        assert_status(lambda: client.stub.Join(pb.JoinRequest(), timeout=5), grpc.StatusCode.UNAUTHENTICATED)
     assert metrics()("comind_auth_failures_total") == 1
     train(ps.address, token=TOKEN)
     assert ps.wait() == 0
@@ -164,15 +161,15 @@ def test_the_right_token_works_end_to_end(token_ps):
 
 def test_auth_failures_counter_ignores_authenticated_calls(token_ps):
     ps, metrics = token_ps
-    with WorkerClient(ps.address, token=TOKEN) as good, grpc.insecure_channel(ps.address) as channel:
+    with WorkerClient(ps.address, token=TOKEN) as good, RawClient(ps.address) as client:
         good.join(WEIGHTS)
-        stub = pb_grpc.ParameterServerStub(channel)
-        assert_status(lambda: stub.Register(pb.RegisterRequest(), timeout=5), grpc.StatusCode.UNAUTHENTICATED)
-        assert_status(lambda: stub.Register(pb.RegisterRequest(), metadata=(("authorization", "Bearer no"),),
-                                            timeout=5), grpc.StatusCode.UNAUTHENTICATED)
+        stub = client.stub
+        assert_status(lambda: stub.Join(pb.JoinRequest(), timeout=5), grpc.StatusCode.UNAUTHENTICATED)
+        assert_status(lambda: stub.Join(pb.JoinRequest(), metadata=(("authorization", "Bearer no"),), timeout=5),
+                      grpc.StatusCode.UNAUTHENTICATED)
         during = metrics()
         assert during("comind_auth_failures_total") == 2
-        assert during("comind_workers") == 1  # the refused Registers added nobody
+        assert during("comind_workers") == 1  # the refused Joins added nobody
         assert during("comind_model_bytes") == MODEL_BYTES
         good.sync(WEIGHTS, num_examples=1)
         good.sync(WEIGHTS, num_examples=1)
@@ -226,16 +223,12 @@ def assert_refused_by_tls(ps, metrics, tls: TlsFiles | None, *, server_reason: s
     ``server_reason``/``client_reason``: the TLS error that the ps logs, or that the client's
     status details carry, for the failed handshake.
     """
-    channel = (grpc.secure_channel(ps.address, tls.channel_credentials()) if tls
-               else grpc.insecure_channel(ps.address))
-    with channel:
-        stub = pb_grpc.ParameterServerStub(channel)
-        error = assert_status(lambda: stub.Register(pb.RegisterRequest(task_index=0), timeout=5),
+    with RawClient(ps.address, credentials=tls.channel_credentials() if tls else None) as raw:
+        error = assert_status(lambda: raw.stub.Join(pb.JoinRequest(task_index=0), timeout=5),
                               grpc.StatusCode.UNAVAILABLE)
         if client_reason:
             assert client_reason in error.details()
-        assert_status(lambda: list(stub.PullModel(pb.PullRequest(after_round=-1), timeout=5)),
-                      grpc.StatusCode.UNAVAILABLE)
+        assert_status(lambda: raw.call(initial_model(secrets.token_hex(16)), timeout=5), grpc.StatusCode.UNAVAILABLE)
     with WorkerClient(ps.address, tls=tls or TlsFiles(), unreachable_timeout=SHORT,
                       backoff=QUICK_RETRIES) as client:
         with pytest.raises(PsUnreachable, match="UNAVAILABLE"):
@@ -287,18 +280,21 @@ def test_mutual_tls_binds_a_member_id_to_the_certificate_that_registered_it(star
     ps, metrics = tls_ps(start_ps, pki, mutual=True)
     mine = TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca)
     theirs = TlsFiles(cert=pki.other_client.cert, key=pki.other_client.key, ca=pki.ca)
-    with grpc.secure_channel(ps.address, mine.channel_credentials()) as own_channel, \
-            grpc.secure_channel(ps.address, theirs.channel_credentials()) as other_channel:
-        owner, impostor = pb_grpc.ParameterServerStub(own_channel), pb_grpc.ParameterServerStub(other_channel)
-        member = owner.Register(pb.RegisterRequest(task_index=0), timeout=5).member_id
+    with RawClient(ps.address, credentials=mine.channel_credentials()) as owner, \
+            RawClient(ps.address, credentials=theirs.channel_credentials()) as impostor:
+        member = owner.join(0)
         calls = every_call(impostor, metadata=(), member=member)
-        for name in ("Heartbeat", "Initialize", "PushUpdate", "PullModel", "ReportEval", "Leave"):
-            error = assert_status(calls[name], grpc.StatusCode.PERMISSION_DENIED)
+        del calls["Join"]
+        for name, call in calls.items():
+            error = assert_status(call, grpc.StatusCode.PERMISSION_DENIED)
             assert "another client certificate" in error.details(), name
-        assert metrics()("comind_auth_failures_total") == 6
-        assert metrics()("comind_model_bytes") == 0  # the impostor's Initialize changed nothing
-        owner.Heartbeat(pb.HeartbeatRequest(member_id=member), timeout=5)  # its Leave removed nobody
-        owner.Leave(pb.LeaveRequest(member_id=member), timeout=5)
+        after = metrics()
+        assert after("comind_auth_failures_total") == 6
+        assert after("comind_model_bytes") == 0  # the impostor's initial model changed nothing
+        assert after("comind_update_bytes_total", direction="received") == 0
+        assert after("comind_workers") == 1
+        owner.heartbeat(member)  # its Leave removed nobody
+        owner.stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
     assert len(re.findall(r"Refused a call with worker 0's member id from another client certificate", ps.log())) == 6
     train(ps.address, tls=mine)
     assert ps.wait() == 0
@@ -323,10 +319,10 @@ def test_mutual_tls_and_token_together(start_ps, pki):
 
 def test_member_ids_are_random_and_a_made_up_one_is_not_found(start_ps):
     ps, metrics = start_metered(start_ps)
-    with grpc.insecure_channel(ps.address) as channel, WorkerClient(ps.address, task_index=0) as worker:
-        stub = pb_grpc.ParameterServerStub(channel)
+    with RawClient(ps.address) as client, WorkerClient(ps.address, task_index=0) as worker:
+        stub = client.stub
         # Member ids are 128 random bits, unrelated to task index or order: there is nothing to guess.
-        ids = [stub.Register(pb.RegisterRequest(task_index=1), timeout=5).member_id for _ in range(3)]
+        ids = [client.join(1) for _ in range(3)]
         assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
         for member_id in ids:
             stub.Leave(pb.LeaveRequest(member_id=member_id), timeout=5)
@@ -339,18 +335,19 @@ def test_member_ids_are_random_and_a_made_up_one_is_not_found(start_ps):
 
         made_up = secrets.token_hex(16)
         poisoned = [np.full_like(w, 1e6) for w in WEIGHTS]
-        error = assert_status(lambda: stub.PushUpdate(update_chunks(made_up, 1, poisoned), timeout=5),
+        error = assert_status(lambda: client.call(update_messages(made_up, poisoned, 1), timeout=5),
                               grpc.StatusCode.NOT_FOUND)
-        assert made_up in error.details() and "Register again" in error.details()
+        assert made_up in error.details() and "Join again" in error.details()
         for call in [lambda: stub.Heartbeat(pb.HeartbeatRequest(member_id=made_up), timeout=5),
-                     lambda: list(stub.PullModel(pb.PullRequest(member_id=made_up, after_round=-1), timeout=5)),
+                     lambda: client.call([pb.WorkerMessage(hello=pb.Hello(member_id=made_up, have_round=-1))],
+                                         timeout=5),
                      lambda: stub.ReportEval(pb.EvalReport(member_id=made_up, round=0, loss=9.0), timeout=5),
-                     lambda: stub.Initialize(update_chunks(made_up, 0, poisoned), timeout=5)]:
+                     lambda: client.call(initial_model(made_up, poisoned), timeout=5)]:
             assert_status(call, grpc.StatusCode.NOT_FOUND)
         stub.Leave(pb.LeaveRequest(member_id=made_up), timeout=5)  # a no-op: removes nobody
 
         after = metrics()
-        assert after("comind_updates_total", result="rejected") == 1
+        # (That the refused update counts as rejected: test_bad_inputs.py, "unknown worker".)
         assert after("comind_updates_total", result="accepted") == 0
         assert after("comind_workers") == 1
         assert after("comind_round") == 0
