@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from comind.cli import LISTENING
+from comind.ps_main import LISTENING
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ import re
 import numpy as np
 import pytest
 
-from comind import config
+from comind import settings
 from comind.aggregation import BLOCK_ELEMENTS, RunningWeightedSum
 from comind.robust import (RULES, AggregationPolicy, clip_update, coordinate_median, delta_norm,
                            trimmed_mean)
@@ -157,6 +157,6 @@ def test_a_quorum_too_small_for_the_rule_is_a_clear_error(rule, fraction, update
 
 
 def test_the_settings_offer_the_rules_robust_implements():
-    [option] = [o for o in config.OPTIONS if o.name == "aggregation"]
+    [option] = [o for o in settings.OPTIONS if o.name == "aggregation"]
     assert option.choices == RULES
     assert AggregationPolicy().start(Layout.of(models(0)[0])).__class__ is RunningWeightedSum
