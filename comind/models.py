@@ -12,7 +12,7 @@ import math
 import keras
 from keras import layers, ops
 
-BUILTIN = ("basic", "advanced")
+from comind.model_names import BUILTIN as BUILTIN  # written there, so that settings know them without Keras
 
 
 def basic(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
