@@ -69,7 +69,7 @@ class Authority:
 
     def _valid(self, builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
         # Valid from a little in the past, so clocks a few minutes apart agree.
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         return (builder.serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=10))
                 .not_valid_after(now + datetime.timedelta(days=self._days)))

@@ -131,7 +131,7 @@ def test_every_rendered_object_validates_against_its_schema(helm, crd_validator,
         for version in KUBE_VERSIONS:  # strict: no field Kubernetes does not know
             kubernetes_validate.validate(obj, version, strict=True)
     problems = {f"{o['kind']}/{o['metadata']['name']}": error
-                for o, error in zip(custom, crd_validator(custom)) if error}
+                for o, error in zip(custom, crd_validator(custom), strict=True) if error}
     assert problems == {}
 
 

@@ -116,7 +116,7 @@ def test_the_ps_clips_each_update_it_folds_in_and_counts_those_it_clipped():
     async def train() -> np.ndarray:
         members = [ps.register(task, "").member_id for task in range(2)]
         await ps.initialize(layout, layout.pack(start))
-        for member, update in zip(members, ([0.5, 0, 0, 0], [0, 30, 0, 40])):  # norms 0.5 and 50
+        for member, update in zip(members, ([0.5, 0, 0, 0], [0, 30, 0, 40]), strict=True):  # norms 0.5 and 50
             header = pb.UpdateHeader(member_id=member, round=1, num_examples=1, tensors=layout.to_proto())
             await ps.commit_update(ps.open_update(header), layout.pack([np.float32(update)]))
         await ps.maybe_close()
