@@ -41,7 +41,8 @@ def from_tf_config(text: str) -> ClusterSettings:
     except (ValueError, RecursionError) as error:
         raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Received: TF_CONFIG={text!r}") from None
     if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
-        raise ValueError(f"TF_CONFIG needs a \"cluster\" object mapping jobs to addresses. Received: TF_CONFIG={text!r}")
+        raise ValueError(f"TF_CONFIG needs a \"cluster\" object mapping jobs to addresses. "
+                         f"Received: TF_CONFIG={text!r}")
     jobs = {name: _addresses(name, job, text) for name, job in config["cluster"].items()}
     task = config.get("task") or {}
     if not isinstance(task, dict):

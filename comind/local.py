@@ -14,7 +14,7 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from comind.ps_main import LISTENING
@@ -78,6 +78,7 @@ def _start(role: str, environment: dict[str, str], log: Path, events: queue.Queu
 
 def _pump(process: subprocess.Popen, log: Path, events: queue.Queue, shown: Callable[[str], str | None]) -> None:
     """Copies a process's stderr to its log and the lines to show to the queue, then reports its end."""
+    assert process.stderr is not None  # started with stderr=PIPE
     with open(log, "w") as file:
         for line in process.stderr:
             file.write(line)
@@ -86,7 +87,7 @@ def _pump(process: subprocess.Popen, log: Path, events: queue.Queue, shown: Call
     events.put((process, _ENDED, None))
 
 
-def _echo(stream, events: queue.Queue) -> None:
+def _echo(stream: Iterable[str], events: queue.Queue) -> None:
     for line in stream:
         events.put((None, line, line.rstrip("\n")))
 

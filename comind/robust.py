@@ -99,7 +99,7 @@ def _middle_mean(updates: Sequence[Tensors], trim: int, out: Tensors | None) -> 
         for start in range(0, flat.size, step):
             stop = min(start + step, flat.size)
             rows = block[:, : stop - start]
-            for row, column in zip(rows, columns):
+            for row, column in zip(rows, columns, strict=True):
                 np.copyto(row, column[start:stop], casting="unsafe")
             rows.sort(axis=0)  # for few updates, faster than np.partition or np.median
             middle = rows[trim: count - trim].mean(axis=0)

@@ -91,13 +91,13 @@ def run_worker(settings: WorkerSettings) -> int:
             log.info("Training was already done (round %d); this worker had nothing to do.", client.round)
             return 0
         _log_throughput(f"Worker {task}", callback.examples_trained, time.monotonic() - started)
-        if chief:
+        if chief and callback.state:
             chief.finish(callback.state)
     log.info("Worker %d is done after %d syncs, at round %d.", task, callback.syncs, client.round)
     return 0
 
 
-def _stop(signum: int, frame) -> None:
+def _stop(signum: int, frame: object) -> None:
     log.warning("Stopping on signal %d.", signum)
     sys.exit(128 + signum)
 
