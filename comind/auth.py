@@ -1,4 +1,4 @@
-"""Shared-token authentication and TLS (ARCHITECTURE.md, decision 9).
+"""Shared-token authentication and TLS (docs/design.md, decision 9).
 
 Every call carries ``authorization: Bearer <token>`` metadata; the ps
 compares it in constant time. TLS encrypts the channel; when the ps is given

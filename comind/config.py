@@ -78,7 +78,7 @@ def shard_methods() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
-# The ps's rules, soon registries (ARCHITECTURE.md, decision 11): each is this one import.
+# The round pipeline's choices come from the stages' registries (docs/design.md, decision 11).
 def aggregation_rules() -> tuple[str, ...]:
     from comind.aggregators import AGGREGATORS
 

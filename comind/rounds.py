@@ -4,7 +4,7 @@ Pure bookkeeping with an injected clock: no I/O, no threads, no tensors, so
 every rule here can be tested by stepping time by hand. The server asks it
 what to do and carries the answer out.
 
-Rules (ARCHITECTURE.md, decision 4):
+Rules (docs/design.md, decision 4):
 
 * Workers register and hold a lease that heartbeats renew; a worker whose
   lease ends is no longer live.

@@ -9,7 +9,7 @@ a field again in another class is an error at import.
 :func:`load` is the one place settings are built. A flag wins over a
 variable, a variable over ``TF_CONFIG`` (or the original tutorials' cluster
 flags ``--job_name --task_index --ps_hosts --worker_hosts``), and those over
-the default (ARCHITECTURE.md, decision 7)::
+the default (docs/design.md, decision 7)::
 
     settings.load("ps", {"rounds": "7"}, {"COMIND_ROUNDS": "9"}).rounds == 7
 """

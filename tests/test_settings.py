@@ -132,7 +132,7 @@ def test_local_settings_name_the_workers_and_leave_the_cluster_to_local():
 
 
 def test_settings_and_the_ps_never_import_tensorflow():
-    """`comind health` checks every setting, and the ps runs, without TensorFlow (ARCHITECTURE.md, decision 2)."""
+    """`comind health` checks every setting, and the ps runs, without TensorFlow (docs/design.md, decision 2)."""
     code = ("import sys\n"
             "from comind import cli, ps_main, ps, service, settings\n"
             "environ = {'COMIND_MODEL': 'basic', 'COMIND_DATASET': 'digits', 'COMIND_SHARD': 'iid',\n"
