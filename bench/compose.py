@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from compose_cluster import ROOT, Cluster, build_image, docker_or_skip  # noqa: E402
+from compose_cluster import ROOT, Cluster, build_image, docker_or_skip
 
 RESULTS = ROOT / "bench" / "results" / "compose.txt"
 
@@ -30,7 +30,7 @@ def first_round_time(ps_log: str) -> float:
     for line in ps_log.splitlines():
         if "Round 1/" in line and "updates" in line:
             stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-            return stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
+            return stamp.replace(tzinfo=datetime.UTC).timestamp()
     raise RuntimeError("the ps never closed a round")
 
 

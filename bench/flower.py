@@ -69,7 +69,8 @@ def measure(repeats: int, workdir: Path) -> dict[tuple, dict[str, list[RunResult
                 started = time.monotonic()
                 # Each repeat has its own seed (initial weights, data order), the same for both systems: one
                 # seed's data order moves a short run's accuracy by a point or two, so medians over seeds compare.
-                run = SYSTEMS[system](data, *config, repeat, workdir / f"{repeat}-{system}-{'-'.join(map(str, config))}")
+                run_dir = workdir / f"{repeat}-{system}-{'-'.join(map(str, config))}"
+                run = SYSTEMS[system](data, *config, repeat, run_dir)
                 results[config][system].append(run)
                 print(f"[{time.strftime('%H:%M:%S')}] repeat {repeat + 1}, {label(config)}, {system}: "
                       f"wall {run.wall_seconds:.1f} s, final accuracy {run.rounds[-1].accuracy:.4f} "
@@ -98,15 +99,16 @@ def table(config: tuple[int, int, int], runs: dict[str, list[RunResult]]) -> tup
     lines = [f"{label(config)}", f"{'':38}{'coMind':>10}{'Flower':>10}{'coMind/Flower':>15}"]
     for name, value, scale, shape in rows:
         ours, theirs = median_of(comind, value), median_of(flower, value)
-        ratio = statistics.median(value(a) / value(b) for a, b in zip(comind, flower)) if name.startswith("wall") \
-            else ours / theirs
+        ratio = (statistics.median(value(a) / value(b) for a, b in zip(comind, flower, strict=True))
+                 if name.startswith("wall") else ours / theirs)
         lines.append(f"{name:38}{shape.format(ours * scale):>10}{shape.format(theirs * scale):>10}{ratio:>15.3f}")
     for system, system_runs in runs.items():
         per_round = [statistics.median(run.rounds[i].accuracy for run in system_runs)
                      for i in range(config[1])]
         lines.append(f"  test accuracy per round, {system}: {' '.join(f'{a:.3f}' for a in per_round)}")
-    wall_ratio = statistics.median(a.wall_seconds / b.wall_seconds for a, b in zip(comind, flower))
-    accuracy_gap = median_of(comind, lambda r: r.rounds[-1].accuracy) - median_of(flower, lambda r: r.rounds[-1].accuracy)
+    wall_ratio = statistics.median(a.wall_seconds / b.wall_seconds for a, b in zip(comind, flower, strict=True))
+    accuracy_gap = (median_of(comind, lambda r: r.rounds[-1].accuracy)
+                    - median_of(flower, lambda r: r.rounds[-1].accuracy))
     overhead = median_of(comind, lambda r: statistics.median(r.overhead_fractions))
     checks = [
         (f"wall time coMind/Flower {wall_ratio:.3f} <= {WALL_RATIO_TARGET:.3f}", wall_ratio <= WALL_RATIO_TARGET),
@@ -121,7 +123,7 @@ def table(config: tuple[int, int, int], runs: dict[str, list[RunResult]]) -> tup
 def plot(results: dict[tuple, dict[str, list[RunResult]]], path: Path) -> None:
     figure = Figure(figsize=(5 * len(results), 4), layout="constrained")
     colors = {"coMind": "tab:blue", "Flower": "tab:orange"}
-    for axes, (config, runs) in zip(figure.subplots(1, len(results), squeeze=False)[0], results.items()):
+    for axes, (config, runs) in zip(figure.subplots(1, len(results), squeeze=False)[0], results.items(), strict=True):
         for system, system_runs in runs.items():
             for index, run in enumerate(system_runs):
                 axes.plot([r.evaluated for r in run.rounds], [r.accuracy for r in run.rounds], marker=".",
@@ -152,7 +154,7 @@ def main() -> None:
     lines, verdicts = list(header), []
     for config, runs in results.items():
         block, passed = table(config, runs)
-        lines += block + [""]
+        lines += [*block, ""]
         verdicts += passed
     lines += [f"{verdicts.count(True)} of {len(verdicts)} targets met.", *NOTES]
     text = "\n".join(lines) + "\n"

@@ -94,7 +94,7 @@ def main() -> None:
                 results[kind].append(measure(kind, Path(workdir) / f"{repeat}"))
                 print(f"repeat {repeat + 1}: {kind}: {results[kind][-1]}", flush=True)
     lines += table(results)
-    ratios = [f["rate"] / o["rate"] for f, o in zip(results["federated"], results["one process"])]
+    ratios = [f["rate"] / o["rate"] for f, o in zip(results["federated"], results["one process"], strict=True)]
     ratio = statistics.median(ratios)
     lines += ["", f"throughput ratio federated / one process: median {ratio:.2f} "
                   f"(runs: {', '.join(f'{r:.2f}' for r in ratios)}); target >= {TARGET_RATIO}: "

@@ -1,6 +1,12 @@
 """coMind: federated averaging for Keras models across separate machines."""
 
+from typing import TYPE_CHECKING, Any
+
 from comind.errors import ModelMismatch, PsRefusal, PsUnreachable
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from comind.client import GlobalState, WorkerClient
+    from comind.federated import FederatedAveraging, FederatedAveragingOptimizer
 
 __all__ = ["FederatedAveraging", "FederatedAveragingOptimizer", "GlobalState", "ModelMismatch", "PsRefusal",
            "PsUnreachable", "WorkerClient"]
@@ -12,7 +18,7 @@ _LAZY = {"WorkerClient": "comind.client", "GlobalState": "comind.client",
          "FederatedAveraging": "comind.federated", "FederatedAveragingOptimizer": "comind.federated"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

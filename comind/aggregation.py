@@ -42,7 +42,7 @@ class RunningWeightedSum:
             raise ValueError(f"An update needs a positive weight. Received: weight={weight}")
         if self._sums is None:
             self._sums = [np.zeros(s.shape, accumulator_dtype(s.dtype)) for s in self.layout.specs]
-        for total, tensor in zip(self._sums, tensors):
+        for total, tensor in zip(self._sums, tensors, strict=True):
             block = self._blocks.get(total.dtype)
             if block is None:
                 block = self._blocks[total.dtype] = np.empty(BLOCK_ELEMENTS, total.dtype)
@@ -55,7 +55,7 @@ class RunningWeightedSum:
         if self._sums is None:
             raise ValueError("No update was added, so there is no mean to take.")
         packed = np.empty(self.layout.nbytes, dtype=np.uint8)
-        for out, total in zip(self.layout.views(packed), self._sums):
+        for out, total in zip(self.layout.views(packed), self._sums, strict=True):
             if out.dtype.kind == "f":
                 np.divide(total, self.total_weight, out=out, casting="same_kind")
             else:

@@ -35,7 +35,8 @@ _QUORUM_SETTINGS = "(COMIND_NUM_WORKERS or --workers, or COMIND_REPLICAS_TO_AGGR
 class RoundAggregate(Protocol):
     """A round's updates so far."""
 
-    count: int
+    @property
+    def count(self) -> int: ...
 
     def add(self, update: Tensors, weight: float) -> None: ...
 
@@ -93,7 +94,7 @@ class _HeldUpdates:
     def add(self, update: Tensors, weight: float) -> None:
         """Keeps a copy of the update. ``weight`` plays no part: these rules count every update once."""
         packed = np.empty(self.layout.nbytes, np.uint8)
-        for held, tensor in zip(self.layout.views(packed), update):
+        for held, tensor in zip(self.layout.views(packed), update, strict=True):
             np.copyto(held, tensor)
         self._updates.append(packed)
 

@@ -1,4 +1,4 @@
-"""Shared-token authentication and TLS (ARCHITECTURE.md, decision 9).
+"""Shared-token authentication and TLS (docs/design.md, decision 9).
 
 Every call carries ``authorization: Bearer <token>`` metadata; the ps
 compares it in constant time. TLS encrypts the channel; when the ps is given
@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -54,12 +55,15 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._on_failure = on_failure
 
-    async def intercept_service(self, continuation, details):
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
         sent = dict(details.invocation_metadata or ()).get(METADATA_KEY)
-        if sent is not None and hmac.compare_digest(sent.encode(), self._expected):
+        # A str: gRPC gives bytes only for keys that end in -bin.
+        if isinstance(sent, str) and hmac.compare_digest(sent.encode(), self._expected):
             return handler
         self._on_failure()
         reason = "no token was sent" if sent is None else "the token is wrong"
@@ -68,8 +72,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
                                  f"to the ps's token.")
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def abort(request, context):
+def _refusal(handler: grpc.RpcMethodHandler[Any, Any], message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kinds = {
@@ -99,12 +103,7 @@ class TlsFiles:
 
     def _read(self, name: str) -> bytes | None:
         path = getattr(self, name)
-        if path is None:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as error:
-            raise ValueError(f"Cannot read the TLS {name} file: {error}. Received: tls_{name}={path!r}") from None
+        return None if path is None else _read_pem(name, path)
 
     def server_credentials(self) -> grpc.ServerCredentials:
         if not (self.cert and self.key):
@@ -112,7 +111,8 @@ class TlsFiles:
                              f"Received: tls_cert={self.cert!r}, tls_key={self.key!r}")
         ca = self._read("ca")
         return grpc.ssl_server_credentials(
-            [(self._read("key"), self._read("cert"))], root_certificates=ca, require_client_auth=ca is not None)
+            [(_read_pem("key", self.key), _read_pem("cert", self.cert))], root_certificates=ca,
+            require_client_auth=ca is not None)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         if bool(self.cert) != bool(self.key):
@@ -121,3 +121,10 @@ class TlsFiles:
         return grpc.ssl_channel_credentials(
             root_certificates=self._read("ca"), private_key=self._read("key"),
             certificate_chain=self._read("cert"))
+
+
+def _read_pem(name: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"Cannot read the TLS {name} file: {error}. Received: tls_{name}={path!r}") from None

@@ -69,7 +69,7 @@ class Authority:
 
     def _valid(self, builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
         # Valid from a little in the past, so clocks a few minutes apart agree.
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         return (builder.serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=10))
                 .not_valid_after(now + datetime.timedelta(days=self._days)))
@@ -124,3 +124,15 @@ def write_cluster(directory: str | os.PathLike, hosts: Sequence[str], workers: i
         written += [folder / f"{stem}.pem", folder / f"{stem}-key.pem"]
     _write(folder / CA_FILE, authority.pem, 0o644)
     return [folder / CA_FILE, *written]
+
+
+def run_certificates(out: str, hosts: str, workers: int = 0) -> int:
+    """`comind certificates`: :func:`write_cluster` into ``out`` for comma-separated ``hosts``, saying what it did."""
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    written = write_cluster(out, names, workers)
+    if written is None:
+        print(f"{out} already holds the cluster's certificates; kept them.")
+    else:
+        print(f"Wrote {', '.join(p.name for p in written)} to {out}; the CA's key is gone. Give workers "
+              f"{written[0]}; the ps's certificate is valid for {', '.join(names)}.")
+    return 0

@@ -4,10 +4,11 @@ A checkpoint is a plain NumPy ``.npz`` (``np.load(path)`` opens it; no
 pickle): ``round``, ``names``, the tensors as ``tensor_00000``,
 ``tensor_00001``, ..., and the state of the round pipeline's stages as
 ``state/STAGE/NAME`` (``pipeline.py``), so that a restart resumes the
-optimizer's moments or a privacy ledger with the model they belong to. It is written atomically (:mod:`comind.atomic`), so
-a crash leaves either the old checkpoint or the new one, never half of one. The ps saves before it lets any
-worker pull the model (durability before visibility), so no worker can hold a
-round that a restarted ps has forgotten.
+optimizer's moments or a privacy ledger with the model they belong to.
+It is written atomically (:mod:`comind.atomic`), so a crash leaves either
+the old checkpoint or the new one, never half of one. The ps saves before it
+lets any worker have the model (durability before visibility), so no worker
+can hold a round that a restarted ps has forgotten.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ class CheckpointStore:
                 f"goes backwards."
             )
         final = self.path(round)
-        arrays = {f"tensor_{i:05d}": view for i, view in enumerate(layout.views(packed))}
+        arrays = {"round": np.int64(round), "names": np.array([s.name for s in layout.specs], dtype=str)}
+        arrays.update({f"tensor_{i:05d}": view for i, view in enumerate(layout.views(packed))})
         arrays.update({STATE_PREFIX + key: value for key, value in (state or {}).items()})
         with atomic.replacing(final) as temporary, open(temporary, "wb") as file:
-            np.savez(file, round=np.int64(round), names=np.array([s.name for s in layout.specs], dtype=str),
-                     **arrays)
+            np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle
         for old in self.rounds()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return final
@@ -88,14 +89,15 @@ class CheckpointStore:
 
     def load(self, round: int) -> Checkpoint:
         with NpzFile(self.path(round)) as data:
-            stored, names = data.read("round"), data.read("names")
+            stored, stored_names = data.read("round"), data.read("names")
             if stored.shape != () or stored.dtype.kind not in "iu":
                 raise ValueError(f"its round is not an integer but a {stored.dtype} array of shape {stored.shape}")
             if int(stored) != round:
                 raise ValueError(f"file says round {int(stored)}")
-            if names.ndim != 1 or names.dtype.kind != "U":
-                raise ValueError(f"its names are not a list of text but a {names.dtype} array of shape {names.shape}")
-            names = [str(n) for n in names]
+            if stored_names.ndim != 1 or stored_names.dtype.kind != "U":
+                raise ValueError(f"its names are not a list of text but a {stored_names.dtype} array of shape "
+                                 f"{stored_names.shape}")
+            names = [str(n) for n in stored_names]
             arrays = [data.read(f"tensor_{i:05d}") for i in range(len(names))]
             state = {name.removeprefix(STATE_PREFIX): data.read(name) for name in data.names
                      if name.startswith(STATE_PREFIX)}

@@ -66,7 +66,7 @@ class GlobalState:
 class Update:
     """An update on its way to the ps, until the ps's receipt for it arrives."""
 
-    kind: int            # pb.UPDATE_KIND_*
+    kind: pb.UpdateKind
     round: int
     packed: np.ndarray   # the change (initial: the model), packed in the layout
     num_examples: int = 0
@@ -82,7 +82,7 @@ class Update:
 def delta(layout: Layout, weights: np.ndarray, base: np.ndarray) -> np.ndarray:
     """``weights - base`` for floating-point tensors, packed; other tensors (counters, seeds) as they are."""
     change = weights.copy()
-    for out, reference in zip(layout.views(change), layout.views(base)):
+    for out, reference in zip(layout.views(change), layout.views(base), strict=True):
         if out.dtype.kind == "f":
             np.subtract(out, reference, out=out)
     return change
@@ -162,7 +162,7 @@ class WorkerClient:
         self.total_rounds: int | None = None
         self.replicas_to_aggregate: int | None = None  # None: every live worker
         self._metadata = call_metadata(token)
-        options = GRPC_OPTIONS + [("grpc.keepalive_time_ms", 30000)]
+        options = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000)]
         self._channel = (grpc.secure_channel(address, tls.channel_credentials(), options=options)
                          if tls.enabled else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.ParameterServerStub(self._channel)
@@ -375,7 +375,7 @@ class WorkerClient:
                     self._forget_membership(member.id)
                     continue
                 if code not in RETRYABLE or self._closed.is_set():
-                    raise PsRefusal(what, error.code(), error.details()) from None
+                    raise PsRefusal(what, error.code(), error.details() or "") from None
                 if time.monotonic() > give_up:
                     raise PsUnreachable(
                         f"The ps at {self.address} did not answer for {self._unreachable_timeout:.0f} s "

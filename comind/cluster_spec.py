@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 _CHIEF_TYPES = ("chief", "master")
 
 
-def from_tf_config(text: str) -> dict[str, Any]:
+class ClusterSettings(TypedDict, total=False):
+    """The settings a cluster description gives, by the name of the setting; only those it says."""
+
+    role: str
+    task_index: int
+    ps_address: str
+    listen: str
+    num_workers: int
+
+
+def from_tf_config(text: str) -> ClusterSettings:
     """Settings from a ``TF_CONFIG`` JSON document; keys coMind does not use are ignored.
 
     Jobs may be lists of addresses, or maps from task index to address.
@@ -31,7 +41,8 @@ def from_tf_config(text: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as error:
         raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Received: TF_CONFIG={text!r}") from None
     if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
-        raise ValueError(f"TF_CONFIG needs a \"cluster\" object mapping jobs to addresses. Received: TF_CONFIG={text!r}")
+        raise ValueError(f"TF_CONFIG needs a \"cluster\" object mapping jobs to addresses. "
+                         f"Received: TF_CONFIG={text!r}")
     jobs = {name: _addresses(name, job, text) for name, job in config["cluster"].items()}
     task = config.get("task") or {}
     if not isinstance(task, dict):
@@ -43,7 +54,7 @@ def from_tf_config(text: str) -> dict[str, Any]:
 
 
 def from_original_flags(job_name: str | None, task_index: int | None, ps_hosts: str | None,
-                        worker_hosts: str | None) -> dict[str, Any]:
+                        worker_hosts: str | None) -> ClusterSettings:
     """Settings from the original tutorials' flags (comma-separated host lists)."""
     if not any(v is not None for v in (job_name, task_index, ps_hosts, worker_hosts)):
         return {}
@@ -75,8 +86,8 @@ def _addresses(name: str, job: Any, text: str) -> list[str]:
 
 
 def _settings(kind: str | None, index: int, ps: Sequence[str], chiefs: Sequence[str], workers: Sequence[str],
-              received: str) -> dict[str, Any]:
-    settings: dict[str, Any] = {}
+              received: str) -> ClusterSettings:
+    settings: ClusterSettings = {}
     if ps:
         settings["ps_address"] = ps[0]
     if chiefs or workers:
@@ -84,11 +95,11 @@ def _settings(kind: str | None, index: int, ps: Sequence[str], chiefs: Sequence[
     if kind == "ps":
         if index >= len(ps):
             raise ValueError(f"The ps task index {index} has no address in the ps job. Received: {received}")
-        settings.update(role="ps", listen="0.0.0.0:" + ps[index].rpartition(":")[2])
+        settings.update({"role": "ps", "listen": "0.0.0.0:" + ps[index].rpartition(":")[2]})
     elif kind in _CHIEF_TYPES:
-        settings.update(role="worker", task_index=0)
+        settings.update({"role": "worker", "task_index": 0})
     elif kind == "worker":
-        settings.update(role="worker", task_index=index + len(chiefs))
+        settings.update({"role": "worker", "task_index": index + len(chiefs)})
     elif kind is not None:
         raise ValueError(f"coMind runs tasks of type ps, worker or chief (the chief also evaluates); "
                          f"{kind!r} is not one of them. Received: {received}")

@@ -9,28 +9,32 @@ itself, so that a garbled or hostile message is refused as bad input.
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(self, continuation, details):
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
+        if handler is None:
             return handler
         return _decoding(handler, details.method)
 
 
-def _decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _decoding(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
     parse = handler.request_deserializer
     kind = ("stream" if handler.request_streaming else "unary") + "_" + \
            ("stream" if handler.response_streaming else "unary")
     behavior = getattr(handler, kind)
-    if not inspect.iscoroutinefunction(behavior):
-        return handler  # a generator or a synchronous servicer: gRPC's parsing stays
+    if parse is None or not inspect.iscoroutinefunction(behavior):
+        return handler  # nothing to parse, or a generator or a synchronous servicer: gRPC's parsing stays
 
-    async def parsed(raw: bytes, context: grpc.aio.ServicerContext):
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return parse(raw)
         except DecodeError as error:
@@ -38,15 +42,15 @@ def _decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
                                 f"A request to {method} is not a valid message ({error}); send it with coMind's "
                                 f"client or code generated from comind/proto/comind.proto.")
 
-    if handler.request_streaming:
-        async def decoded(raw_requests, context):
-            async def requests():
-                async for raw in raw_requests:
-                    yield await parsed(raw, context)
-            return await behavior(requests(), context)
-    else:
-        async def decoded(raw_request, context):
-            return await behavior(await parsed(raw_request, context), context)
+    async def decoded_stream(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def requests() -> AsyncIterator[Any]:
+            async for raw in raw_requests:
+                yield await parsed(raw, context)
+        return await behavior(requests(), context)
+
+    async def decoded_unary(raw_request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await behavior(await parsed(raw_request, context), context)
 
     make = getattr(grpc, f"{kind}_rpc_method_handler")
-    return make(decoded, request_deserializer=None, response_serializer=handler.response_serializer)
+    return make(decoded_stream if handler.request_streaming else decoded_unary, request_deserializer=None,
+                response_serializer=handler.response_serializer)

@@ -81,7 +81,10 @@ def replicas_reader(namespace: str, name: str) -> Callable[[], tuple[int, int]]:
         except client.ApiException as error:
             raise ValueError(f"Cannot read StatefulSet {namespace}/{name}: {error.status} {error.reason}. "
                              f"The test's Role grants get on that StatefulSet alone.") from None
-        return statefulset.spec.replicas, statefulset.status.ready_replicas or 0
+        desired = statefulset.spec.replicas
+        status = statefulset.status  # None until the controller first reports
+        # The API server fills in 1 for replicas left unset.
+        return 1 if desired is None else desired, (status.ready_replicas if status else None) or 0
 
     return read
 

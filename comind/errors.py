@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
 
 class PsRefusal(RuntimeError):
     """The ps refused a request for a reason retrying cannot fix.
@@ -9,7 +14,7 @@ class PsRefusal(RuntimeError):
     ``code`` is the ``grpc.StatusCode`` it answered with.
     """
 
-    def __init__(self, what: str, code, details: str):
+    def __init__(self, what: str, code: grpc.StatusCode, details: str):
         super().__init__(f"The ps refused {what}: {details} (status {code.name})")
         self.code = code
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import keras
 
@@ -71,11 +72,18 @@ class _ModelSync:
         if self._steps >= self.interval_steps:
             self.sync()
 
+    def _started(self) -> keras.Model:
+        if self.model is None:
+            raise RuntimeError("Training steps came before the start: the model joins the ps in start(), which "
+                               "must come first (FederatedAveragingOptimizer.start(), or model.fit with the "
+                               "FederatedAveraging callback). Received: model=None")
+        return self.model
+
     def sync(self) -> None:
         if self._steps == 0 or self.done:
             return
         pushed = time.perf_counter()
-        state = self.client.sync(self.model.get_weights(), num_examples=max(1, self._examples),
+        state = self.client.sync(self._started().get_weights(), num_examples=max(1, self._examples),
                                  loss=self._loss, accuracy=self._accuracy)
         # Local training against time spent between rounds: what a round costs beyond its steps.
         log.debug("Round %d: %d local steps in %.4f s; the sync took %.4f s.", state.round, self._steps,
@@ -85,7 +93,7 @@ class _ModelSync:
         self._adopt(state)
 
     def _adopt(self, state: GlobalState) -> None:
-        self.model.set_weights(state.weights)
+        self._started().set_weights(state.weights)
         self.state = state
         if self.on_round:
             self.on_round(state)
@@ -132,18 +140,18 @@ class FederatedAveraging(keras.callbacks.Callback):
     def state(self) -> GlobalState | None:
         return self._sync.state
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._sync.start(self.model)
         if self._sync.done:
             self.model.stop_training = True
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
         self._sync.step(self._batch_size, logs.get("loss"), logs.get("accuracy"))
         if self._sync.done:
             self.model.stop_training = True
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._sync.sync()
 
 
@@ -197,7 +205,7 @@ class FederatedAveragingOptimizer:
                 f"{actual or 'every live worker'}; set COMIND_REPLICAS_TO_AGGREGATE on the ps to match. "
                 f"Received: replicas_to_aggregate={expected}")
 
-    def apply(self, gradients, num_examples: int = 1, loss: float | None = None,
+    def apply(self, gradients: Iterable[Any], num_examples: int = 1, loss: float | None = None,
               accuracy: float | None = None) -> None:
         """Applies gradients to the model's trainable variables; syncs every ``interval_steps`` calls."""
         self.optimizer.apply(gradients, self.model.trainable_variables)

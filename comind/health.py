@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import socket
 import urllib.request
-from typing import Any
+
+from comind.settings import PsSettings, WorkerSettings
 
 TIMEOUT_SECONDS = 3.0
 
 
-def problem(role: str, settings: dict[str, Any]) -> str | None:
-    """What is wrong with this container's process, or None if it is healthy."""
-    if role == "ps":
-        port = int(settings["listen"].rpartition(":")[2])
+def problem(settings: PsSettings | WorkerSettings) -> str | None:
+    """What is wrong with this container's process (a ps, or a worker), or None if it is healthy."""
+    if isinstance(settings, PsSettings):
+        port = int(settings.listen.rpartition(":")[2])
         try:
             socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_SECONDS).close()
         except OSError as error:
             return f"the ps does not accept connections on port {port} ({error})"
-    if settings["metrics_port"]:
-        url = f"http://127.0.0.1:{settings['metrics_port']}/metrics"
+    if settings.metrics_port:
+        url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
                 response.read(1)

@@ -14,21 +14,22 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-from comind.cli import LISTENING
+from comind.ps_main import LISTENING
+from comind.settings import LOCAL_ONLY, LocalSettings, variables
 
 _SHOWN = re.compile(r"(Round \d+/\d+: .*|Round \d+ evaluation: .*|Training is done.*)")
 _ENDED = object()
 
 
-def run_local(settings: dict[str, Any], workers: int) -> int:
-    """Runs a cluster of one ps and ``workers`` workers to the end; returns an exit status."""
-    logs = Path(settings["output_dir"]) / "logs"
+def run_local(settings: LocalSettings) -> int:
+    """Runs a cluster of one ps and ``settings.workers`` workers to the end; returns an exit status."""
+    workers = settings.workers
+    logs = Path(settings.worker.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    environment = _environment(settings, workers)
+    environment = _environment(settings)
     events: queue.Queue = queue.Queue()
     processes: list[subprocess.Popen] = []
     try:
@@ -48,12 +49,12 @@ def run_local(settings: dict[str, Any], workers: int) -> int:
             process.wait()
 
 
-def _environment(settings: dict[str, Any], workers: int) -> dict[str, str]:
+def _environment(settings: LocalSettings) -> dict[str, str]:
+    """The variables of every process: the settings given, less those local sets itself; a fresh token."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("COMIND_") and k != "TF_CONFIG"}
-    for name, value in settings.items():
-        if value is not None:
-            environment[f"COMIND_{name.upper()}"] = str(value)
-    environment.update(COMIND_NUM_WORKERS=str(workers), COMIND_TOKEN=secrets.token_hex(16))
+    for part in (settings.ps, settings.worker):
+        environment.update(variables(part, leave_out=LOCAL_ONLY))
+    environment.update(COMIND_NUM_WORKERS=str(settings.workers), COMIND_TOKEN=secrets.token_hex(16))
     environment.pop("COMIND_TOKEN_FILE", None)
     return environment
 
@@ -77,6 +78,7 @@ def _start(role: str, environment: dict[str, str], log: Path, events: queue.Queu
 
 def _pump(process: subprocess.Popen, log: Path, events: queue.Queue, shown: Callable[[str], str | None]) -> None:
     """Copies a process's stderr to its log and the lines to show to the queue, then reports its end."""
+    assert process.stderr is not None  # started with stderr=PIPE
     with open(log, "w") as file:
         for line in process.stderr:
             file.write(line)
@@ -85,7 +87,7 @@ def _pump(process: subprocess.Popen, log: Path, events: queue.Queue, shown: Call
     events.put((process, _ENDED, None))
 
 
-def _echo(stream, events: queue.Queue) -> None:
+def _echo(stream: Iterable[str], events: queue.Queue) -> None:
     for line in stream:
         events.put((None, line, line.rstrip("\n")))
 

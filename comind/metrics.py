@@ -1,4 +1,4 @@
-"""Prometheus series of the ps and the workers (ARCHITECTURE.md, decision 8).
+"""Prometheus series of the ps and the workers (docs/design.md, decision 8).
 
 Each class takes the registry to register in, so tests build a fresh
 ``CollectorRegistry`` and read values with ``get_sample_value``.

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import keras
 from keras import layers, ops
 
-BUILTIN = ("basic", "advanced")
+from comind.model_names import BUILTIN as BUILTIN  # written there, so that settings know them without Keras
 
 
 def basic(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
@@ -29,7 +31,7 @@ def basic(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
 class PerImageStandardization(layers.Layer):
     """``tf.image.per_image_standardization``: zero mean, unit variance per image."""
 
-    def call(self, images):
+    def call(self, images: Any) -> Any:  # a backend tensor
         axes = tuple(range(1, len(images.shape)))
         mean = ops.mean(images, axis=axes, keepdims=True)
         std = ops.std(images, axis=axes, keepdims=True)
@@ -89,7 +91,7 @@ def build(spec: str, input_shape: tuple[int, ...], num_classes: int, learning_ra
     return model
 
 
-def _user_model(spec: str):
+def _user_model(spec: str) -> Callable[[tuple[int, ...], int], object]:
     module_name, _, function_name = spec.partition(":")
     if not (module_name and function_name):
         raise ValueError(f"Unknown model: use one of {', '.join(BUILTIN)}, or module:function for your own. "

@@ -15,6 +15,8 @@ import os
 import tokenize
 import zipfile
 import zlib
+from collections.abc import Iterator
+from typing import IO
 
 import numpy as np
 from numpy.lib import format as npy
@@ -63,7 +65,7 @@ class NpzFile:
             file.seek(0)
             return npy.read_array(file, allow_pickle=False)
 
-    def _check_size(self, info: zipfile.ZipInfo, file) -> None:
+    def _check_size(self, info: zipfile.ZipInfo, file: IO[bytes]) -> None:
         """Refuses a member whose header claims more data than the member can hold."""
         expansion = _MAX_EXPANSION.get(info.compress_type)
         if expansion is None or info.flag_bits & 0x1:
@@ -87,12 +89,12 @@ class NpzFile:
     def __enter__(self) -> NpzFile:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 @contextlib.contextmanager
-def _reading(path: str):
+def _reading(path: str) -> Iterator[None]:
     """Turns the errors of reading a malformed file into an :class:`NpzError` that names it."""
     try:
         yield

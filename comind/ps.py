@@ -15,6 +15,7 @@ finite, persist, publish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -191,8 +192,7 @@ class ParameterServer:
         self.metrics.workers.set(len(self.rounds.members))
         if self.rounds.done and not self.rounds.members:
             self.finished.set()
-        self._poke.set()
-        asyncio.ensure_future(self.maybe_close())
+        self._poke.set()  # the timers close a round that now has every live worker's update
 
     # Updates ------------------------------------------------------------------
 
@@ -364,7 +364,7 @@ class ParameterServer:
             aggregate = await self._offload(model.layout.nbytes, in_progress.result)
             packed, state = await self._offload(model.layout.nbytes, self.pipeline.step, model.layout,
                                                 model.packed, aggregate)
-        except Exception:  # noqa: BLE001 - a MemoryError under the median, a bug in a stage: the round must end
+        except Exception:
             log.exception("Round %d's aggregation failed, so the previous global model stands for the round.",
                           round)
             return model.packed, self.pipeline.state()
@@ -457,7 +457,7 @@ class ParameterServer:
         while True:
             try:
                 await self._timers_once()
-            except Exception:  # noqa: BLE001 - see the docstring
+            except Exception:
                 log.exception("The ps's timers failed; retrying in %.0f s.", TIMER_RETRY_SECONDS)
                 await asyncio.sleep(TIMER_RETRY_SECONDS)
 
@@ -465,10 +465,8 @@ class ParameterServer:
         self._poke.clear()
         wait = self.rounds.next_event() - time.monotonic()
         if wait > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), None if math.isinf(wait) else wait)
-            except TimeoutError:
-                pass
         for member in self.rounds.expire():
             log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
                         member.description or "no description", len(self.rounds.members))

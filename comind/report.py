@@ -15,13 +15,18 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
 # Figures without pyplot: no global backend to choose or state to close, so
 # the same functions draw into files on a server and inline in a notebook.
 from matplotlib.figure import Figure
 
 from comind import atomic
+
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclasses.dataclass
@@ -56,15 +61,15 @@ class History:
         return evaluated[-1] if evaluated else None
 
 
-def write(output_dir: str | Path, model, history: History, images: np.ndarray, labels: np.ndarray,
+def write(output_dir: str | Path, model: keras.Model, history: History, images: np.ndarray, labels: np.ndarray,
           class_names: tuple[str, ...], x_label: str = "round") -> Path:
     """Writes the model, metrics and pictures into ``output_dir``, and says so on stdout."""
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic.replacing(directory / "model.keras") as temporary:
         model.save(temporary)
+    final = history.final
     with atomic.replacing(directory / "metrics.json") as temporary:
-        final = history.final
         temporary.write_text(json.dumps({
             "final": dataclasses.asdict(final) if final else None,
             "rounds": [dataclasses.asdict(r) for r in history.records],
@@ -74,9 +79,11 @@ def write(output_dir: str | Path, model, history: History, images: np.ndarray, l
     predicted = np.argmax(predict(model, images), axis=-1)
     _save(directory / "predictions.png", predictions_figure(images, labels, predicted, class_names))
     _save(directory / "history.png", history_figure(history, x_label))
-    final = history.final
-    print(f"Final test accuracy {final.eval_accuracy:.4f} (loss {final.eval_loss:.4f}) after {x_label} "
-          f"{final.round}; model, metrics and pictures in {directory}", flush=True)
+    if final is None:  # no record was tested
+        print(f"No test accuracy: no {x_label} was tested; model, metrics and pictures in {directory}", flush=True)
+    else:
+        print(f"Final test accuracy {final.eval_accuracy:.4f} (loss {final.eval_loss:.4f}) after {x_label} "
+              f"{final.round}; model, metrics and pictures in {directory}", flush=True)
     return directory
 
 

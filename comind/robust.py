@@ -12,7 +12,7 @@ defences, opt-in on the ps:
   the number of examples is the worker's own claim, so weighting by it
   would let a poisoned worker buy the majority. Both need every update of a
   round at once, so the ps holds O(model x updates) memory for them, unlike
-  the streamed mean (ARCHITECTURE.md, decision 5, which stays the default).
+  the streamed mean (docs/design.md, decision 5, which stays the default).
 * **Bounding the norm of each update** (its change from the global model,
   Sun et al. 2019, "Can You Really Backdoor Federated Learning?"): a
   longer change is scaled down to the bound. Clipping rather than
@@ -99,7 +99,7 @@ def _middle_mean(updates: Sequence[Tensors], trim: int, out: Tensors | None) -> 
         for start in range(0, flat.size, step):
             stop = min(start + step, flat.size)
             rows = block[:, : stop - start]
-            for row, column in zip(rows, columns):
+            for row, column in zip(rows, columns, strict=True):
                 np.copyto(row, column[start:stop], casting="unsafe")
             rows.sort(axis=0)  # for few updates, faster than np.partition or np.median
             middle = rows[trim: count - trim].mean(axis=0)

@@ -4,7 +4,7 @@ Pure bookkeeping with an injected clock: no I/O, no threads, no tensors, so
 every rule here can be tested by stepping time by hand. The server asks it
 what to do and carries the answer out.
 
-Rules (ARCHITECTURE.md, decision 4):
+Rules (docs/design.md, decision 4):
 
 * Workers register and hold a lease that heartbeats renew; a worker whose
   lease ends is no longer live.
@@ -55,7 +55,7 @@ class RoundPolicy:
     round_timeout: float = 600.0
     total_rounds: int = 20
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         checks = {
             "num_workers": self.num_workers >= 1,
             "replicas_to_aggregate": self.replicas_to_aggregate is None or self.replicas_to_aggregate >= 1,
@@ -142,11 +142,11 @@ class Rounds:
         if policy.replicas_to_aggregate is not None:
             if len(self.contributors) >= policy.replicas_to_aggregate:
                 return True
-        elif self._warmed_up or len(self._seen_tasks) >= policy.num_workers or self._clock() >= self._warm_up_ends:
-            # Sizes first: this runs after every update, and comparing the sets
-            # each time would cost O(workers^2) per round.
-            if len(self.contributors) >= len(self.members) and self.contributors.issuperset(self.members):
-                return True
+        elif ((self._warmed_up or len(self._seen_tasks) >= policy.num_workers or self._clock() >= self._warm_up_ends)
+              # Sizes first: this runs after every update, and comparing the sets
+              # each time would cost O(workers^2) per round.
+              and len(self.contributors) >= len(self.members) and self.contributors.issuperset(self.members)):
+            return True
         return self._clock() >= self.deadline and len(self.contributors) >= policy.min_updates
 
     def overdue(self) -> bool:

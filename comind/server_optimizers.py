@@ -61,7 +61,8 @@ class FedAvg:
             state: this optimizer's state.
         """
         packed = np.empty(layout.nbytes, np.uint8)
-        for out, weights, change in zip(layout.views(packed), layout.views(model), layout.views(aggregate)):
+        views = zip(layout.views(packed), layout.views(model), layout.views(aggregate), strict=True)
+        for out, weights, change in views:
             if out.dtype.kind == "f":
                 np.add(weights, change, out=out)
             else:

@@ -193,8 +193,9 @@ class Service(pb_grpc.ParameterServerServicer):
 async def _unless_refused(renewals: asyncio.Future[None], work: Awaitable[T]) -> T:
     """Awaits ``work``, unless ``renewals`` fails first (the worker's lease ended meanwhile): then raises that."""
     task = asyncio.ensure_future(work)
+    either: set[asyncio.Future[Any]] = {renewals, task}
     try:
-        await asyncio.wait({renewals, task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         _raise_if_refused(renewals)
         return await task
     finally:
@@ -273,8 +274,8 @@ def _serialize(model: GlobalModel) -> Iterator[tuple[bytes, int]]:
 
 def _peer(context: grpc.aio.ServicerContext) -> bytes | None:
     """The fingerprint of the caller's client certificate under mutual TLS; None otherwise."""
-    certificates = context.auth_context().get("x509_pem_cert")
-    return hashlib.sha256(certificates[0]).digest() if certificates else None
+    certificate = next(iter(context.auth_context().get("x509_pem_cert") or ()), None)
+    return hashlib.sha256(certificate).digest() if certificate else None
 
 
 async def _answer(context: grpc.aio.ServicerContext, function: Callable[..., T], *args: Any) -> T:
@@ -290,7 +291,7 @@ class _Registrations:
 
     handlers: dict[str, grpc.RpcMethodHandler]
 
-    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+    def add_generic_rpc_handlers(self, generic_handlers: object) -> None:
         pass  # the same handlers as below, looked up by name
 
     def add_registered_method_handlers(self, service_name: str, handlers: dict) -> None:
@@ -303,6 +304,7 @@ def _method_handlers(service: Service) -> dict[str, grpc.RpcMethodHandler]:
     registrations = _Registrations()
     pb_grpc.add_ParameterServerServicer_to_server(service, registrations)
     round = registrations.handlers["Round"]
+    assert round.stream_stream is not None
     registrations.handlers["Round"] = grpc.stream_stream_rpc_method_handler(
         round.stream_stream, request_deserializer=round.request_deserializer)
     return registrations.handlers
@@ -312,7 +314,8 @@ def build_server(ps: ParameterServer, listen: str, token: str | None,
                  tls: TlsFiles = TlsFiles()) -> tuple[grpc.aio.Server, int]:
     """A gRPC server for ``ps`` bound to ``listen``; returns it and the bound port."""
     # The token is checked first: garbage from a stranger is UNAUTHENTICATED.
-    interceptors = [TokenInterceptor(token, on_failure=ps.metrics.auth_failures.inc)] if token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = \
+        [TokenInterceptor(token, on_failure=ps.metrics.auth_failures.inc)] if token else []
     interceptors.append(DecodingInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS + SERVER_OPTIONS)
     handlers = _method_handlers(Service(ps))

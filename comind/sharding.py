@@ -79,7 +79,7 @@ def _validate(labels: np.ndarray, num_shards: int, index: int, method: str, alph
     if not _is_int(index) or not 0 <= index < num_shards:
         raise ValueError(f"index must be an integer with 0 <= index < num_shards={num_shards}. "
                          f"Received: index={index!r}")
-    if not (isinstance(alpha, numbers.Real) and 0 < alpha and math.isfinite(alpha)):
+    if not (isinstance(alpha, numbers.Real) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive finite number. Received: alpha={alpha!r}")
     if method != "none" and len(labels) < num_shards:
         raise ValueError(f"Cannot split {len(labels)} examples into {num_shards} non-empty shards. "
@@ -98,7 +98,7 @@ def _dirichlet_parts(labels: np.ndarray, num_shards: int, alpha: float,
     by_class = [rng.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
     for _ in range(MAX_DIRICHLET_DRAWS):
         pieces = [_split_by_shares(members, rng.dirichlet(np.full(num_shards, alpha))) for members in by_class]
-        parts = [np.concatenate(shard_pieces) for shard_pieces in zip(*pieces)]
+        parts = [np.concatenate(shard_pieces) for shard_pieces in zip(*pieces, strict=True)]
         if all(len(part) for part in parts):
             return parts
     raise ValueError(f"alpha={alpha} is too small for {num_shards} shards: {MAX_DIRICHLET_DRAWS} Dirichlet "

@@ -97,7 +97,7 @@ class Layout:
                 f"Received: names={names!r}"
             )
         specs = []
-        for name, array in zip(names, arrays):
+        for name, array in zip(names, arrays, strict=True):
             array = np.asarray(array)
             if array.dtype.name not in ALLOWED_DTYPES:
                 raise LayoutError(
@@ -141,26 +141,26 @@ class Layout:
         """
         if len(other.specs) != len(self.specs):
             return f"expected {len(self.specs)} tensors, got {len(other.specs)}"
-        for i, (mine, theirs) in enumerate(zip(self.specs, other.specs)):
+        for i, (mine, theirs) in enumerate(zip(self.specs, other.specs, strict=True)):
             if mine.dtype != theirs.dtype or mine.shape != theirs.shape:
                 return f"tensor {i} is {theirs.describe()}, expected {mine.describe()}"
         return None
 
-    def views(self, buffer) -> list[np.ndarray]:
+    def views(self, buffer: np.ndarray | bytes) -> list[np.ndarray]:
         """The tensors inside a packed buffer, as arrays sharing its memory."""
         return [
             np.frombuffer(buffer, dtype=spec.dtype, count=spec.size, offset=offset).reshape(spec.shape)
-            for spec, offset in zip(self.specs, self.offsets)
+            for spec, offset in zip(self.specs, self.offsets, strict=True)
         ]
 
-    def finite(self, buffer) -> bool:
+    def finite(self, buffer: np.ndarray | bytes) -> bool:
         """Whether every floating-point value in a packed buffer is finite."""
         return all(np.isfinite(view).all() for view in self.views(buffer) if view.dtype.kind == "f")
 
     def pack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Packs arrays of this layout into one new flat uint8 buffer."""
         buffer = np.empty(self.nbytes, dtype=np.uint8)
-        for view, array in zip(self.views(buffer), arrays):
+        for view, array in zip(self.views(buffer), arrays, strict=True):
             # "equiv" admits only a byte-order change: a wrong dtype is a bug upstream.
             np.copyto(view, np.asarray(array).reshape(view.shape), casting="equiv")
         return buffer
@@ -193,7 +193,7 @@ def _shown(text: str, limit: int = 80) -> str:
 
 def chunks(buffer: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Slices a packed buffer into the byte strings that ``data`` fields carry."""
-    view = memoryview(buffer).cast("B")
+    view = memoryview(buffer.data).cast("B")
     for start in range(0, len(view), chunk_bytes):
         yield bytes(view[start:start + chunk_bytes])
 

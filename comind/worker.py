@@ -15,7 +15,6 @@ import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import keras
 import numpy as np
@@ -26,6 +25,7 @@ from comind.auth import TlsFiles, load_token
 from comind.client import GlobalState, WorkerClient
 from comind.evaluation import evaluate as evaluate_model
 from comind.federated import FederatedAveraging
+from comind.settings import TrainSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +53,29 @@ def shard_count(task_index: int, num_workers: int) -> int:
     return task_index + 1
 
 
-def _model(settings: dict[str, Any], dataset: datasets.Dataset) -> keras.Model:
-    keras.utils.set_random_seed(settings["seed"])
-    return models.build(settings["model"], dataset.input_shape, dataset.num_classes, settings["learning_rate"])
+def _model(settings: WorkerSettings | TrainSettings, dataset: datasets.Dataset) -> keras.Model:
+    keras.utils.set_random_seed(settings.seed)
+    return models.build(settings.model, dataset.input_shape, dataset.num_classes, settings.learning_rate)
 
 
-def run_worker(settings: dict[str, Any]) -> int:
-    task = settings["task_index"]
-    dataset = datasets.load(settings["dataset"], settings["data_dir"])
-    indices = sharding.shard(dataset.y_train, shard_count(task, settings["num_workers"]), task, settings["shard"],
-                             settings["dirichlet_alpha"], settings["seed"])
+def run_worker(settings: WorkerSettings) -> int:
+    task = settings.task_index
+    dataset = datasets.load(settings.dataset, settings.data_dir)
+    indices = sharding.shard(dataset.y_train, shard_count(task, settings.num_workers), task, settings.shard,
+                             settings.dirichlet_alpha, settings.seed)
     x, y = prepare(dataset.x_train[indices]), dataset.y_train[indices]
     model = _model(settings, dataset)
     worker_metrics = metrics.WorkerMetrics(REGISTRY)
-    metrics.serve(settings["metrics_port"], REGISTRY)
+    metrics.serve(settings.metrics_port, REGISTRY)
     client = WorkerClient(
-        settings["ps_address"], task_index=task, token=load_token(settings["token"], settings["token_file"]),
-        tls=TlsFiles(settings["tls_cert"], settings["tls_key"], settings["tls_ca"]),
-        description=socket.gethostname(), unreachable_timeout=settings["unreachable_timeout"],
+        settings.ps_address, task_index=task, token=load_token(settings.token, settings.token_file),
+        tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
+        description=socket.gethostname(), unreachable_timeout=settings.unreachable_timeout,
         metrics=worker_metrics)
     log.info("Worker %d: %d training examples of %s (%s shard), model %s.", task, len(x), dataset.name,
-             settings["shard"], settings["model"])
+             settings.shard, settings.model)
     chief = _Chief(settings, dataset, model, client) if client.is_chief else None
-    callback = FederatedAveraging(client, settings["interval_steps"], settings["batch_size"],
+    callback = FederatedAveraging(client, settings.interval_steps, settings.batch_size,
                                   on_round=chief.on_round if chief else None, metrics=worker_metrics)
     # A stopped container or a scaled-down pod gets SIGTERM: leave the ps at
     # once (the `with` below says goodbye) rather than make it wait out the lease.
@@ -85,19 +85,19 @@ def run_worker(settings: dict[str, Any]) -> int:
         if chief:
             chief.history.start_clock()
         # The ps decides when training ends (its last round); fit runs until then.
-        model.fit(x, y, batch_size=settings["batch_size"], epochs=1_000_000, callbacks=[callback], verbose=0,
+        model.fit(x, y, batch_size=settings.batch_size, epochs=1_000_000, callbacks=[callback], verbose=0,
                   shuffle=True)
         if not callback.syncs:  # joined after the last round (a restarted pod): nothing to add
             log.info("Training was already done (round %d); this worker had nothing to do.", client.round)
             return 0
         _log_throughput(f"Worker {task}", callback.examples_trained, time.monotonic() - started)
-        if chief:
+        if chief and callback.state:
             chief.finish(callback.state)
     log.info("Worker %d is done after %d syncs, at round %d.", task, callback.syncs, client.round)
     return 0
 
 
-def _stop(signum: int, frame) -> None:
+def _stop(signum: int, frame: object) -> None:
     log.warning("Stopping on signal %d.", signum)
     sys.exit(128 + signum)
 
@@ -109,7 +109,7 @@ def _log_throughput(who: str, examples: int, seconds: float) -> None:
 class _Chief:
     """Evaluates global models on the test set, reports them, and writes the outputs."""
 
-    def __init__(self, settings: dict[str, Any], dataset: datasets.Dataset, model: keras.Model,
+    def __init__(self, settings: WorkerSettings, dataset: datasets.Dataset, model: keras.Model,
                  client: WorkerClient):
         self.settings = settings
         self.dataset = dataset
@@ -127,8 +127,8 @@ class _Chief:
         self._pending: list[Future] = []
 
     def _eval_every(self) -> int:
-        total = self.client.total_rounds or self.settings["rounds"]
-        return self.settings["eval_every"] or max(1, math.ceil(total / EVALUATIONS))
+        total = self.client.total_rounds or self.settings.rounds
+        return self.settings.eval_every or max(1, math.ceil(total / EVALUATIONS))
 
     def on_round(self, state: GlobalState) -> None:
         if state.round > 0:
@@ -162,7 +162,7 @@ class _Chief:
         if final is None or final.round != state.round:
             self._record(state, evaluate=True)
             final = self._finish_tests()
-        report.write(self.settings["output_dir"], self.model, self.history, self.dataset.x_test[:25],
+        report.write(self.settings.output_dir, self.model, self.history, self.dataset.x_test[:25],
                      self.dataset.y_test[:25], self.dataset.class_names)
 
     def _finish_tests(self) -> report.RoundRecord | None:
@@ -173,14 +173,14 @@ class _Chief:
         return self.history.final
 
 
-def run_train(settings: dict[str, Any]) -> int:
+def run_train(settings: TrainSettings) -> int:
     """Trains on one machine, without a ps: the baseline the federated runs compare with."""
-    dataset = datasets.load(settings["dataset"], settings["data_dir"])
+    dataset = datasets.load(settings.dataset, settings.data_dir)
     x, y = prepare(dataset.x_train), dataset.y_train
     x_test = prepare(dataset.x_test)
     model = _model(settings, dataset)
-    steps = settings["steps"] or presets.STEPS.get(settings["dataset"], presets.DEFAULT_STEPS)
-    epochs = max(1, math.ceil(steps * settings["batch_size"] / len(x)))
+    steps = settings.steps or presets.STEPS.get(settings.dataset, presets.DEFAULT_STEPS)
+    epochs = max(1, math.ceil(steps * settings.batch_size / len(x)))
     history = report.History()
 
     def on_epoch_end(epoch: int, logs: dict) -> None:
@@ -190,9 +190,9 @@ def run_train(settings: dict[str, Any]) -> int:
               f"test accuracy {accuracy:.4f}", flush=True)
 
     history.start_clock()
-    model.fit(x, y, batch_size=settings["batch_size"], epochs=epochs, verbose=0, shuffle=True,
+    model.fit(x, y, batch_size=settings.batch_size, epochs=epochs, verbose=0, shuffle=True,
               callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
     _log_throughput("One process", epochs * len(x), history.elapsed)
-    report.write(settings["output_dir"], model, history, dataset.x_test[:25], dataset.y_test[:25],
+    report.write(settings.output_dir, model, history, dataset.x_test[:25], dataset.y_test[:25],
                  dataset.class_names, x_label="epoch")
     return 0

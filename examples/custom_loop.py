@@ -16,14 +16,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import comind  # noqa: E402
-from comind import datasets, models, sharding  # noqa: E402
-from comind.evaluation import predict  # noqa: E402
-from comind.worker import prepare  # noqa: E402
+import comind
+from comind import datasets, models, sharding
+from comind.evaluation import predict
+from comind.worker import prepare
 
 
 def main() -> None:

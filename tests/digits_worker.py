@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from comind import WorkerClient, datasets, sharding  # noqa: E402
+from comind import WorkerClient, datasets, sharding
 
 CLASSES, FEATURES = 10, 64
 SCALE = 100.0

@@ -14,12 +14,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import comind  # noqa: E402
-from comind import datasets, models  # noqa: E402
-from comind.worker import prepare  # noqa: E402
+import comind
+from comind import datasets, models
+from comind.worker import prepare
 
 
 def digest(arrays) -> str:

@@ -16,6 +16,7 @@ its service account token gets one for the API server given as ``kube_api``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import shutil
 import socket
@@ -286,15 +287,11 @@ class PodRunner:
 
     def close(self) -> None:
         for container in self.containers.values():
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
-            except docker.errors.NotFound:
-                pass
         for volume in self._volumes:
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 self.client.volumes.get(volume).remove(force=True)
-            except docker.errors.NotFound:
-                pass
         self.network.remove()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from comind.cli import LISTENING
+from comind.ps_main import LISTENING
 
 ROOT = Path(__file__).resolve().parents[1]
 

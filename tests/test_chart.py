@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from comind.aggregators import AGGREGATORS, AggregatorSettings
 from comind.certificates import Authority
 from compose_cluster import ROOT, build_image, docker_or_skip
 from fake_kube_api import FakeKubeApi
@@ -131,7 +132,7 @@ def test_every_rendered_object_validates_against_its_schema(helm, crd_validator,
         for version in KUBE_VERSIONS:  # strict: no field Kubernetes does not know
             kubernetes_validate.validate(obj, version, strict=True)
     problems = {f"{o['kind']}/{o['metadata']['name']}": error
-                for o, error in zip(custom, crd_validator(custom)) if error}
+                for o, error in zip(custom, crd_validator(custom), strict=True) if error}
     assert problems == {}
 
 
@@ -649,3 +650,24 @@ def test_the_tfjob_example_trains_with_its_tf_config(pods, image):
     ps, chief, worker = by_name["comind-ps-0"], by_name["comind-chief-0"], by_name["comind-worker-0"]
     assert json.loads(runner.env(worker)["TF_CONFIG"])["cluster"]["ps"] == ["comind-ps-0.ml.svc:2222"]
     boot_and_train(runner, ps, [chief, worker], rounds=5)
+
+
+# The quorum rule, in the chart and in the ps ------------------------------------
+
+QUORUMS = [(aggregation, replicas, to_aggregate, trim)
+           for aggregation in AGGREGATORS.names() for replicas in (2, 3, 4, 5) for to_aggregate in (0, 3)
+           for trim in (0.25, 0.34) if aggregation == "trimmed-mean" or trim == 0.25]
+
+
+@pytest.mark.parametrize("aggregation, replicas, to_aggregate, trim", QUORUMS)
+def test_the_chart_refuses_exactly_the_quorums_the_ps_refuses(helm, aggregation, replicas, to_aggregate, trim):
+    """The chart fails at install what the ps would refuse at start (comind/aggregators.py), and nothing else."""
+    try:
+        AGGREGATORS[aggregation](AggregatorSettings(trim)).check_quorum(to_aggregate or replicas)
+        ps_refuses = False
+    except ValueError:
+        ps_refuses = True
+    result = helm_run(helm, "template", RELEASE, str(CHART), "--show-only", "templates/ps-statefulset.yaml",
+                      "--set", f"ps.aggregation={aggregation},workers.replicas={replicas},"
+                      f"ps.replicasToAggregate={to_aggregate},ps.trimFraction={trim}", check=False)
+    assert (result.returncode != 0) == ps_refuses, result.stderr

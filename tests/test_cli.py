@@ -11,6 +11,7 @@ import pytest
 
 from comind import cli
 from comind.checkpoint import CheckpointStore
+from comind.settings import LocalSettings, PsSettings, Settings, WorkerSettings
 from comind.tensors import Layout
 from processes import ROOT
 
@@ -52,12 +53,12 @@ def test_metrics_port_in_use_is_a_clear_error():
 
 def test_flag_beats_variable_beats_default():
     values = settings("ps", "--rounds", "7", env={"COMIND_ROUNDS": "9", "COMIND_LEASE_SECONDS": "2.5"})
-    assert values["rounds"] == 7 and values["lease_seconds"] == 2.5 and values["num_workers"] == 2
+    assert values.rounds == 7 and values.lease_seconds == 2.5 and values.num_workers == 2
 
 
-def settings(command: str, *args: str, env: dict | None = None) -> dict:
+def settings(command: str, *args: str, env: dict | None = None) -> Settings:
     flags = cli._parser().parse_args([command, *args])
-    return cli._settings(flags, env or {})
+    return cli._load(flags, env or {})
 
 
 TF_CONFIGS = {
@@ -71,31 +72,59 @@ TF_CONFIGS = {
 @pytest.mark.parametrize("form", TF_CONFIGS)
 def test_tf_config_as_a_tfjob_writes_it(form):
     worker = settings("run", env={"TF_CONFIG": json.dumps(TF_CONFIGS[form])})
-    assert (worker["ps_address"], worker["task_index"], worker["num_workers"]) == ("p:2222", 2, 3)
+    assert (worker.ps_address, worker.task_index, worker.num_workers) == ("p:2222", 2, 3)
     chief = dict(TF_CONFIGS[form], task={"type": "chief", "index": 0})
-    assert settings("run", env={"TF_CONFIG": json.dumps(chief)})["task_index"] == 0
+    assert settings("run", env={"TF_CONFIG": json.dumps(chief)}).task_index == 0
     ps = dict(TF_CONFIGS[form], task={"type": "ps", "index": 0})
-    assert settings("run", env={"TF_CONFIG": json.dumps(ps)})["listen"] == "0.0.0.0:2222"
+    assert settings("run", env={"TF_CONFIG": json.dumps(ps)}).listen == "0.0.0.0:2222"
+
+
+def test_run_and_health_load_the_settings_of_the_role_they_are_given():
+    tf_config = json.dumps(TF_CONFIGS["list"])
+    assert isinstance(settings("run", env={"TF_CONFIG": tf_config}), WorkerSettings)
+    assert isinstance(settings("health", env={"COMIND_ROLE": "ps"}), PsSettings)
+    assert isinstance(settings("run", "--role", "ps", env={"TF_CONFIG": tf_config}), PsSettings)
+    assert settings("certificates", "--out", "x") is None
+
+
+def test_local_has_the_ps_and_worker_settings_and_sets_the_cluster_ones_itself(monkeypatch):
+    from comind.local import _environment
+
+    local = settings("local", "--workers", "3", "--shard", "iid", env={"COMIND_LISTEN": "not an address",
+                                                                      "COMIND_TOKEN": "t", "COMIND_ROUNDS": "4"})
+    assert isinstance(local, LocalSettings) and local.workers == 3
+    assert local.ps.num_workers == local.worker.num_workers == 3 and local.ps.rounds == local.worker.rounds == 4
+    assert (local.ps.listen, local.ps.token, local.worker.shard) == ("0.0.0.0:2222", None, "iid")
+    monkeypatch.setenv("COMIND_TOKEN_FILE", "token")
+    monkeypatch.setenv("TF_CONFIG", "{}")
+    environment = _environment(local)
+    assert (environment["COMIND_NUM_WORKERS"], environment["COMIND_ROUNDS"], environment["COMIND_SHARD"],
+            environment["COMIND_AGGREGATION"]) == ("3", "4", "iid", "mean")
+    assert len(environment["COMIND_TOKEN"]) == 32
+    assert not {"COMIND_TOKEN_FILE", "COMIND_LISTEN", "COMIND_PS_ADDRESS", "COMIND_TASK_INDEX", "TF_CONFIG"} & \
+        environment.keys()
+    with pytest.raises(ValueError, match="--workers must be at least 1. Received: --workers=0"):
+        settings("local", "--workers", "0")
 
 
 def test_variables_and_flags_win_over_tf_config():
     tf_config = json.dumps(TF_CONFIGS["list"])
-    assert settings("run", env={"TF_CONFIG": tf_config, "COMIND_TASK_INDEX": "5"})["task_index"] == 5
-    assert settings("run", "--task-index", "7", env={"TF_CONFIG": tf_config})["task_index"] == 7
+    assert settings("run", env={"TF_CONFIG": tf_config, "COMIND_TASK_INDEX": "5"}).task_index == 5
+    assert settings("run", "--task-index", "7", env={"TF_CONFIG": tf_config}).task_index == 7
 
 
 def test_original_flags():
     worker = settings("run", "--job_name", "worker", "--task_index", "1", "--ps_hosts", "ps0:2222",
                       "--worker_hosts", "w0:2222,w1:2222,w2:2222")
-    assert (worker["ps_address"], worker["task_index"], worker["num_workers"]) == ("ps0:2222", 1, 3)
+    assert (worker.ps_address, worker.task_index, worker.num_workers) == ("ps0:2222", 1, 3)
     ps = settings("run", "--job_name", "ps", "--ps_hosts", "ps0:2345", "--worker_hosts", "w0:1,w1:1")
-    assert ps["listen"] == "0.0.0.0:2345" and ps["num_workers"] == 2
+    assert ps.listen == "0.0.0.0:2345" and ps.num_workers == 2
 
 
 def test_rounds_follow_the_preset_and_interval():
-    assert settings("ps")["rounds"] == 15  # digits: 1500 local steps in rounds of 100
-    assert settings("ps", "--interval-steps", "1")["rounds"] == 1500
-    assert settings("ps", "--rounds", "3")["rounds"] == 3
+    assert settings("ps").rounds == 15  # digits: 1500 local steps in rounds of 100
+    assert settings("ps", "--interval-steps", "1").rounds == 1500
+    assert settings("ps", "--rounds", "3").rounds == 3
 
 
 @pytest.mark.parametrize("command, env, words", [

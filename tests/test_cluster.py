@@ -31,7 +31,7 @@ def run_clients(address: str, examples: list[int], rounds_seed: int = 0) -> dict
                     histories[task]["pushed"][state.round + 1] = local
                     state = client.sync(local, num_examples=examples[task], loss=0.1 * task, accuracy=0.5)
                     histories[task]["received"][state.round] = state.weights
-        except BaseException as error:  # surfaced in the test's thread
+        except BaseException as error:  # noqa: BLE001 - surfaced in the test's thread
             errors.append(error)
 
     threads = [threading.Thread(target=work, args=(task,)) for task in range(len(examples))]
@@ -51,7 +51,7 @@ def test_global_model_is_the_exact_example_weighted_average(start_ps):
     assert ps.wait() == 0
     chief_initial = histories[0]["received"][0]
     for task in histories:  # every worker started from the chief's weights
-        for mine, chiefs in zip(histories[task]["received"][0], chief_initial):
+        for mine, chiefs in zip(histories[task]["received"][0], chief_initial, strict=True):
             np.testing.assert_array_equal(mine, chiefs)
     for round in range(1, 5):
         pushed = [histories[task]["pushed"][round] for task in histories]

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
 from numpy.lib import format as npy
 
-from comind import auth, cli, cluster_spec, config, datasets
+from comind import auth, cli, cluster_spec, config, datasets, settings
 from comind.checkpoint import CheckpointStore
 from comind.client import WorkerClient, read_model
 from comind.errors import ModelMismatch, ProtocolError
@@ -480,7 +480,7 @@ def check_value(option: config.Option, value) -> None:
         assert port.isascii() and 0 <= int(port) <= 65535
 
 
-@given(st.sampled_from(config.OPTIONS), SETTING_TEXT)
+@given(st.sampled_from(settings.OPTIONS), SETTING_TEXT)
 def test_every_option_parses_a_value_or_says_what_it_expected(option, text):
     try:
         value = option.convert(text, option.env)
@@ -512,12 +512,12 @@ TF_CONFIGS = st.one_of(
 @example('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": true}}')
 def test_tf_config_gives_settings_or_a_value_error(text):
     try:
-        settings = cluster_spec.from_tf_config(text)
+        cluster = cluster_spec.from_tf_config(text)
     except ValueError as error:
         assert "TF_CONFIG" in str(error)
         return
-    assert settings.get("role") in (None, "ps", "worker")
-    assert settings.get("task_index", 0) >= 0 and settings.get("num_workers", 1) >= 1
+    assert cluster.get("role") in (None, "ps", "worker")
+    assert cluster.get("task_index", 0) >= 0 and cluster.get("num_workers", 1) >= 1
 
 
 @given(st.one_of(st.none(), st.sampled_from(["ps", "worker"])), st.one_of(st.none(), st.integers(-3, 3)),
@@ -526,29 +526,30 @@ def test_tf_config_gives_settings_or_a_value_error(text):
 @example("ps", -1, "ps:1,ps2:1", None)  # ... and picked the last ps's port
 def test_the_original_flags_give_settings_or_a_value_error(job_name, task_index, ps_hosts, worker_hosts):
     try:
-        settings = cluster_spec.from_original_flags(job_name, task_index, ps_hosts, worker_hosts)
+        cluster = cluster_spec.from_original_flags(job_name, task_index, ps_hosts, worker_hosts)
     except ValueError as error:
         assert "Received: --job_name" in str(error)
         return
-    assert settings.get("task_index", 0) >= 0
+    assert cluster.get("task_index", 0) >= 0
 
 
 ENVIRONMENTS = st.dictionaries(
-    st.sampled_from([o.env for o in config.OPTIONS] + ["TF_CONFIG"]), st.one_of(SETTING_TEXT, TF_CONFIGS), max_size=6)
+    st.sampled_from([o.env for o in settings.OPTIONS] + ["TF_CONFIG"]), st.one_of(SETTING_TEXT, TF_CONFIGS), max_size=6)
 
 
-@given(st.sampled_from(["ps", "worker", "run", "health"]), ENVIRONMENTS)
+@given(st.sampled_from(["ps", "worker", "run", "health", "train", "local"]), ENVIRONMENTS)
 def test_the_environment_gives_settings_or_a_value_error(command, environ):
     """Variables and TF_CONFIG together, as `comind run` reads them in a container."""
     flags = cli._parser().parse_args([command])
     try:
-        settings = cli._settings(flags, environ)
+        loaded = cli._load(flags, environ)
     except ValueError as error:
         assert "Received" in str(error)
         return
-    for option in config.OPTIONS:
-        if settings.get(option.name) is not None:
-            check_value(option, settings[option.name])
+    for part in (loaded.ps, loaded.worker) if isinstance(loaded, settings.LocalSettings) else (loaded,):
+        for option in settings.OPTIONS:
+            if getattr(part, option.name, None) is not None:
+                check_value(option, getattr(part, option.name))
 
 
 @given(st.one_of(st.binary(max_size=80), st.text(max_size=40).map(str.encode)))

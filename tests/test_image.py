@@ -51,17 +51,17 @@ class _Stream(io.RawIOBase):
 
 def layer_files(image):
     """(path, small file's bytes or None) for every file of every layer."""
-    outer = tarfile.open(fileobj=io.BufferedReader(_Stream(image.save(chunk_size=1 << 20)), 1 << 20), mode="r|")
-    for blob in outer:
-        if not blob.isfile() or blob.size < 1024:  # manifests and configs, not layers
-            continue
-        try:
-            layer = tarfile.open(fileobj=outer.extractfile(blob), mode="r|*")
-            for member in layer:
-                small = member.isfile() and member.size <= SCANNED_BYTES
-                yield member.name, layer.extractfile(member).read() if small else None
-        except tarfile.ReadError:  # a JSON blob
-            continue
+    with tarfile.open(fileobj=io.BufferedReader(_Stream(image.save(chunk_size=1 << 20)), 1 << 20), mode="r|") as outer:
+        for blob in outer:
+            if not blob.isfile() or blob.size < 1024:  # manifests and configs, not layers
+                continue
+            try:
+                with tarfile.open(fileobj=outer.extractfile(blob), mode="r|*") as layer:
+                    for member in layer:
+                        small = member.isfile() and member.size <= SCANNED_BYTES
+                        yield member.name, layer.extractfile(member).read() if small else None
+            except tarfile.ReadError:  # a JSON blob
+                continue
 
 
 def test_the_image_runs_as_a_numeric_non_root_user_and_declares_no_secrets(image):

@@ -35,7 +35,7 @@ def test_every_series_the_dashboard_queries_is_exported():
                for name in re.findall(r"\bcomind_[a-z_]+", target["expr"])}
     assert queried, "the dashboard queries no coMind series"
     assert queried <= exported_series(), queried - exported_series()
-    # Every core series of ARCHITECTURE.md is on the dashboard.
+    # Every core series of docs/design.md, decision 8 (README.md lists them) is on the dashboard.
     for core in ("comind_round", "comind_round_duration_seconds_bucket", "comind_train_loss", "comind_eval_accuracy",
                  "comind_workers", "comind_updates_total", "comind_update_bytes_total"):
         assert core in queried

@@ -63,7 +63,7 @@ def test_a_ps_resumed_after_the_last_round_has_no_timer_due_in_the_past():
 
 
 def test_replicas_to_aggregate_leaves_backup_workers():
-    rounds, (a, b, c) = started(Clock(), members=3, replicas_to_aggregate=2)
+    rounds, (a, _b, c) = started(Clock(), members=3, replicas_to_aggregate=2)
     rounds.record(a)
     rounds.record(c)
     assert rounds.ready_to_close()
@@ -83,7 +83,7 @@ def test_expired_lease_shrinks_the_quorum():
 
 def test_deadline_needs_the_minimum_and_is_extended_otherwise():
     clock = Clock()
-    rounds, (a, b, c) = started(clock, members=3, round_timeout=10, min_updates=2, lease_seconds=100)
+    rounds, (a, b, _c) = started(clock, members=3, round_timeout=10, min_updates=2, lease_seconds=100)
     rounds.record(a)
     clock.now = 10
     assert not rounds.ready_to_close() and rounds.overdue()

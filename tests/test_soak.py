@@ -9,6 +9,7 @@ Worker 0 is never killed; it and the ps's last run are the memory probes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -80,7 +81,7 @@ def test_random_kills_lose_no_round_and_memory_stays_flat(start_ps, tmp_path):
     for out in outs:
         history = read_history(out)
         rounds = [h["round"] for h in history]
-        assert all(b >= a for a, b in zip(rounds, rounds[1:])) and rounds[-1] == ROUNDS
+        assert all(b >= a for a, b in itertools.pairwise(rounds)) and rounds[-1] == ROUNDS
         assert all(h["uniform"] and h["values"][0] == h["round"] for h in history)
     # Memory stays flat: a leak of even a few KB a round would show over hundreds of rounds.
     assert ps_last < ps_first * 1.1 + 5, (ps_first, ps_last)

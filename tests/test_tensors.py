@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 
 from comind.proto import comind_pb2 as pb
-from comind.tensors import (Assembler, Layout, LayoutError, NonFiniteValues, OversizedStream, TruncatedStream,
-                            chunks)
+from comind.tensors import Assembler, Layout, LayoutError, NonFiniteValues, OversizedStream, TruncatedStream, chunks
 
 ARRAYS = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array([1, 2, 3], dtype=np.int64),
           np.zeros((0, 5), np.float16), np.array([0.5], dtype=">f8")]
@@ -13,7 +12,7 @@ def test_pack_and_views_round_trip_in_little_endian():
     layout = Layout.of(ARRAYS)
     packed = layout.pack(ARRAYS)
     assert packed.nbytes == layout.nbytes == 48 + 24 + 0 + 8
-    for view, array in zip(layout.views(packed), ARRAYS):
+    for view, array in zip(layout.views(packed), ARRAYS, strict=True):
         assert view.dtype.byteorder in "<|=" and view.shape == array.shape
         np.testing.assert_array_equal(view, array)
     assert packed[-8:].tobytes() == np.array([0.5], "<f8").tobytes()
@@ -39,7 +38,7 @@ def test_untrusted_specs_are_refused(spec, words):
 
 
 def test_unsendable_dtype_is_refused_with_the_name():
-    with pytest.raises(LayoutError, match="'w'.*complex64"):
+    with pytest.raises(LayoutError, match=r"'w'.*complex64"):
         Layout.of([np.zeros(2, np.complex64)], ["w"])
 
 

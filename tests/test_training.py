@@ -81,7 +81,7 @@ def test_custom_training_loop_trains_federated(start_ps):
                                  "--task-index", str(task)], env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for task in range(2)]
     outputs = [worker.communicate(timeout=300) for worker in workers]
-    for worker, (_, err) in zip(workers, outputs):
+    for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err
     assert ps.wait() == 0
     accuracy = float(re.search(r"Round 15: test accuracy ([\d.]+)", outputs[0][0]).group(1))

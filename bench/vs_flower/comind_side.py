@@ -41,7 +41,8 @@ def run(dataset: Path, workers: int, rounds: int, steps: int, seed: int, workdir
         # Debug level for comind.federated's per-round timing line.
         worker_processes = [start([sys.executable, "-m", "comind", "worker", "--ps-address", f"127.0.0.1:{port}",
                                    "--task-index", str(index), *task, "--shard", "contiguous", "--model", "basic",
-                                   "--batch-size", "32", "--learning-rate", "0.001", "--eval-every", "1", "--seed", str(seed),
+                                   "--batch-size", "32", "--learning-rate", "0.001", "--eval-every", "1",
+                                   "--seed", str(seed),
                                    "--metrics-port", "0", "--output-dir", str(workdir / "output"),
                                    "--log-level", "debug"], workdir / f"worker-{index}.log", env)
                               for index in range(workers)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import os
 import socket
 import statistics
@@ -44,12 +46,13 @@ class RunResult:
     @property
     def round_seconds(self) -> list[float]:
         """Time between consecutive global models (from round 2: round 1 includes start-up)."""
-        return [b.closed - a.closed for a, b in zip(self.rounds, self.rounds[1:])]
+        return [b.closed - a.closed for a, b in itertools.pairwise(self.rounds)]
 
     @property
     def overhead_fractions(self) -> list[float]:
         """Per round from round 2: the part of the round that was not the slowest worker's local training."""
-        return [(seconds - r.train_seconds) / seconds for seconds, r in zip(self.round_seconds, self.rounds[1:])]
+        return [(seconds - r.train_seconds) / seconds
+                for seconds, r in zip(self.round_seconds, self.rounds[1:], strict=True)]
 
     @property
     def median_round_seconds(self) -> float:
@@ -57,7 +60,7 @@ class RunResult:
 
     @property
     def median_overhead_seconds(self) -> float:
-        return statistics.median(s - r.train_seconds for s, r in zip(self.round_seconds, self.rounds[1:]))
+        return statistics.median(s - r.train_seconds for s, r in zip(self.round_seconds, self.rounds[1:], strict=True))
 
 
 def free_port() -> int:
@@ -93,14 +96,10 @@ def stop(processes: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
             os.killpg(process.pid, 15)  # its own session: the process and its children
     deadline = time.monotonic() + grace
     for process in processes:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)  # leftovers, such as a ClientApp whose parent is gone
-        except ProcessLookupError:
-            pass
         process.wait()
 
 
@@ -145,8 +144,6 @@ def _tree_rss(pid: int) -> int:
         return 0
     total = 0
     for process in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended between listing and reading
             total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass  # ended between listing and reading
     return total

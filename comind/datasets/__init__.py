@@ -21,6 +21,7 @@ import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -124,7 +125,7 @@ def load(name: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> 
 def _load_digits(data_dir: Path | None) -> Dataset:
     """The digits that ship with the package; ``data_dir`` plays no part."""
     with np.load(_DIGITS_FILE, allow_pickle=False) as data:
-        return Dataset("digits", *(data[key] for key in NPZ_KEYS), _numbered(10))
+        return Dataset("digits", class_names=_numbered(10), **{key: data[key] for key in NPZ_KEYS})
 
 
 # --- Fashion-MNIST ------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def _numbered(num_classes: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(num_classes))
 
 
-def _import_keras():
+def _import_keras() -> ModuleType:
     import keras  # here, not at the top: it imports TensorFlow, which only a download needs
 
     return keras

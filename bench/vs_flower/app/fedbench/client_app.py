@@ -44,7 +44,7 @@ def _restore_optimizer(model, context: Context) -> None:
     if "optimizer" not in context.state:
         return  # the first round: a fresh Adam, as coMind's worker starts with
     model.optimizer.build(model.trainable_variables)
-    for variable, value in zip(model.optimizer.variables, context.state["optimizer"].to_numpy_ndarrays()):
+    for variable, value in zip(model.optimizer.variables, context.state["optimizer"].to_numpy_ndarrays(), strict=True):
         variable.assign(value)
 
 

@@ -1,0 +1,74 @@
+"""``comind ps``: the parameter server's process, from its settings.
+
+The ps's machinery (gRPC, NumPy, the checkpoints) is imported when the ps
+runs, not with this module: `comind local` and the tests import it for
+:data:`LISTENING` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from comind.pipeline import ServerPipeline
+    from comind.settings import PsSettings
+
+# How the ps announces its port (port 0 picks a free one): `comind local` and
+# the tests read the port back from this line.
+LISTENING = re.compile(r"Listening on \S+:(\d+)")
+
+
+def server_pipeline(settings: PsSettings) -> ServerPipeline:
+    """The ps's round pipeline, checked against the updates its rounds will have."""
+    from comind.pipeline import PipelineSettings, ServerPipeline
+
+    pipeline = ServerPipeline(PipelineSettings(
+        weighting=settings.weighting, aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
+        max_update_norm=settings.max_update_norm, server_optimizer=settings.server_optimizer))
+    pipeline.check_quorum(settings.replicas_to_aggregate or settings.num_workers)
+    return pipeline
+
+
+def run_ps(settings: PsSettings) -> int:
+    from prometheus_client import REGISTRY
+
+    from comind import metrics, service
+    from comind.auth import TlsFiles, load_token
+    from comind.checkpoint import CheckpointStore
+    from comind.ps import ParameterServer
+    from comind.rounds import RoundPolicy
+
+    log = logging.getLogger("comind.ps")
+    policy = RoundPolicy(
+        num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
+        min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
+        round_timeout=settings.round_timeout, total_rounds=settings.rounds)
+    token = load_token(settings.token, settings.token_file)
+    tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    store = CheckpointStore(settings.checkpoint_dir, settings.keep_checkpoints) \
+        if settings.checkpoint_dir else None
+    pipeline = server_pipeline(settings)
+
+    async def serve() -> int:
+        ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), pipeline=pipeline, store=store,
+                             max_model_bytes=settings.max_model_bytes,
+                             max_concurrent_updates=settings.max_concurrent_updates)
+        server, port = service.build_server(ps, settings.listen, token, tls)
+        metrics.serve(settings.metrics_port, REGISTRY)
+        if not token:
+            log.warning("AUTHENTICATION IS OFF: anyone who reaches this port can read and change the model. "
+                        "Set COMIND_TOKEN or COMIND_TOKEN_FILE.")
+        host = settings.listen.rsplit(":", 1)[0]
+        log.info("Listening on %s:%d (%s), round %d of %d.", host, port, "TLS" if tls.enabled else "plain text",
+                 ps.round, policy.total_rounds)
+        if pipeline.aggregator.holds_updates:
+            log.info("Aggregating by the coordinate-wise %s: every update of a round is held in memory.",
+                     settings.aggregation)
+        if pipeline.clip:
+            log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
+        return await service.run(ps, server, settings.exit_grace)
+
+    return asyncio.run(serve())

@@ -1,0 +1,296 @@
+"""Each role's settings, as a frozen dataclass built from flags, ``COMIND_*`` variables and ``TF_CONFIG``.
+
+Every setting is declared once, as a field of the dataclass of the role
+that has it, or of a base class that the roles sharing it have in common;
+the field carries its :class:`comind.config.Option` (default, help, parser,
+choices), and its flag and variable derive from the field's name. Declaring
+a field again in another class is an error at import.
+
+:func:`load` is the one place settings are built. A flag wins over a
+variable, a variable over ``TF_CONFIG`` (or the original tutorials' cluster
+flags ``--job_name --task_index --ps_hosts --worker_hosts``), and those over
+the default (docs/design.md, decision 7)::
+
+    settings.load("ps", {"rounds": "7"}, {"COMIND_ROUNDS": "9"}).rounds == 7
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, overload
+
+from comind import cluster_spec, config, presets
+
+PS, WORKER, TRAIN, LOCAL = "ps", "worker", "train", "local"
+#: Workers `comind local` starts unless told otherwise.
+LOCAL_WORKERS = 2
+#: Settings that `comind local` sets itself for each process it starts: it takes them from no flag or variable.
+LOCAL_ONLY = frozenset({"listen", "ps_address", "task_index", "num_workers", "token", "token_file", "tls_cert",
+                        "tls_key", "tls_ca"})
+
+_OPTION = "comind.option"
+
+
+def _setting(default: Any, help: str, parse: Callable[[str], Any] = str,
+             choices: config.Choices | None = None) -> Any:
+    """A field declared by its option; the name comes from the field (see :func:`options_of`)."""
+    return dataclasses.field(metadata={_OPTION: config.Option("", default, help, parse, choices)})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Common:
+    """Settings of every role."""
+
+    dataset: str = _setting("digits", "digits (embedded), fashion_mnist, cifar10, or a .npz path",
+                            config.dataset_name)
+    log_level: str = _setting("info", "logging level", str, ("debug", "info", "warning", "error"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Cluster(_Common):
+    """Settings of the ps and the workers alike: they must agree on these."""
+
+    num_workers: int = _setting(2, "workers expected (quorum, sharding)", config.positive_int)
+    interval_steps: int = _setting(100, "local steps between syncs (1: synchronous data-parallel)",
+                                   config.positive_int)
+    #: Unset, the data set's preset for ``interval_steps`` (:func:`comind.presets.default_rounds`).
+    rounds: int = _setting(None, "rounds to train; unset: the data set's preset", config.positive_int)
+    metrics_port: int = _setting(8000, "Prometheus port; 0 turns metrics off", config.non_negative_int)
+    token: str | None = _setting(None, "shared token every call must carry")
+    token_file: str | None = _setting(None, "file holding the shared token")
+    tls_cert: str | None = _setting(None, "PEM certificate (the ps's, or a worker's own for mutual TLS)")
+    tls_key: str | None = _setting(None, "PEM private key of that certificate")
+    tls_ca: str | None = _setting(None, "PEM CA: a worker verifies the ps with it; a ps given one requires "
+                                        "client certificates it signed (mutual TLS)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Training(_Common):
+    """Settings of whoever trains a model: a worker, or `comind train` alone."""
+
+    model: str = _setting("basic", "basic, advanced, or module:function for your own", config.model_spec)
+    data_dir: str | None = _setting(None, "directory with the original Fashion-MNIST or CIFAR-10 files")
+    seed: int = _setting(0, "random seed of the split and the initial weights", config.non_negative_int)
+    batch_size: int = _setting(32, "examples per local step", config.positive_int)
+    learning_rate: float = _setting(1e-3, "Adam learning rate of the built-in models", config.positive_float)
+    output_dir: str = _setting("./comind-output", "where the chief writes the model and pictures")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PsSettings(_Cluster):
+    """The parameter server's settings (`comind ps`)."""
+
+    listen: str = _setting("0.0.0.0:2222", "host:port the ps listens on (port 0 picks a free one)", config.address)
+    replicas_to_aggregate: int | None = _setting(
+        None, "updates that close a round (fewer than the workers leaves backups); unset: all live workers",
+        config.positive_int)
+    min_updates: int = _setting(1, "updates a round needs to close at its deadline", config.positive_int)
+    round_timeout: float = _setting(600.0, "seconds a round waits for stragglers", config.positive_float)
+    lease_seconds: float = _setting(10.0, "seconds a worker stays live without a heartbeat", config.positive_float)
+    weighting: str = _setting("examples", "how updates are weighted in the average (the mean only)", str,
+                              config.weightings)
+    # The round pipeline's stages (comind/pipeline.py).
+    aggregation: str = _setting(
+        "mean", "how a round's updates are combined: mean (streamed, memory for one model), or median or "
+        "trimmed-mean (coordinate-wise, unweighted; outvote a minority of poisoned updates but hold every update "
+        "of a round in memory)", str, config.aggregation_rules)
+    trim_fraction: float = _setting(
+        0.25, "trimmed-mean drops this fraction of the updates from each end of every coordinate (floor of it "
+        "times the updates; a round with too few to trim takes the median)", config.fraction_below_half)
+    max_update_norm: float | None = _setting(
+        None, "bound on the L2 norm of each update's change from the global model: longer changes are scaled "
+        "down to it; unset: no bound", config.positive_float)
+    server_optimizer: str = _setting(
+        "fedavg", "how a round's aggregate changes the global model: fedavg adds it", str, config.server_optimizers)
+    checkpoint_dir: str | None = _setting(None, "directory for durable checkpoints; unset: in memory only")
+    keep_checkpoints: int = _setting(3, "checkpoints to keep", config.positive_int)
+    max_model_bytes: int = _setting(4 << 30, "largest model the ps accepts", config.positive_int)
+    max_concurrent_updates: int = _setting(2, "updates received at once (each holds one model in memory)",
+                                           config.positive_int)
+    exit_grace: float = _setting(30.0, "seconds to wait for workers to leave after the last round",
+                                 config.positive_float)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerSettings(_Cluster, _Training):
+    """A worker's settings (`comind worker`); task 0 is the chief."""
+
+    ps_address: str = _setting("localhost:2222", "host:port of the ps, for workers", config.address)
+    task_index: int = _setting(0, "this worker's index; 0 is the chief", config.non_negative_int)
+    shard: str = _setting("contiguous", "how the training data is split across workers", str,
+                          config.shard_methods)
+    dirichlet_alpha: float = _setting(0.5, "concentration of the non-IID split: smaller is more skewed",
+                                      config.positive_float)
+    eval_every: int | None = _setting(
+        None, "the chief evaluates every this many rounds; unset: about 100 times in all", config.positive_int)
+    unreachable_timeout: float = _setting(600.0, "seconds a worker keeps retrying an unreachable ps",
+                                          config.positive_float)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSettings(_Training):
+    """`comind train`'s settings: one process, no ps."""
+
+    steps: int | None = _setting(None, "local steps to train (comind train); unset: the data set's preset",
+                                 config.positive_int)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LocalSettings:
+    """`comind local`'s: the ps's and the workers' settings, and how many workers to start.
+
+    The fields named in :data:`LOCAL_ONLY` keep their defaults here, but for
+    ``num_workers``, which is ``workers``: `comind local` sets them for each
+    process it starts.
+    """
+
+    ps: PsSettings
+    worker: WorkerSettings
+    workers: int
+
+    @property
+    def log_level(self) -> str:
+        return self.ps.log_level
+
+
+Settings = PsSettings | WorkerSettings | TrainSettings | LocalSettings
+_RoleSettings = TypeVar("_RoleSettings", bound=_Common)
+_CLASSES: dict[str, tuple[type[PsSettings | WorkerSettings | TrainSettings], ...]] = {
+    PS: (PsSettings,), WORKER: (WorkerSettings,), TRAIN: (TrainSettings,), LOCAL: (PsSettings, WorkerSettings)}
+
+#: For `comind run` and `comind health`, which take the role from the environment.
+ROLE = config.Option("role", None, "ps or worker (for `comind run`; else from TF_CONFIG or --job_name)", str,
+                     (PS, WORKER))
+
+
+def options_of(cls: type) -> tuple[config.Option, ...]:
+    """The options of a settings class, one per field, in field order."""
+    return tuple(dataclasses.replace(f.metadata[_OPTION], name=f.name) for f in dataclasses.fields(cls))
+
+
+def options_for(*roles: str) -> tuple[config.Option, ...]:
+    """The options of these roles (ps, worker, train, local), each once; `local`'s lack :data:`LOCAL_ONLY`."""
+    options = {o.name: o for role in roles for cls in _CLASSES[role] for o in options_of(cls)}
+    leave_out = LOCAL_ONLY if LOCAL in roles else frozenset()
+    return tuple(o for name, o in options.items() if name not in leave_out)
+
+
+def _declared_once(*classes: type) -> None:
+    """Raises if two classes declare a field of the same name (rather than share one from a base class)."""
+    declared: dict[str, object] = {}
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            if declared.setdefault(field.name, field.metadata[_OPTION]) is not field.metadata[_OPTION]:
+                raise TypeError(f"The setting {field.name!r} is declared twice; declare it once, in a base class "
+                                f"of the roles that share it. Received: {cls.__name__}.{field.name}")
+
+
+_declared_once(PsSettings, WorkerSettings, TrainSettings)
+#: Every option, once: the role's, and every field's of a role.
+OPTIONS = (ROLE, *options_for(PS, WORKER, TRAIN))
+
+
+class _Sources:
+    """The values given: flags (the new ones over the original tutorials' ones), variables, TF_CONFIG."""
+
+    def __init__(self, flags: Mapping[str, Any], environ: Mapping[str, str]):
+        self.cluster: Mapping[str, Any] = \
+            cluster_spec.from_tf_config(environ["TF_CONFIG"]) if environ.get("TF_CONFIG") else {}
+        original = cluster_spec.from_original_flags(*(flags.get(f"original_{f}") for f in
+                                                       ("job_name", "task_index", "ps_hosts", "worker_hosts")))
+        # The original flags are flags: they win over variables, but not over the new flags.
+        self.flags = {**original, **{name: value for name, value in flags.items() if value is not None}}
+        self.environ = environ
+
+    def value(self, option: config.Option) -> Any:
+        """The option's value: its flag, else its variable, else TF_CONFIG's, else its default.
+
+        Raises:
+            ValueError: a value that does not parse, naming where it came from.
+        """
+        if self.flags.get(option.name) is not None:
+            return option.convert(self.flags[option.name], option.flag)
+        if self.environ.get(option.env, "") != "":
+            return option.convert(self.environ[option.env], option.env)
+        if option.name in self.cluster:
+            return option.convert(self.cluster[option.name], "TF_CONFIG")
+        return option.default
+
+    def build(self, cls: type[_RoleSettings], fixed: Mapping[str, Any] | None = None) -> _RoleSettings:
+        """``cls`` from these values; ``fixed`` names values to take instead."""
+        fixed = fixed or {}
+        values = {o.name: fixed[o.name] if o.name in fixed else self.value(o) for o in options_of(cls)}
+        if "rounds" in values and values["rounds"] is None:
+            values["rounds"] = presets.default_rounds(values["dataset"], values["interval_steps"])
+        return cls(**values)
+
+
+def role_from(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The role `comind run` takes: ``--role``, ``COMIND_ROLE``, TF_CONFIG's task or ``--job_name``; or None.
+
+    Raises:
+        ValueError: a value that does not parse, naming where it came from.
+    """
+    value: str | None = _Sources(flags or {}, environ or {}).value(ROLE)
+    return value
+
+
+@overload
+def load(role: Literal["ps"], flags: Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> PsSettings: ...
+
+
+@overload
+def load(role: Literal["worker"], flags: Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> WorkerSettings: ...
+
+
+@overload
+def load(role: Literal["train"], flags: Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> TrainSettings: ...
+
+
+@overload
+def load(role: Literal["local"], flags: Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> LocalSettings: ...
+
+
+@overload
+def load(role: str, flags: Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> Settings: ...
+
+
+def load(role: str, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """A role's settings (``ps``, ``worker``, ``train`` or ``local``) from flags and variables.
+
+    Args:
+        role: whose settings; ``local`` gives the ps's and the workers' (see :class:`LocalSettings`).
+        flags: values given as flags, by setting name (``vars()`` of the parsed command line); None or
+            absent: not given. ``original_job_name``, ``original_task_index``, ``original_ps_hosts`` and
+            ``original_worker_hosts`` are the original tutorials' flags; ``workers`` is `comind local`'s.
+        environ: the ``COMIND_*`` variables and ``TF_CONFIG`` (``os.environ``); others are ignored.
+
+    Raises:
+        ValueError: a value that does not parse, naming where it came from (``--rounds``,
+            ``COMIND_ROUNDS`` or ``TF_CONFIG``) and what it should be.
+    """
+    sources = _Sources(flags or {}, environ or {})
+    if role == LOCAL:
+        workers = sources.flags.get("workers", LOCAL_WORKERS)
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1. Received: --workers={workers}")
+        fixed = {o.name: o.default for o in options_for(PS, WORKER) if o.name in LOCAL_ONLY} | \
+            {"num_workers": workers}
+        return LocalSettings(ps=sources.build(PsSettings, fixed), worker=sources.build(WorkerSettings, fixed),
+                             workers=workers)
+    if role not in _CLASSES:
+        raise ValueError(f"There are settings for {', '.join(_CLASSES)}. Received: role={role!r}")
+    return sources.build(_CLASSES[role][0])
+
+
+def variables(settings: PsSettings | WorkerSettings | TrainSettings,
+              leave_out: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The ``COMIND_*`` variables that give these settings back (unset ones left out), for a child process."""
+    values = {o.env: getattr(settings, o.name) for o in options_of(type(settings)) if o.name not in leave_out}
+    return {env: str(value) for env, value in values.items() if value is not None}

@@ -1,0 +1,57 @@
+"""The stages' registries are the one list of choices: the settings, compose, the chart's values and its schema
+offer exactly what they hold, with the same defaults."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from comind import settings
+from comind.aggregators import AGGREGATORS
+from comind.registry import Registry
+from comind.server_optimizers import SERVER_OPTIMIZERS
+from comind.weighting import WEIGHTINGS
+from processes import ROOT
+
+CHART = ROOT / "helm" / "comind"
+
+# setting name (COMIND_*, the ps's dataclass field), chart value under ps, registry
+STAGES = [("weighting", "weighting", WEIGHTINGS), ("aggregation", "aggregation", AGGREGATORS),
+          ("server_optimizer", "serverOptimizer", SERVER_OPTIMIZERS)]
+
+
+@pytest.mark.parametrize("setting, value, registry", STAGES)
+def test_the_settings_offer_the_registry_and_default_to_its_first_choice(setting, value, registry: Registry):
+    [option] = [o for o in settings.OPTIONS if o.name == setting]
+    assert option.choices == registry.names()
+    assert option.default == registry.names()[0]
+    with pytest.raises(ValueError, match=rf"COMIND_{setting.upper()} must be one of {', '.join(registry.names())}"):
+        option.convert("no-such-choice", f"COMIND_{setting.upper()}")
+
+
+@pytest.mark.parametrize("setting, value, registry", STAGES)
+def test_the_chart_offers_the_registry(setting, value, registry: Registry):
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["ps"]["properties"][value]
+    assert schema["enum"] == list(registry.names())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["ps"]
+    assert values[value] == registry.names()[0]
+    template = (CHART / "templates" / "ps-statefulset.yaml").read_text()
+    assert f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}" in template
+
+
+@pytest.mark.parametrize("setting, value, registry", STAGES)
+def test_compose_passes_the_setting_with_the_registry_default(setting, value, registry: Registry):
+    compose = (ROOT / "compose.yaml").read_text()
+    variable = f"COMIND_{setting.upper()}"
+    assert re.search(rf"{variable}: \${{{variable}:-{re.escape(registry.names()[0])}}}", compose)
+
+
+def test_a_registry_refuses_a_second_entry_of_the_same_name():
+    registry: Registry[int] = Registry("COMIND_EXAMPLE")
+    registry.register("one")(1)
+    with pytest.raises(ValueError, match="already has a choice named 'one'"):
+        registry.register("one")(2)
+    assert registry["one"] == 1 and "one" in registry and registry.names() == ("one",)
