@@ -30,6 +30,7 @@ from comind.metrics import WorkerMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, round_call_seconds
+from comind.rounds import MIN_LEASE_SECONDS
 from comind.tensors import Assembler, Layout, LayoutError, StreamError, chunks
 
 log = logging.getLogger(__name__)
@@ -266,9 +267,9 @@ class WorkerClient:
             if self._member_id is None:
                 reply = self._stub.Join(pb.JoinRequest(task_index=self.task_index, description=self.description),
                                         timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
-                if not 0 < reply.lease_seconds < math.inf:
+                if not MIN_LEASE_SECONDS <= reply.lease_seconds < math.inf:
                     raise ProtocolError(f"The ps gave a lease of {reply.lease_seconds} s; a lease must be a "
-                                        "positive, finite number of seconds.")
+                                        f"finite number of seconds, at least {MIN_LEASE_SECONDS}.")
                 # A longer lease needs no more frequent renewal, and would overflow threading's waits.
                 self._member_id, self._lease = reply.member_id, min(reply.lease_seconds, MAX_LEASE_SECONDS)
                 self._known_round = reply.round
@@ -309,6 +310,8 @@ class WorkerClient:
                     if settled.is_set():
                         break
                     yield pb.WorkerMessage(data=data)
+                else:
+                    yield pb.WorkerMessage(end=pb.UpdateEnd())
             while not finished.wait(self._lease / 3):
                 yield pb.WorkerMessage(renewal=pb.Renewal())
 

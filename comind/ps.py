@@ -222,14 +222,18 @@ class ParameterServer:
                 return await self._initialize(header, data)
             result = await self._update(member_id, header, data)
         except refusals.Refusal as refusal:
-            if header.kind is UpdateKind.DELTA:  # initial models are not updates
-                self.metrics.updates.labels(refusal.result).inc()
-            log.warning("Refused an update: %s", refusal.message)
+            self.refused_update(refusal, counted=header.kind is UpdateKind.DELTA)  # an initial model is no update
             raise
         self.metrics.updates.labels(result.value).inc()
         if result is UpdateResult.ACCEPTED:
             await self.maybe_close()
         return result
+
+    def refused_update(self, refusal: refusals.Refusal, counted: bool = True) -> None:
+        """Logs an update refused (its header unreadable, or by :meth:`receive`), and counts it."""
+        if counted:
+            self.metrics.updates.labels(refusal.result).inc()
+        log.warning("Refused an update: %s", refusal.message)
 
     async def _initialize(self, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
         if self.model is not None:

@@ -46,6 +46,11 @@ class Member:
     peer: bytes | None = None
 
 
+#: The shortest lease: workers renew theirs three times a lease, and a lease
+#: of almost nothing would have them renew without a pause.
+MIN_LEASE_SECONDS = 0.1
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundPolicy:
     num_workers: int = 2
@@ -67,6 +72,9 @@ class RoundPolicy:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be positive. Received: {name}={getattr(self, name)!r}")
+        if self.lease_seconds < MIN_LEASE_SECONDS:
+            raise ValueError(f"lease_seconds must be at least {MIN_LEASE_SECONDS} s. "
+                             f"Received: lease_seconds={self.lease_seconds!r}")
 
 
 class Rounds:

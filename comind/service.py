@@ -131,14 +131,19 @@ class Service(pb_grpc.ParameterServerServicer):
         if first is None or first.WhichOneof("part") != "hello":
             raise refusals.InvalidRequest("A Round call must start with a hello message naming the worker.")
         hello = first.hello
-        self.ps.renew(hello.member_id, peer)
         unread = False  # whether the update's bytes are still coming, unread
         if hello.HasField("update"):
-            header = self._header(hello.update)
-            result = await self.ps.receive(hello.member_id, header, _data(requests, header.layout.nbytes), peer)
+            try:
+                header = self._header(hello.update)
+            except refusals.Refusal as refusal:
+                self.ps.refused_update(refusal)
+                raise
+            result = await self.ps.receive(hello.member_id, header, _data(requests), peer)
             await context.write(pb.PsMessage(receipt=pb.Receipt(round=header.round, result=_RESULTS[result]))
                                 .SerializeToString())
             unread = result is not UpdateResult.ACCEPTED
+        else:
+            self.ps.renew(hello.member_id, peer)
         # From here to the call's end, the worker's renewals keep its lease: while the round is open, and while
         # a large model goes down a slow link.
         renewals = asyncio.ensure_future(self._renewals(requests, hello.member_id, peer, unread))
@@ -180,14 +185,11 @@ class Service(pb_grpc.ParameterServerServicer):
             part = message.WhichOneof("part")
             if part == "renewal":
                 self.ps.renew(member_id, peer)
-            elif part == "data" and unread:
+            elif part in ("data", "end") and unread:
                 continue  # the rest of an update the ps did not need, sent before its receipt arrived
-            elif part == "data":
-                raise refusals.OversizedStream("Oversized model: the stream carries more bytes than its header "
-                                               "declared.")
             else:
-                raise refusals.InvalidRequest(f"A Round call carries one hello; after it, only the update's "
-                                              f"bytes and renewals. Received: {part}")
+                raise refusals.InvalidRequest(f"A Round call carries one hello, then the update's bytes and their "
+                                              f"end, then renewals. Received: {part} after the update")
 
 
 async def _unless_refused(renewals: asyncio.Future[None], work: Awaitable[T]) -> T:
@@ -218,17 +220,20 @@ class _Requests:
         return await anext(self._iterator, None)
 
 
-async def _data(requests: _Requests, nbytes: int) -> AsyncIterator[bytes]:
-    """An update's bytes: the data messages that follow its hello, up to the ``nbytes`` its header declared."""
-    received = 0
-    while received < nbytes:
-        message = await requests.next()
-        if message is None:
-            return  # the assembler reports the truncation
-        if message.WhichOneof("part") != "data":
-            raise refusals.InvalidRequest(f"An update's bytes must follow its hello as data messages. Received: "
-                                          f"{message.WhichOneof('part')} after {received} of {nbytes} bytes")
-        received += len(message.data)
+async def _data(requests: _Requests) -> AsyncIterator[bytes]:
+    """An update's bytes: the data messages that follow its hello, up to their end.
+
+    The ps compares their count with its header's before it takes the update
+    (too few: truncated; too many: oversized); a call that ends before the
+    end marker is truncated.
+    """
+    while (message := await requests.next()) is not None:
+        part = message.WhichOneof("part")
+        if part == "end":
+            return
+        if part != "data":
+            raise refusals.InvalidRequest(f"An update's bytes must follow its hello as data messages, then an end "
+                                          f"message. Received: {part}")
         yield message.data
 
 

@@ -33,6 +33,9 @@ class Reply:
         return Layout.from_proto(self.header.tensors, max_bytes=1 << 40).views(self.data)
 
 
+END = pb.WorkerMessage(end=pb.UpdateEnd())
+
+
 def update_header(arrays: Sequence[np.ndarray], round: int = 1, *, kind: int = pb.UPDATE_KIND_DELTA,
                   examples: int = 10, loss: float = 0.5, accuracy: float = 0.5,
                   names: Sequence[str] | None = None) -> pb.UpdateHeader:
@@ -41,12 +44,14 @@ def update_header(arrays: Sequence[np.ndarray], round: int = 1, *, kind: int = p
 
 
 def data_messages(arrays: Sequence[np.ndarray]) -> list[pb.WorkerMessage]:
-    return [pb.WorkerMessage(data=c) for c in chunks(Layout.of(arrays).pack(arrays))]
+    """An update's bytes, and their end."""
+    return [*(pb.WorkerMessage(data=c) for c in chunks(Layout.of(arrays).pack(arrays))), END]
 
 
 def update_messages(member: str, arrays: Sequence[np.ndarray], round: int = 1, *, have_round: int | None = None,
                     **header: object) -> list[pb.WorkerMessage]:
-    """A hello carrying an update of ``arrays`` (a change, unless ``kind`` says otherwise), and its bytes."""
+    """A hello carrying an update of ``arrays`` (a change, unless ``kind`` says otherwise), its bytes and their
+    end."""
     hello = pb.Hello(member_id=member, have_round=round - 1 if have_round is None else have_round,
                      update=update_header(arrays, round, **header))  # type: ignore[arg-type]
     return [pb.WorkerMessage(hello=hello), *data_messages(arrays)]
