@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from comind import WorkerClient  # noqa: E402
+from comind import WorkerClient
 
 SHAPES = [(100, 10), (10,)]
 

@@ -18,7 +18,7 @@ def updates(count, rng):
 def test_mean_is_the_weighted_average(weights):
     models = updates(3, np.random.default_rng(0))
     total = RunningWeightedSum(Layout.of(models[0]))
-    for model, weight in zip(models, weights):
+    for model, weight in zip(models, weights, strict=True):
         total.add(model, weight)
     mean = total.layout.views(total.result())
     for i in range(2):
@@ -75,7 +75,7 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
 def test_median_and_trimmed_mean_of_one_update_are_that_update():
     [update] = updates(1, np.random.default_rng(2))
     for result in (coordinate_median([update]), trimmed_mean([update], 0.25)):
-        for got, want in zip(result, update):
+        for got, want in zip(result, update, strict=True):
             np.testing.assert_array_equal(got, want)
 
 

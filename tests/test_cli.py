@@ -103,7 +103,7 @@ def test_local_has_the_ps_and_worker_settings_and_sets_the_cluster_ones_itself(m
     assert len(environment["COMIND_TOKEN"]) == 32
     assert not {"COMIND_TOKEN_FILE", "COMIND_LISTEN", "COMIND_PS_ADDRESS", "COMIND_TASK_INDEX", "TF_CONFIG"} & \
         environment.keys()
-    with pytest.raises(ValueError, match="--workers must be at least 1. Received: --workers=0"):
+    with pytest.raises(ValueError, match=r"--workers must be at least 1\. Received: --workers=0"):
         settings("local", "--workers", "0")
 
 

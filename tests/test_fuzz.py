@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import itertools
 import json
 import threading
 import tracemalloc
@@ -24,7 +25,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from fuzzing import DTYPE_NAMES, INT64, TENSOR_SPECS
 from google.protobuf.message import DecodeError
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -38,8 +38,18 @@ from comind.errors import ModelMismatch, ProtocolError
 from comind.npz import NpzError, NpzFile
 from comind.proto import comind_pb2 as pb
 from comind.rounds import MIN_LEASE_SECONDS
-from comind.tensors import (ALLOWED_DTYPES, MAX_DIMS, MAX_TENSORS, Assembler, Layout, LayoutError, NonFiniteValues,
-                            OversizedStream, TruncatedStream)
+from comind.tensors import (
+    ALLOWED_DTYPES,
+    MAX_DIMS,
+    MAX_TENSORS,
+    Assembler,
+    Layout,
+    LayoutError,
+    NonFiniteValues,
+    OversizedStream,
+    TruncatedStream,
+)
+from fuzzing import DTYPE_NAMES, INT64, TENSOR_SPECS
 
 #: An error message quotes what it got, but never a whole hostile input.
 MAX_MESSAGE_CHARS = 2000
@@ -122,21 +132,20 @@ def test_raw_bytes_parse_or_raise_decode_error_and_headers_become_layouts(raw):
             message = message_type.FromString(raw)
         except DecodeError:
             continue
-        try:
+        with contextlib.suppress(LayoutError):
             check_layout(Layout.from_proto(specs_in(message), 1 << 16), 1 << 16)
-        except LayoutError:
-            pass
 
 
 ARRAYS = st.lists(npst.arrays(st.sampled_from(["<f4", ">f8", "<f2", "<i8", "|u1", "|b1"]),
                               npst.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)),
-                  min_size=1, max_size=4).map(lambda arrays: [np.array(np.nan_to_num(a), a.dtype) for a in arrays])  # finite to start
+                  min_size=1, max_size=4).map(
+    lambda arrays: [np.array(np.nan_to_num(a), a.dtype) for a in arrays])  # finite to start
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     """``data`` cut at the given offsets (taken modulo its length), as chunks may arrive."""
     points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 @given(ARRAYS, st.lists(st.integers(0, 1 << 12), max_size=6), st.integers(-8, 8), st.data())
@@ -176,7 +185,8 @@ MODEL_HEADERS = st.builds(
     tensors=st.one_of(st.just(EXPECTED.to_proto()), st.lists(TENSOR_SPECS, max_size=3)))
 #: Results the protocol names, and numbers it does not (proto3 enums keep unknown values).
 RECEIPTS = st.builds(pb.Receipt, round=st.one_of(st.integers(-1, 2), INT64),
-                     result=st.one_of(st.sampled_from(pb.UpdateResult.values()), st.integers(-(1 << 31), (1 << 31) - 1)))
+                     result=st.one_of(st.sampled_from(pb.UpdateResult.values()),
+                                      st.integers(-(1 << 31), (1 << 31) - 1)))
 PS_MESSAGES = st.one_of(
     st.builds(pb.PsMessage, receipt=RECEIPTS),
     st.builds(pb.PsMessage, model=MODEL_HEADERS),
@@ -499,8 +509,9 @@ TF_CONFIGS = st.one_of(
               st.dictionaries(st.sampled_from(["ps", "worker", "chief", "master", "evaluator"]),
                               st.one_of(st.lists(SETTING_TEXT, max_size=3),
                                         st.dictionaries(SETTING_TEXT, SETTING_TEXT, max_size=2), JSON), max_size=3),
-              st.one_of(JSON, st.fixed_dictionaries({"type": st.one_of(st.sampled_from(["ps", "worker", "chief"]), JSON),
-                                                     "index": st.one_of(st.integers(-2, 3), JSON)}))),
+              st.one_of(JSON, st.fixed_dictionaries({
+                  "type": st.one_of(st.sampled_from(["ps", "worker", "chief"]), JSON),
+                  "index": st.one_of(st.integers(-2, 3), JSON)}))),
 )
 
 

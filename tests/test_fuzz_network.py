@@ -13,13 +13,13 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from fuzzing import INT64, NAMES, TENSOR_SPECS
 from hypothesis import given
 from hypothesis import strategies as st
 
 from comind.client import WorkerClient, read_model
 from comind.proto import comind_pb2 as pb
 from comind.tensors import Layout
+from fuzzing import INT64, NAMES, TENSOR_SPECS
 from processes import PsProcess, rss_mb
 from raw_protocol import RawClient
 
@@ -82,7 +82,7 @@ def scaled(scale: float) -> bytes:
 PACKED = st.builds(scaled, st.one_of(st.floats(-2, 2), FLOATS))
 STREAM_PARTS = st.one_of(
     PACKED.flatmap(lambda data: st.lists(st.integers(0, len(data)), max_size=3).map(
-        lambda cuts: [data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)])])),
+        lambda cuts: [data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)], strict=True)])),
     st.lists(st.binary(max_size=600), max_size=3))
 #: Where the hello goes among the update's bytes, and what else comes.
 ORDERS = ["hello first", "no hello", "two hellos", "renewals between", "renewals after"]
@@ -95,7 +95,7 @@ CALLERS = st.sampled_from(["member", "member", "member", "stranger", "nobody"])
 @given(st.one_of(HEADERS, st.none()), CALLERS, st.one_of(st.integers(-1, 2), INT64), STREAM_PARTS,
        st.sampled_from(ORDERS))
 def test_hostile_round_calls_get_specific_statuses(cluster, header, caller, have_round, parts, order):
-    ps, chief, client, baseline = cluster
+    _ps, _chief, client, _baseline = cluster
     member_id = client.join(1) if caller == "member" else {"stranger": "0" * 32, "nobody": ""}[caller]
     hello = pb.Hello(member_id=member_id, have_round=have_round, update=header)
     messages = [pb.WorkerMessage(data=part) for part in parts]
@@ -117,7 +117,7 @@ MEMBER_IDS = st.one_of(NAMES, st.just("0" * 32), st.text(min_size=1, max_size=2)
 @given(st.sampled_from(sorted(METHODS)), MEMBER_IDS, st.one_of(st.integers(-3, 3), INT64), FLOATS, FLOATS,
        st.integers(-(1 << 31), (1 << 31) - 1))
 def test_hostile_fields_get_specific_statuses(cluster, method, member_id, round, loss, accuracy, task_index):
-    ps, chief, client, baseline = cluster
+    _ps, _chief, client, _baseline = cluster
     stub = client.stub
     requests = {
         "Join": lambda: pb.JoinRequest(task_index=task_index, description=member_id),
@@ -144,7 +144,7 @@ def test_hostile_fields_get_specific_statuses(cluster, method, member_id, round,
 @given(st.sampled_from(sorted(METHODS)), st.lists(st.binary(max_size=300), min_size=1, max_size=3), st.booleans())
 def test_raw_bytes_on_the_wire_get_specific_statuses(cluster, method, payloads, authenticated):
     """Bytes that are not a message (or happen to be one) through a generic call with no serializer."""
-    ps, chief, client, baseline = cluster
+    _ps, _chief, client, _baseline = cluster
     streaming_request, streaming_response = METHODS[method]
     kind = f"{'stream' if streaming_request else 'unary'}_{'stream' if streaming_response else 'unary'}"
     call = getattr(client.channel, kind)(f"/comind.v2.ParameterServer/{method}")  # bytes in, bytes out
@@ -162,7 +162,7 @@ def test_raw_bytes_on_the_wire_get_specific_statuses(cluster, method, payloads, 
 
 def test_the_ps_lives_on_and_serves_well_formed_rounds(cluster):
     """Runs last in this module, after the barrage."""
-    ps, chief, client, baseline = cluster
+    ps, chief, _client, baseline = cluster
     assert ps.proc.poll() is None
     assert rss_mb(ps.proc.pid) * (1 << 20) < baseline + RSS_GROWTH_BYTES
     assert "Traceback" not in ps.log() and "Unexpected" not in ps.log()
@@ -173,5 +173,5 @@ def test_the_ps_lives_on_and_serves_well_formed_rounds(cluster):
     assert all(np.isfinite(w).all() for w in first.weights)
     second = chief.sync([w + 2 for w in WEIGHTS], num_examples=1)
     assert second.round == 2
-    for got, sent in zip(second.weights, WEIGHTS):
+    for got, sent in zip(second.weights, WEIGHTS, strict=True):
         np.testing.assert_allclose(got, sent + 2, rtol=1e-6)

@@ -16,8 +16,8 @@ from comind.metrics import UPDATE_RESULTS
 from processes import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-from core import MB, render  # noqa: E402 - the benchmarks' helpers
-from load import Scenario, run_load, section  # noqa: E402
+from core import MB, render
+from load import Scenario, run_load, section
 
 SCENARIO = Scenario("250 workers x 0.4 MB", clients=250, model_bytes=400_000, warmup_rounds=1, measured_rounds=4,
                     processes=2)

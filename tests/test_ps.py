@@ -261,7 +261,7 @@ class CountingOptimizer:
 
     def step(self, layout, model, aggregate, state):
         total = state["total"].copy()
-        for out, change in zip(layout.views(total), layout.views(aggregate)):
+        for out, change in zip(layout.views(total), layout.views(aggregate), strict=True):
             if out.dtype.kind == "f":
                 out += change
         packed, _ = ServerPipeline().optimizer.step(layout, model, aggregate, {})

@@ -138,9 +138,9 @@ def test_calls_without_or_with_a_wrong_token_are_unauthenticated(token_ps):
 def test_worker_client_with_a_wrong_or_no_token_is_refused_not_retried(token_ps):
     ps, metrics = token_ps
     for token, reason in [(None, "no token was sent"), ("wrong", "the token is wrong")]:
-        with WorkerClient(ps.address, token=token, unreachable_timeout=SHORT) as client:
-            with pytest.raises(PsRefusal, match=reason) as caught:
-                client.join(WEIGHTS)
+        with WorkerClient(ps.address, token=token, unreachable_timeout=SHORT) as client, \
+                pytest.raises(PsRefusal, match=reason) as caught:
+            client.join(WEIGHTS)
         assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     after = metrics()
     assert after("comind_auth_failures_total") == 2  # one Join each: UNAUTHENTICATED is not retried
@@ -241,7 +241,7 @@ def assert_refused_by_tls(ps, metrics, tls: TlsFiles | None, *, server_reason: s
 
 
 def test_tls_client_trusting_the_ca_works(start_ps, pki):
-    ps, metrics = tls_ps(start_ps, pki, mutual=False)
+    ps, _metrics = tls_ps(start_ps, pki, mutual=False)
     train(ps.address, tls=TlsFiles(ca=pki.ca))
     assert ps.wait() == 0
 
@@ -271,7 +271,7 @@ def test_mutual_tls_refuses_a_certificate_from_another_ca(start_ps, pki):
 
 
 def test_mutual_tls_accepts_a_certificate_from_the_ca(start_ps, pki):
-    ps, metrics = tls_ps(start_ps, pki, mutual=True)
+    ps, _metrics = tls_ps(start_ps, pki, mutual=True)
     train(ps.address, tls=TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca))
     assert ps.wait() == 0
 

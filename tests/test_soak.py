@@ -17,8 +17,8 @@ import signal
 
 import numpy as np
 
-from processes import rss_mb
 from numpy_cluster import assert_finishes, read_history, start_worker
+from processes import rss_mb
 
 ROUNDS = int(os.environ.get("SOAK_ROUNDS", "320"))
 SEED = int(os.environ.get("SOAK_SEED", "8"))
