@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from processes import ROOT
 
 
 def assert_finds_nothing(*command: str) -> None:
