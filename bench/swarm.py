@@ -3,10 +3,11 @@
 ``WorkerClient`` spends a thread per worker; a load test needs hundreds of
 workers per process, so each client here is a few coroutines instead. They
 make the calls a ``WorkerClient`` makes, in its order and with its timeouts:
-Register, a Heartbeat every third of the lease, Initialize (the chief),
-PushUpdate streams, PullModel long polls, Leave. A client does no training:
-it pushes back the global model it last received, so every update is a
-valid, finite model of the right layout.
+Join, then one Round call per round (the chief's first carries the initial
+model; every later one a change, its end marker, then renewals every third of the lease
+while it waits for the model), a Heartbeat every third of the lease while
+no call is open, Leave. A client does no training: its update is a zero
+change, so every update is valid and finite, and the model stays the same.
 
 Each client has a channel and a TCP connection of its own, as workers on
 separate machines would (gRPC would otherwise share one connection between
@@ -17,7 +18,7 @@ Run by ``bench/load.py``, one process per slice of the task indices:
     python bench/swarm.py --address HOST:PORT --tasks 0:250 --model-bytes 400000 --rounds 20
 
 The token, if any, comes from ``COMIND_TOKEN``. When every client is done it
-prints one JSON line (see :func:`report`) and keeps its workers registered
+prints one JSON line (a :func:`run_client` report per client) and keeps its workers joined
 until a line arrives on stdin, so the ps is still up when the parent reads
 its figures; then they all leave.
 """
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -36,14 +39,16 @@ import grpc
 import numpy as np
 
 from comind.auth import call_metadata
-from comind.client import MIN_BYTES_PER_SECOND, UNARY_TIMEOUT_SECONDS
+from comind.client import UNARY_TIMEOUT_SECONDS
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS
+from comind.protocol import GRPC_OPTIONS, round_call_seconds
 from comind.tensors import Assembler, Layout, chunks
 from core import EXAMPLES, make_model
 
-CHANNEL_OPTIONS = GRPC_OPTIONS + [("grpc.keepalive_time_ms", 30000), ("grpc.use_local_subchannel_pool", 1)]
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000), ("grpc.use_local_subchannel_pool", 1)]
+RENEWAL = pb.WorkerMessage(renewal=pb.Renewal())
+END = pb.WorkerMessage(end=pb.UpdateEnd())
 
 
 class LoadError(RuntimeError):
@@ -56,9 +61,23 @@ class RoundTiming:
     every process on the machine)."""
 
     round: int
-    pushed: float    # the push started
-    acked: float     # the ps acknowledged it
+    pushed: float    # the Round call started
+    acked: float     # the ps's receipt for the update arrived
     received: float  # the new global model was complete
+
+
+@dataclasses.dataclass
+class Update:
+    kind: int
+    round: int
+    layout: Layout
+    data: list[pb.WorkerMessage]  # the update's bytes, as messages
+
+
+@functools.cache
+def zero_change(layout: Layout) -> list[pb.WorkerMessage]:
+    """The data messages of an all-zero change, built once for every client of the process."""
+    return [pb.WorkerMessage(data=data) for data in chunks(np.zeros(layout.nbytes, np.uint8))]
 
 
 class Client:
@@ -69,83 +88,126 @@ class Client:
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self.member_id = ""
         self._lease = 10.0
-        self._layout: Layout | None = None
-        self._packed: np.ndarray | None = None  # the last global model, pushed back as the update
-        self._heartbeats: asyncio.Task | None = None
+        self.layout: Layout | None = None  # the global model's, once one arrived
+        self._packed: np.ndarray | None = None  # the last global model, received into the same buffer each round
+        self._open = 0        # Round calls open: while one is, no heartbeat is needed
+        self._waiting: grpc.aio.StreamStreamCall | None = None  # the open call that waits for its model
+        self._renewed: grpc.aio.StreamStreamCall | None = None  # the last call a renewal went into
+        self._contact = 0.0   # time.monotonic() of the last message that renewed the lease
+        self._keeper: asyncio.Task | None = None
+        self.recalls = 0      # Round calls made again because a renewal met the call's end (see round())
 
-    async def register(self) -> None:
-        reply = await self._stub.Register(
-            pb.RegisterRequest(task_index=self.task_index, description=f"swarm {self.task_index}"),
+    async def join(self) -> None:
+        reply = await self._stub.Join(
+            pb.JoinRequest(task_index=self.task_index, description=f"swarm {self.task_index}"),
             timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
         self.member_id, self._lease = reply.member_id, reply.lease_seconds
-        self._heartbeats = asyncio.create_task(self._keep_lease())
+        self._contact = time.monotonic()
+        self._keeper = asyncio.create_task(self._keep_lease())
 
     async def _keep_lease(self) -> None:
+        """WorkerClient's rule: a third of the lease after the last contact, a renewal into a call that waits
+        for its model, or a Heartbeat when no call is open."""
         while True:
-            await asyncio.sleep(self._lease / 3)
-            await self._stub.Heartbeat(pb.HeartbeatRequest(member_id=self.member_id),
-                                       timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
+            await asyncio.sleep(max(0.0, self._contact + self._lease / 3 - time.monotonic()))
+            if time.monotonic() - self._contact < self._lease / 3:
+                continue  # a call renewed it meanwhile
+            self._contact = time.monotonic()
+            call = self._waiting
+            if call is not None:
+                self._renewed = call
+                with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    await call.write(RENEWAL)  # if the call ended meanwhile, its reader sees how
+            elif not self._open:
+                await self._stub.Heartbeat(pb.HeartbeatRequest(member_id=self.member_id),
+                                           timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
 
     async def while_leased(self, work):
-        """Awaits ``work``, failing as soon as a heartbeat fails (the lease is lost)."""
+        """Awaits ``work``, failing as soon as the lease keeper fails (the lease is lost)."""
         task = asyncio.ensure_future(work)
-        await asyncio.wait({task, self._heartbeats}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, self._keeper}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             task.cancel()
-            self._heartbeats.result()  # raises what ended the heartbeats
+            self._keeper.result()  # raises what ended the keeper
         return task.result()
 
-    def _transfer_timeout(self, nbytes: int) -> float:
-        return UNARY_TIMEOUT_SECONDS + nbytes / MIN_BYTES_PER_SECOND
-
-    async def _stream(self, method, header: pb.UpdateHeader, packed: np.ndarray):
-        """Streams a model to ``method`` and returns the reply.
+    async def round(self, have_round: int, update: Update | None) -> tuple[pb.Receipt | None, float, pb.ModelHeader]:
+        """Round calls until the ps sends a model newer than ``have_round``: the first carries ``update``.
 
         Writes each message itself: handing gRPC an async generator costs a
         task per call, and the swarm's CPU is CPU the ps does not get.
+
+        A renewal written just as the ps ends the call fails, and grpc.aio
+        then ends the call with INTERNAL, model received or not (a sync
+        WorkerClient does not see this: its request thread stops quietly).
+        Such a call is made again, counted in ``recalls``: its update again if
+        no receipt came (the ps answers DUPLICATE), else none.
+
+        Returns:
+            The first receipt, when it arrived (``time.monotonic()``), and the model's header; the model is in
+            ``self._packed``.
         """
-        call = method(timeout=self._transfer_timeout(packed.nbytes), metadata=self._metadata)
-        await call.write(pb.UpdateChunk(header=header))
-        for data in chunks(packed):
-            await call.write(pb.UpdateChunk(data=data))
-        await call.done_writing()
-        return await call
-
-    async def initialize(self, weights: list[np.ndarray]) -> None:
-        layout = Layout.of(weights)
-        header = pb.UpdateHeader(member_id=self.member_id, tensors=layout.to_proto())
-        await self._stream(self._stub.Initialize, header, layout.pack(weights))
-
-    async def push(self, round: int) -> None:
-        header = pb.UpdateHeader(member_id=self.member_id, round=round, num_examples=EXAMPLES,
-                                 tensors=self._layout.to_proto())
-        reply = await self._stream(self._stub.PushUpdate, header, self._packed)
-        if reply.duplicate or reply.round != round:
-            raise LoadError(f"The ps answered {reply} to the first push for round {round}.")
-
-    async def pull(self, after_round: int) -> pb.ModelHeader:
-        """The first global model newer than ``after_round``, long polling as WorkerClient does."""
-        request = pb.PullRequest(member_id=self.member_id, after_round=after_round)
-        nbytes = self._layout.nbytes if self._layout else 0
+        receipt, acked = None, 0.0
         while True:
-            call = self._stub.PullModel(request, timeout=LONG_POLL_SECONDS + self._transfer_timeout(nbytes),
-                                        metadata=self._metadata)
-            messages = aiter(call)
-            header = (await anext(messages)).header
+            hello = pb.Hello(member_id=self.member_id, have_round=have_round)
+            if update is not None:
+                hello.update.CopyFrom(pb.UpdateHeader(kind=update.kind, round=update.round, num_examples=EXAMPLES,
+                                                      tensors=update.layout.to_proto()))
+            model_bytes = self.layout.nbytes if self.layout else update.layout.nbytes if update else 0
+            call = self._stub.Round(timeout=round_call_seconds(update.layout.nbytes if update else 0, model_bytes),
+                                    metadata=self._metadata)
+            self._open += 1
+            try:
+                await call.write(pb.WorkerMessage(hello=hello))
+                if update is not None:
+                    for message in update.data:
+                        await call.write(message)
+                    await call.write(END)
+                self._contact = time.monotonic()
+                self._waiting = call
+                message = await call.read()
+                if update is not None:
+                    if message is grpc.aio.EOF or message.WhichOneof("part") != "receipt":
+                        raise LoadError(f"The ps answered an update for round {update.round} with {message} "
+                                        f"instead of a receipt.")
+                    if receipt is None:
+                        receipt, acked = message.receipt, time.monotonic()
+                    update = None
+                    message = await call.read()
+                self._waiting = None
+                if message is grpc.aio.EOF or message.WhichOneof("part") != "model":
+                    raise LoadError(f"The ps sent {message} instead of a model header.")
+                header = message.model
+                if header.ready:
+                    await self._receive(call, header)
+                if await call.read() is not grpc.aio.EOF:
+                    raise LoadError("The ps sent more after the model.")
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.INTERNAL or self._renewed is not call:
+                    raise
+                self.recalls += 1
+                continue
+            finally:
+                self._waiting = None
+                self._open -= 1
             if header.ready:
-                break
-        self._layout = Layout.from_proto(header.tensors, max_bytes=1 << 62)
-        # The model is replaced every round: receive into the same buffer.
-        reuse = self._packed is not None and self._packed.nbytes == self._layout.nbytes
-        assembler = Assembler(self._layout, buffer=self._packed if reuse else None)
-        async for message in messages:
+                return receipt, acked, header
+            update = None  # a long poll ended before the round closed: ask again
+
+    async def _receive(self, call, header: pb.ModelHeader) -> None:
+        self.layout = Layout.from_proto(header.tensors, max_bytes=1 << 62)
+        reuse = self._packed is not None and self._packed.nbytes == self.layout.nbytes
+        assembler = Assembler(self.layout, buffer=self._packed if reuse else None)
+        while assembler.received < self.layout.nbytes:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                break  # the assembler reports the truncation
             assembler.feed(message.data)
         self._packed = assembler.finish()
-        return header
 
     async def leave(self) -> None:
-        if self._heartbeats:
-            self._heartbeats.cancel()
+        if self._keeper:
+            self._keeper.cancel()
         try:
             await self._stub.Leave(pb.LeaveRequest(member_id=self.member_id), timeout=UNARY_TIMEOUT_SECONDS,
                                    metadata=self._metadata)
@@ -154,18 +216,28 @@ class Client:
 
 
 async def train(client: Client, rounds: int, initial: list[np.ndarray] | None) -> list[RoundTiming]:
-    """Joins, then pushes and pulls until the ps's last round; the client stays registered."""
+    """Takes part in rounds until the ps's last round; the client stays joined."""
     if initial is not None:
-        await client.initialize(initial)
-    header = await client.pull(after_round=-1)
+        layout = Layout.of(initial)
+        model = [pb.WorkerMessage(data=data) for data in chunks(layout.pack(initial))]
+        receipt, _, header = await client.round(-1, Update(pb.UPDATE_KIND_INITIAL, 0, layout, model))
+        if receipt.result != pb.UPDATE_RESULT_ACCEPTED:
+            raise LoadError(f"The ps answered {receipt} to the initial model.")
+    else:
+        _, _, header = await client.round(-1, None)
+    layout = client.layout
     timings = []
     for target in range(header.round + 1, rounds + 1):
-        pushed = time.monotonic()
-        await client.push(target)
-        acked = time.monotonic()
-        header = await client.pull(after_round=target - 1)
+        pushed, recalls = time.monotonic(), client.recalls
+        receipt, acked, header = await client.round(
+            target - 1, Update(pb.UPDATE_KIND_DELTA, target, layout, zero_change(layout)))
+        # Sent again after a recall, the update may be a duplicate of itself.
+        expected = {pb.UPDATE_RESULT_ACCEPTED} | ({pb.UPDATE_RESULT_DUPLICATE} if client.recalls > recalls else set())
+        if receipt.result not in expected or receipt.round != target:
+            raise LoadError(f"The ps answered {receipt} to the first update for round {target}.")
         if header.round != target or header.done != (target == rounds):
-            raise LoadError(f"Pulled round {header.round} (done={header.done}) after pushing for round {target}.")
+            raise LoadError(f"Received round {header.round} (done={header.done}) after the update for round "
+                            f"{target}.")
         timings.append(RoundTiming(target, pushed, acked, time.monotonic()))
     return timings
 
@@ -173,18 +245,19 @@ async def train(client: Client, rounds: int, initial: list[np.ndarray] | None) -
 async def run_client(client: Client, rounds: int, initial: list[np.ndarray] | None) -> dict:
     """One client's report: its timings, or what went wrong."""
     try:
-        await client.register()
+        await client.join()
         timings = await client.while_leased(train(client, rounds, initial))
     except (grpc.aio.AioRpcError, LoadError) as error:
         problem = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else str(error)
-        return {"task": client.task_index, "timings": [], "error": problem}
-    return {"task": client.task_index, "timings": [dataclasses.astuple(t) for t in timings], "error": None}
+        return {"task": client.task_index, "timings": [], "error": problem, "recalls": client.recalls}
+    return {"task": client.task_index, "timings": [dataclasses.astuple(t) for t in timings], "error": None,
+            "recalls": client.recalls}
 
 
 async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True)
-    parser.add_argument("--tasks", required=True, help="task indices START:STOP; task 0 initializes the model")
+    parser.add_argument("--tasks", required=True, help="task indices START:STOP; task 0 gives the initial model")
     parser.add_argument("--model-bytes", type=int, required=True)
     parser.add_argument("--rounds", type=int, required=True)
     flags = parser.parse_args(argv)
