@@ -135,7 +135,7 @@ class _Receipts:
 
     def __next__(self):
         message = next(self._replies)
-        if message.WhichOneof("part") == "receipt":
+        if message.HasField("receipt"):
             self._client.acked_at = time.perf_counter()
         return message
 

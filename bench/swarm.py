@@ -47,8 +47,7 @@ from comind.tensors import Assembler, Layout, chunks
 from core import EXAMPLES, make_model
 
 CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000), ("grpc.use_local_subchannel_pool", 1)]
-RENEWAL = pb.WorkerMessage(renewal=pb.Renewal())
-END = pb.WorkerMessage(end=pb.UpdateEnd())
+RENEWAL = pb.WorkerMessage(renewal=True)
 
 
 class LoadError(RuntimeError):
@@ -71,13 +70,18 @@ class Update:
     kind: int
     round: int
     layout: Layout
-    data: list[pb.WorkerMessage]  # the update's bytes, as messages
+    data: list[pb.WorkerMessage]  # the update's bytes, as messages, the last saying end
+
+
+def data_messages(packed: np.ndarray) -> list[pb.WorkerMessage]:
+    """An update's bytes as WorkerClient sends them: the chunks, then the end."""
+    return [*(pb.WorkerMessage(data=data) for data in chunks(packed)), pb.WorkerMessage(end=True)]
 
 
 @functools.cache
 def zero_change(layout: Layout) -> list[pb.WorkerMessage]:
     """The data messages of an all-zero change, built once for every client of the process."""
-    return [pb.WorkerMessage(data=data) for data in chunks(np.zeros(layout.nbytes, np.uint8))]
+    return data_messages(np.zeros(layout.nbytes, np.uint8))
 
 
 class Client:
@@ -159,27 +163,27 @@ class Client:
             self._open += 1
             try:
                 await call.write(pb.WorkerMessage(hello=hello))
-                if update is not None:
-                    for message in update.data:
-                        await call.write(message)
-                    await call.write(END)
+                for message in update.data if update is not None else ():
+                    await call.write(message)
                 self._contact = time.monotonic()
                 self._waiting = call
                 message = await call.read()
-                if update is not None:
-                    if message is grpc.aio.EOF or message.WhichOneof("part") != "receipt":
-                        raise LoadError(f"The ps answered an update for round {update.round} with {message} "
-                                        f"instead of a receipt.")
+                if message is not grpc.aio.EOF and message.HasField("receipt"):
+                    if update is None:
+                        raise LoadError(f"The ps sent a receipt, {message.receipt}, for no update.")
                     if receipt is None:
                         receipt, acked = message.receipt, time.monotonic()
-                    update = None
                     message = await call.read()
+                elif update is not None:
+                    raise LoadError(f"The ps answered an update for round {update.round} with {message} "
+                                    f"instead of a receipt.")
+                update = None
                 self._waiting = None
-                if message is grpc.aio.EOF or message.WhichOneof("part") != "model":
+                if message is grpc.aio.EOF or not message.HasField("model"):
                     raise LoadError(f"The ps sent {message} instead of a model header.")
                 header = message.model
                 if header.ready:
-                    await self._receive(call, header)
+                    await self._receive(call, header, message.data)
                 if await call.read() is not grpc.aio.EOF:
                     raise LoadError("The ps sent more after the model.")
             except grpc.aio.AioRpcError as error:
@@ -194,10 +198,11 @@ class Client:
                 return receipt, acked, header
             update = None  # a long poll ended before the round closed: ask again
 
-    async def _receive(self, call, header: pb.ModelHeader) -> None:
+    async def _receive(self, call, header: pb.ModelHeader, first: bytes) -> None:
         self.layout = Layout.from_proto(header.tensors, max_bytes=1 << 62)
         reuse = self._packed is not None and self._packed.nbytes == self.layout.nbytes
         assembler = Assembler(self.layout, buffer=self._packed if reuse else None)
+        assembler.feed(first)
         while assembler.received < self.layout.nbytes:
             message = await call.read()
             if message is grpc.aio.EOF:
@@ -219,7 +224,7 @@ async def train(client: Client, rounds: int, initial: list[np.ndarray] | None) -
     """Takes part in rounds until the ps's last round; the client stays joined."""
     if initial is not None:
         layout = Layout.of(initial)
-        model = [pb.WorkerMessage(data=data) for data in chunks(layout.pack(initial))]
+        model = data_messages(layout.pack(initial))
         receipt, _, header = await client.round(-1, Update(pb.UPDATE_KIND_INITIAL, 0, layout, model))
         if receipt.result != pb.UPDATE_RESULT_ACCEPTED:
             raise LoadError(f"The ps answered {receipt} to the initial model.")

@@ -128,8 +128,10 @@ class Service(pb_grpc.ParameterServerServicer):
     async def _round(self, requests: _Requests, context: grpc.aio.ServicerContext) -> None:
         peer = _peer(context)
         first = await requests.next()
-        if first is None or first.WhichOneof("part") != "hello":
+        if first is None or not first.HasField("hello"):
             raise refusals.InvalidRequest("A Round call must start with a hello message naming the worker.")
+        if first.renewal:
+            raise refusals.InvalidRequest("A hello's message carries no renewal: the hello itself renews the lease.")
         hello = first.hello
         unread = False  # whether the update's bytes are still coming, unread
         if hello.HasField("update"):
@@ -138,11 +140,15 @@ class Service(pb_grpc.ParameterServerServicer):
             except refusals.Refusal as refusal:
                 self.ps.refused_update(refusal)
                 raise
-            result = await self.ps.receive(hello.member_id, header, _data(requests), peer)
+            result = await self.ps.receive(hello.member_id, header, _data(first, requests), peer)
+            # At once: a worker stops sending what the ps will not read. (Joining an accepted update's receipt to
+            # the model's first message would save a write, but copy the model's bytes for every worker.)
             await context.write(pb.PsMessage(receipt=pb.Receipt(round=header.round, result=_RESULTS[result]))
                                 .SerializeToString())
             unread = result is not UpdateResult.ACCEPTED
         else:
+            if first.data or first.end:
+                raise refusals.InvalidRequest("A hello without an update carries no bytes.")
             self.ps.renew(hello.member_id, peer)
         # From here to the call's end, the worker's renewals keep its lease: while the round is open, and while
         # a large model goes down a slow link.
@@ -182,14 +188,14 @@ class Service(pb_grpc.ParameterServerServicer):
 
     async def _renewals(self, requests: _Requests, member_id: str, peer: bytes | None, unread: bool) -> None:
         while (message := await requests.next()) is not None:
-            part = message.WhichOneof("part")
-            if part == "renewal":
-                self.ps.renew(member_id, peer)
-            elif part in ("data", "end") and unread:
+            if message.HasField("hello"):
+                raise refusals.InvalidRequest("A Round call carries one hello. Received: a second one")
+            if unread and not message.renewal:
                 continue  # the rest of an update the ps did not need, sent before its receipt arrived
-            else:
-                raise refusals.InvalidRequest(f"A Round call carries one hello, then the update's bytes and their "
-                                              f"end, then renewals. Received: {part} after the update")
+            if not message.renewal or message.data or message.end:
+                raise refusals.InvalidRequest("After the hello and the update's bytes, a Round call carries only "
+                                              "renewals. Received: more bytes")
+            self.ps.renew(member_id, peer)
 
 
 async def _unless_refused(renewals: asyncio.Future[None], work: Awaitable[T]) -> T:
@@ -220,21 +226,24 @@ class _Requests:
         return await anext(self._iterator, None)
 
 
-async def _data(requests: _Requests) -> AsyncIterator[bytes]:
-    """An update's bytes: the data messages that follow its hello, up to their end.
+async def _data(first: pb.WorkerMessage, requests: _Requests) -> AsyncIterator[bytes]:
+    """An update's bytes: in the hello's message and those after it, up to the one that says ``end``.
 
     The ps compares their count with its header's before it takes the update
     (too few: truncated; too many: oversized); a call that ends before the
-    end marker is truncated.
+    end is truncated.
     """
-    while (message := await requests.next()) is not None:
-        part = message.WhichOneof("part")
-        if part == "end":
+    message: pb.WorkerMessage | None = first
+    while message is not None:
+        if message is not first and (message.HasField("hello") or message.renewal):
+            what = "hello" if message.HasField("hello") else "renewal"
+            raise refusals.InvalidRequest(f"An update's bytes must follow its hello, up to a message that says end, "
+                                          f"before anything else. Received: a {what}")
+        if message.data:
+            yield message.data
+        if message.end:
             return
-        if part != "data":
-            raise refusals.InvalidRequest(f"An update's bytes must follow its hello as data messages, then an end "
-                                          f"message. Received: {part}")
-        yield message.data
+        message = await requests.next()
 
 
 class ModelMessages:
@@ -270,10 +279,13 @@ def not_ready(round: int) -> bytes:
 
 
 def _serialize(model: GlobalModel) -> Iterator[tuple[bytes, int]]:
+    """The header with the first chunk, then the other chunks: a model of one chunk is one message."""
     header = pb.ModelHeader(ready=True, round=model.round, done=model.done, total_rounds=model.total_rounds,
                             tensors=model.layout.to_proto())
-    yield pb.PsMessage(model=header).SerializeToString(), 0
-    for data in chunks(model.packed):
+    parts = chunks(model.packed)
+    first = next(parts, b"")
+    yield pb.PsMessage(model=header, data=first).SerializeToString(), len(first)
+    for data in parts:
         yield pb.PsMessage(data=data).SerializeToString(), len(data)
 
 

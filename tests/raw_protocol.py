@@ -1,9 +1,10 @@
 """A test client that speaks the raw protocol, so that it can send what ``WorkerClient`` never would.
 
 One ``Round`` call is a list of :class:`comind.proto.comind_pb2.WorkerMessage`:
-a hello (with an update's header, if any), the update's bytes, perhaps
-renewals. :func:`update_messages` builds the usual ones; the tests change
-them to make bad input.
+a hello (with an update's header, if any), the update's bytes, the last of
+them marked ``end``, perhaps renewals. :func:`update_messages` builds the
+usual ones, the hello in a message of its own (``WorkerClient`` puts the
+first bytes with it); the tests change them to make bad input.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Reply:
         return Layout.from_proto(self.header.tensors, max_bytes=1 << 40).views(self.data)
 
 
-END = pb.WorkerMessage(end=pb.UpdateEnd())
+RENEWAL = pb.WorkerMessage(renewal=True)
 
 
 def update_header(arrays: Sequence[np.ndarray], round: int = 1, *, kind: int = pb.UPDATE_KIND_DELTA,
@@ -44,8 +45,10 @@ def update_header(arrays: Sequence[np.ndarray], round: int = 1, *, kind: int = p
 
 
 def data_messages(arrays: Sequence[np.ndarray]) -> list[pb.WorkerMessage]:
-    """An update's bytes, and their end."""
-    return [*(pb.WorkerMessage(data=c) for c in chunks(Layout.of(arrays).pack(arrays))), END]
+    """An update's bytes, the last message saying end."""
+    messages = [pb.WorkerMessage(data=c) for c in chunks(Layout.of(arrays).pack(arrays))] or [pb.WorkerMessage()]
+    messages[-1].end = True
+    return messages
 
 
 def update_messages(member: str, arrays: Sequence[np.ndarray], round: int = 1, *, have_round: int | None = None,
@@ -88,16 +91,14 @@ class RawClient:
         reply = Reply(None, None, b"")
         parts = []
         for message in responses:
-            part = message.WhichOneof("part")
-            if part == "receipt":
+            if message.HasField("receipt"):
                 reply.receipt = message.receipt
                 if not wait_for_model:
                     responses.cancel()
                     break
-            elif part == "model":
+            if message.HasField("model"):
                 reply.header = message.model
-            else:
-                parts.append(message.data)
+            parts.append(message.data)
         reply.data = b"".join(parts)
         return reply
 

@@ -18,7 +18,7 @@ from comind.metrics import UPDATE_RESULTS
 from comind.proto import comind_pb2 as pb
 from comind.tensors import Layout
 from processes import PsProcess
-from raw_protocol import END, RawClient, data_messages, update_messages
+from raw_protocol import RENEWAL, RawClient, data_messages, update_messages
 from scrape import Scrape, free_port
 
 TOKEN = "test-token"
@@ -110,28 +110,35 @@ BAD_UPDATES: dict[str, tuple[Callable[[str], list], grpc.StatusCode, str, bool]]
     "Inf accuracy": (lambda a: update(a, accuracy=float("-inf")), grpc.StatusCode.OUT_OF_RANGE, "finite", True),
     "no examples": (lambda a: update(a, examples=0), grpc.StatusCode.INVALID_ARGUMENT, "at least one example", True),
     "truncated stream": (lambda a: update(a)[:2], grpc.StatusCode.DATA_LOSS, "Truncated", True),
-    "oversized last chunk": (lambda a: [*update(a)[:-2], pb.WorkerMessage(data=update(a)[-2].data + b"\0" * 8), END],
+    "oversized last chunk": (lambda a: [*update(a)[:-1], pb.WorkerMessage(data=update(a)[-1].data + b"\0" * 8,
+                                                                          end=True)],
                              grpc.StatusCode.RESOURCE_EXHAUSTED, "Oversized", True),
-    "oversized stream": (lambda a: [*update(a)[:-1], pb.WorkerMessage(data=b"\0" * 8), END],
+    "oversized stream": (lambda a: [*update(a)[:-1], pb.WorkerMessage(data=update(a)[-1].data),
+                                    pb.WorkerMessage(data=b"\0" * 8, end=True)],
                          grpc.StatusCode.RESOURCE_EXHAUSTED, "Oversized", True),
     "model over the size limit": (lambda a: update(a, [np.zeros((3000, 1000), np.float32), DELTA[1]]),
                                   grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than this ps accepts", True),
     "a message over gRPC's limit": (lambda a: [*update(a)[:1], pb.WorkerMessage(data=b"\x00" * (5 << 20))],
                                     grpc.StatusCode.RESOURCE_EXHAUSTED, "", True),
     "no hello": (lambda a: data_messages(DELTA), grpc.StatusCode.INVALID_ARGUMENT, "must start with a hello", False),
-    "renewal first": (lambda a: [pb.WorkerMessage(renewal=pb.Renewal())], grpc.StatusCode.INVALID_ARGUMENT,
+    "renewal first": (lambda a: [RENEWAL], grpc.StatusCode.INVALID_ARGUMENT,
                       "must start with a hello", False),
     "an empty call": (lambda a: [], grpc.StatusCode.INVALID_ARGUMENT, "must start with a hello", False),
     # Two hellos (the old protocol's "two headers"): one before the update's bytes, one while the model is awaited.
     "a second hello before the bytes": (lambda a: [*update(a)[:1], hello(a), *update(a)[1:]],
                                         grpc.StatusCode.INVALID_ARGUMENT, "must follow its hello", True),
-    "a renewal inside the bytes": (lambda a: [*update(a)[:2], pb.WorkerMessage(renewal=pb.Renewal()), *update(a)[2:]],
+    "a renewal inside the bytes": (lambda a: [*update(a)[:2], RENEWAL, *update(a)[2:]],
                                    grpc.StatusCode.INVALID_ARGUMENT, "must follow its hello", True),
     "a second hello while waiting": (lambda a: [hello(a), hello(a)], grpc.StatusCode.INVALID_ARGUMENT,
                                      "carries one hello", False),
     "bytes without an update": (lambda a: [hello(a), *data_messages(DELTA)], grpc.StatusCode.INVALID_ARGUMENT,
-                                "carries one hello", False),
+                                "carries only renewals", False),
+    "bytes with a hello without an update": (lambda a: [pb.WorkerMessage(hello=hello(a).hello, data=b"\0" * 8)],
+                                             grpc.StatusCode.INVALID_ARGUMENT, "carries no bytes", False),
+    "a renewal with the hello": (lambda a: [pb.WorkerMessage(hello=hello(a).hello, renewal=True)],
+                                 grpc.StatusCode.INVALID_ARGUMENT, "carries no renewal", False),
 }
+
 
 def assert_unchanged(client: RawClient, a: str, metrics: Scrape) -> None:
     """The model, the round and a's part in it are those of the start: a's update for round 1 is still welcome."""

@@ -21,7 +21,7 @@ from comind.proto import comind_pb2 as pb
 from comind.tensors import Layout
 from fuzzing import INT64, NAMES, TENSOR_SPECS
 from processes import PsProcess, rss_mb
-from raw_protocol import RawClient
+from raw_protocol import RENEWAL, RawClient
 
 TOKEN = "fuzz-token"
 WEIGHTS = [np.linspace(-1, 1, 64 * 32, dtype=np.float32).reshape(64, 32), np.arange(8), np.ones(3, np.float16)]
@@ -85,7 +85,7 @@ STREAM_PARTS = st.one_of(
         lambda cuts: [data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)], strict=True)])),
     st.lists(st.binary(max_size=600), max_size=3))
 #: Where the hello goes among the update's bytes, and what else comes.
-ORDERS = ["hello first", "no hello", "two hellos", "renewals between", "renewals after"]
+ORDERS = ["hello first", "no end", "no hello", "two hellos", "renewals between", "renewals after"]
 
 
 #: Who the hello names: mostly a member, so that the update gets past the first check.
@@ -99,10 +99,12 @@ def test_hostile_round_calls_get_specific_statuses(cluster, header, caller, have
     member_id = client.join(1) if caller == "member" else {"stranger": "0" * 32, "nobody": ""}[caller]
     hello = pb.Hello(member_id=member_id, have_round=have_round, update=header)
     messages = [pb.WorkerMessage(data=part) for part in parts]
+    if messages and order != "no end":
+        messages[-1].end = True
     if order == "renewals between":
-        messages = [m for message in messages for m in (message, pb.WorkerMessage(renewal=pb.Renewal()))]
+        messages = [m for message in messages for m in (message, RENEWAL)]
     elif order == "renewals after":
-        messages += [pb.WorkerMessage(renewal=pb.Renewal())] * 2
+        messages += [RENEWAL] * 2
     if order != "no hello":
         messages.insert(0, pb.WorkerMessage(hello=hello))
     if order == "two hellos":

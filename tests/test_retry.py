@@ -80,14 +80,17 @@ class FakeStub:
     def Round(self, requests, timeout=None, metadata=None):
         self.calls += 1
         messages = iter(requests)
-        hello = next(messages).hello
-        data = b""
+        message = next(messages)
+        hello, data = message.hello, b""
         if hello.HasField("update"):
-            while len(data) < self.layout.nbytes:
-                if self.failures and data:
+            while True:
+                data += message.data
+                if message.end:
+                    break
+                if self.failures:
                     self.failures -= 1
                     raise _RpcError(self.code)
-                data += next(messages).data
+                message = next(messages)
         return _Responses(self._reply(hello, data))
 
     def _reply(self, hello, data):

@@ -92,24 +92,16 @@ class UpdateHeader(_message.Message):
     def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "data", "renewal", "end")
+    __slots__ = ("hello", "data", "end", "renewal")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    RENEWAL_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     data: bytes
-    renewal: Renewal
-    end: UpdateEnd
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., data: _Optional[bytes] = ..., renewal: _Optional[_Union[Renewal, _Mapping]] = ..., end: _Optional[_Union[UpdateEnd, _Mapping]] = ...) -> None: ...
-
-class Renewal(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class UpdateEnd(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    end: bool
+    renewal: bool
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[bool] = ..., renewal: _Optional[bool] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("round", "result")
