@@ -33,10 +33,14 @@ class _ModelSync:
     """The bookkeeping the callback and the wrapper share."""
 
     def __init__(self, client: WorkerClient, interval_steps: int, on_round: OnRound | None,
-                 metrics: WorkerMetrics | None):
+                 metrics: WorkerMetrics | None, num_examples: int | None):
         if interval_steps < 1:
             raise ValueError(f"interval_steps must be at least 1. Received: interval_steps={interval_steps}")
+        if num_examples is not None and num_examples < 1:
+            raise ValueError(f"num_examples is this worker's number of training examples, at least 1 (or None to "
+                             f"count the examples each interval processed). Received: num_examples={num_examples}")
         self.client = client
+        self.num_examples = num_examples
         self.interval_steps = interval_steps
         self.on_round = on_round
         self.metrics = metrics
@@ -83,7 +87,9 @@ class _ModelSync:
         if self._steps == 0 or self.done:
             return
         pushed = time.perf_counter()
-        state = self.client.sync(self._started().get_weights(), num_examples=max(1, self._examples),
+        # McMahan et al. weight a worker by its training examples; without their number, by those it processed.
+        weight = self.num_examples if self.num_examples is not None else max(1, self._examples)
+        state = self.client.sync(self._started().get_weights(), num_examples=weight,
                                  loss=self._loss, accuracy=self._accuracy)
         # Local training against time spent between rounds: what a round costs beyond its steps.
         log.debug("Round %d: %d local steps in %.4f s; the sync took %.4f s.", state.round, self._steps,
@@ -111,21 +117,26 @@ class FederatedAveraging(keras.callbacks.Callback):
     Args:
         client: a :class:`comind.WorkerClient` connected to the ps.
         interval_steps: local batches between syncs.
-        batch_size: examples per batch, to weight this worker's update by
-            its examples; without it, each batch counts as one example.
+        batch_size: examples per batch, for counting the examples trained.
         on_round: called with each new global model (the chief evaluates it).
         metrics: worker metrics to update.
+        num_examples: this worker's number of training examples, which its
+            updates weigh in the ps's example-weighted mean (McMahan et al.
+            2017); None weighs each update by the examples its interval
+            processed (batches x ``batch_size``) instead.
 
     Example:
         >>> client = comind.WorkerClient("ps:2222", task_index=0)
         >>> model.fit(x, y, batch_size=32, epochs=5,
-        ...           callbacks=[comind.FederatedAveraging(client, interval_steps=100, batch_size=32)])
+        ...           callbacks=[comind.FederatedAveraging(client, interval_steps=100, batch_size=32,
+        ...                                                num_examples=len(x))])
     """
 
     def __init__(self, client: WorkerClient, interval_steps: int = 100, batch_size: int | None = None,
-                 on_round: OnRound | None = None, metrics: WorkerMetrics | None = None):
+                 on_round: OnRound | None = None, metrics: WorkerMetrics | None = None,
+                 num_examples: int | None = None):
         super().__init__()
-        self._sync = _ModelSync(client, interval_steps, on_round, metrics)
+        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples)
         self._batch_size = batch_size or 1
 
     @property
@@ -163,11 +174,12 @@ class FederatedAveragingOptimizer:
     wraps. ``replicas_to_aggregate`` and ``is_chief`` keep their meaning: the
     number of updates that close a round (set on the ps; given here, it is
     checked against the ps's), and whether this worker provides the initial
-    weights.
+    weights. ``num_examples`` is this worker's number of training examples,
+    its updates' weight (None: the examples ``apply`` counted in the interval).
 
     Example:
         >>> opt = comind.FederatedAveragingOptimizer(keras.optimizers.Adam(1e-3), model, client,
-        ...                                          interval_steps=10)
+        ...                                          interval_steps=10, num_examples=len(x_train))
         >>> opt.start()
         >>> for x, y in batches:
         ...     loss, grads = compute(model, x, y)
@@ -180,13 +192,13 @@ class FederatedAveragingOptimizer:
     def __init__(self, optimizer: keras.optimizers.Optimizer, model: keras.Model, client: WorkerClient, *,
                  interval_steps: int = 100, replicas_to_aggregate: int | None = None,
                  is_chief: bool | None = None, on_round: OnRound | None = None,
-                 metrics: WorkerMetrics | None = None):
+                 metrics: WorkerMetrics | None = None, num_examples: int | None = None):
         if is_chief is not None:
             client.is_chief = is_chief
         self.optimizer = optimizer
         self.model = model
         self.replicas_to_aggregate = replicas_to_aggregate
-        self._sync = _ModelSync(client, interval_steps, on_round, metrics)
+        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples)
 
     @property
     def done(self) -> bool:

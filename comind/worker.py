@@ -76,7 +76,8 @@ def run_worker(settings: WorkerSettings) -> int:
              settings.shard, settings.model)
     chief = _Chief(settings, dataset, model, client) if client.is_chief else None
     callback = FederatedAveraging(client, settings.interval_steps, settings.batch_size,
-                                  on_round=chief.on_round if chief else None, metrics=worker_metrics)
+                                  on_round=chief.on_round if chief else None, metrics=worker_metrics,
+                                  num_examples=len(x))
     # A stopped container or a scaled-down pod gets SIGTERM: leave the ps at
     # once (the `with` below says goodbye) rather than make it wait out the lease.
     signal.signal(signal.SIGTERM, _stop)

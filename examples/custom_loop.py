@@ -43,7 +43,7 @@ def main() -> None:
 
     with comind.WorkerClient(args.ps_address, task_index=args.task_index) as client:
         optimizer = comind.FederatedAveragingOptimizer(keras.optimizers.Adam(1e-3), model, client,
-                                                       interval_steps=args.interval_steps)
+                                                       interval_steps=args.interval_steps, num_examples=len(mine))
         optimizer.start()  # every worker now holds the chief's initial weights
         for x, y in batches:
             with tf.GradientTape() as tape:

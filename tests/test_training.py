@@ -39,6 +39,12 @@ def test_local_cluster_trains_the_embedded_digits(tmp_path, mode, flags):
     assert re.search(rf"Round {rounds}/{rounds}: 2 updates", result.stdout)
     assert "Final test accuracy" in result.stdout
     assert final_accuracy(tmp_path) >= 0.90
+    # Each update weighs the worker's training examples (McMahan et al.), not the examples an interval processed.
+    logs = tmp_path / "logs"
+    shards = [int(re.search(r"Worker \d+: (\d+) training examples", (logs / f"worker-{task}.log").read_text())
+                  .group(1)) for task in range(2)]
+    weights = {int(n) for n in re.findall(r"Round \d+/\d+: 2 updates, (\d+) examples", result.stdout)}
+    assert weights == {sum(shards)}, (shards, weights)
     for name in ("model.keras", "predictions.png", "history.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert not list(tmp_path.glob("*.tmp*"))
