@@ -39,10 +39,41 @@ class PerImageStandardization(layers.Layer):
         return (images - mean) / ops.maximum(std, 1.0 / math.sqrt(pixels))
 
 
+@keras.saving.register_keras_serializable(package="comind")
+class TrainingCrop(layers.Layer):
+    """A random crop in training and the central crop at inference, as the original tutorial's
+    ``tf.random_crop`` and ``resize_image_with_crop_or_pad`` were.
+
+    Keras 3's ``RandomCrop`` passes images through whole at inference, so the
+    layers after it would see another shape than they were built for (a
+    32x32 image flattens to 4,096 values where the dense layer expects 2,304).
+    """
+
+    def __init__(self, height: int, width: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.height, self.width = height, width
+        self.random = layers.RandomCrop(height, width)
+        self.center = layers.CenterCrop(height, width)
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        self.random.build(input_shape)
+        self.center.build(input_shape)
+        super().build(input_shape)
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        return self.random(images, training=True) if training else self.center(images)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (input_shape[0], self.height, self.width, input_shape[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
 def advanced(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     """The advanced tutorial's CIFAR-10 CNN, with its augmentation.
 
-    Random crop (24 of 32 pixels, center crop at inference), horizontal
+    Random crop (24 of 32 pixels; the central crop at inference), horizontal
     flip, brightness and contrast jitter, per-image standardisation; then two
     5x5 convolutions of 64 filters with 3x3 max pooling, and dense layers of
     384 and 192. The original's local response normalisation is left out:
@@ -54,7 +85,7 @@ def advanced(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     if len(input_shape) == 2:  # grayscale without a channel axis
         stack.append(layers.Reshape((height, width, 1)))
     stack += [
-        layers.RandomCrop(crop_height, crop_width),
+        TrainingCrop(crop_height, crop_width),
         layers.RandomFlip("horizontal"),
         layers.RandomBrightness(63 / 255, value_range=(0.0, 1.0)),
         layers.RandomContrast(0.8),  # contrast factor in [0.2, 1.8], as the original

@@ -50,6 +50,32 @@ def test_local_cluster_trains_the_embedded_digits(tmp_path, mode, flags):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def cifar_shaped(path: Path) -> Path:
+    """A data set shaped as CIFAR-10 (32x32x3 bytes, 10 classes), small: the advanced model's own shape."""
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{part}": rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+              for part, count in (("train", 320), ("test", 64))}
+    arrays.update(y_train=rng.integers(0, 10, 320), y_test=rng.integers(0, 10, 64))
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("mode, args", [
+    ("one machine", ["train", "--steps", "10"]),
+    ("federated", ["local", "--workers", "2", "--rounds", "2", "--interval-steps", "5"]),
+    ("distributed", ["local", "--workers", "2", "--rounds", "6", "--interval-steps", "1"]),
+])
+def test_the_advanced_model_trains_and_tests_on_cifar_shaped_data(tmp_path, mode, args):
+    """Keras 3's RandomCrop does not crop at inference: the model crops 32x32 to 24x24 in training and must test
+    on the same 24x24 centre."""
+    dataset = cifar_shaped(tmp_path / "cifar-shaped.npz")
+    output = tmp_path / "output"
+    result = comind(*args, "--model", "advanced", "--dataset", str(dataset), "--output-dir", str(output))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 0 <= final_accuracy(output) <= 1
+    assert (output / "model.keras").stat().st_size > 1000
+
+
 def digest(arrays) -> str:
     return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
 
