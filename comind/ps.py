@@ -439,7 +439,19 @@ class ParameterServer:
 
     def report_eval(self, member_id: str, round: int, loss: float, accuracy: float,
                     peer: bytes | None = None) -> None:
+        """The chief's test of the global model of ``round``, for the eval gauges and the log.
+
+        Any member could claim an accuracy of 1.0 for round 10**9: only the
+        chief (task 0) reports, and only of rounds the ps has published.
+        """
         self.renew(member_id, peer)
+        task = self.rounds.members[member_id].task_index
+        if task != 0:
+            raise refusals.NotChief(f"Only the chief (task 0) reports evaluations of the global model. Received: "
+                                    f"a report from task {task}")
+        if not 0 <= round <= self.round:
+            raise refusals.InvalidRequest(f"An evaluation must be of a round the ps has published, 0 to "
+                                          f"{self.round}. Received: round={round}")
         if not (math.isfinite(loss) and math.isfinite(accuracy)):
             raise refusals.NotFinite(f"Eval loss and accuracy must be finite. Received: loss={loss}, "
                                      f"accuracy={accuracy}")

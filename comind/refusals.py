@@ -25,6 +25,10 @@ class ForeignCertificate(Refusal):
     """A member id used over another client certificate than the one that registered it (mutual TLS)."""
 
 
+class NotChief(Refusal):
+    """A request only the chief (task 0) may make: reporting an evaluation of the global model."""
+
+
 class NoModelYet(Refusal):
     """Nothing to train from: the chief has not given the initial model."""
 

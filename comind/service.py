@@ -71,6 +71,7 @@ SERVER_OPTIONS = [
 STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
     refusals.UnknownMember: grpc.StatusCode.NOT_FOUND,
     refusals.ForeignCertificate: grpc.StatusCode.PERMISSION_DENIED,
+    refusals.NotChief: grpc.StatusCode.PERMISSION_DENIED,
     refusals.NoModelYet: grpc.StatusCode.FAILED_PRECONDITION,
     refusals.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     refusals.ModelTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from comind import datasets, metrics, models, presets, report, sharding
 from comind.auth import TlsFiles, load_token
 from comind.client import GlobalState, WorkerClient
+from comind.errors import PsRefusal
 from comind.evaluation import evaluate as evaluate_model
 from comind.federated import FederatedAveraging
 from comind.settings import TrainSettings, WorkerSettings
@@ -152,7 +153,10 @@ class _Chief:
         if weights is not None:
             self.tester.set_weights(weights)
             record.eval_loss, record.eval_accuracy = evaluate_model(self.tester, self.x_test, self.dataset.y_test)
-            self.client.report_eval(record.round, record.eval_loss, record.eval_accuracy)
+            try:
+                self.client.report_eval(record.round, record.eval_loss, record.eval_accuracy)
+            except PsRefusal as refusal:  # the figures are the ps's to show, not a reason to stop training
+                log.warning("%s; the figures stay in this worker's outputs.", refusal)
             log.info("Round %d/%d: test loss %.4f, test accuracy %.4f.", record.round, self.client.total_rounds,
                      record.eval_loss, record.eval_accuracy)
         self.history.add(record)

@@ -302,3 +302,19 @@ def test_stage_state_is_saved_with_the_model_and_restored_on_resume(tmp_path):
     np.testing.assert_array_equal(resumed.model.packed, straight.model.packed)
     saved = CheckpointStore(tmp_path / "run").latest()
     assert saved is not None and saved.round == 3 and int(saved.state["server_optimizer/fedavg/steps"]) == 3
+
+
+@pytest.mark.parametrize("task, round, error", [(1, 0, refusals.NotChief), (0, 10**9, refusals.InvalidRequest),
+                                                (0, -1, refusals.InvalidRequest)])
+def test_only_the_chief_reports_evaluations_and_only_of_published_rounds(task, round, error):
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = make_ps(registry)
+        chief, other = await initialized(ps)
+        with pytest.raises(error):
+            ps.report_eval(chief if task == 0 else other, round, 0.1, 1.0)
+        ps.report_eval(chief, 0, 0.5, 0.25)
+        return registry
+
+    registry = asyncio.run(scenario())
+    assert registry.get_sample_value("comind_eval_accuracy") == 0.25
