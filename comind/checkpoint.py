@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -49,9 +50,17 @@ class CheckpointStore:
             raise ValueError(f"At least one checkpoint must be kept. Received: keep={keep}")
         self.directory = Path(directory)
         self.keep = keep
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.directory.glob(f"*{atomic.TEMPORARY_SUFFIX}.npz"):
-            leftover.unlink()  # an interrupted save; its round was never published
+        # Found now, not at the first checkpoint, when workers would already be waiting for round 0.
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for leftover in self.directory.glob(f"*{atomic.TEMPORARY_SUFFIX}.npz"):
+                leftover.unlink()  # an interrupted save; its round was never published
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as error:
+            raise ValueError(f"Cannot write checkpoints to {self.directory} ({error.strerror or error}); set "
+                             f"COMIND_CHECKPOINT_DIR to a directory this process may write. Received: "
+                             f"checkpoint_dir={str(directory)!r}") from None
 
     def rounds(self) -> list[int]:
         found = (_NAME.match(p.name) for p in self.directory.iterdir())
@@ -79,12 +88,23 @@ class CheckpointStore:
         return final
 
     def latest(self) -> Checkpoint | None:
-        """The newest readable checkpoint; unreadable ones are reported and skipped."""
-        for round in reversed(self.rounds()):
+        """The newest readable checkpoint; unreadable ones are reported and skipped.
+
+        Raises:
+            ValueError: there are checkpoints, and none is readable. Starting
+                afresh would begin again at round 0 beside them, and the
+                round number never goes backwards.
+        """
+        rounds = self.rounds()
+        for round in reversed(rounds):
             try:
                 return self.load(round)
             except (OSError, ValueError) as error:  # NpzError and LayoutError are ValueErrors
                 log.error("Checkpoint %s is unreadable (%s); trying the one before it.", self.path(round), error)
+        if rounds:
+            raise ValueError(f"None of the {len(rounds)} checkpoints in {self.directory} is readable (see the log "
+                             f"above). Restore a good one from a backup, or move them away to start training again "
+                             f"from round 0. Received: rounds {rounds[0]} to {rounds[-1]}")
         return None
 
     def load(self, round: int) -> Checkpoint:

@@ -132,6 +132,11 @@ class ParameterServer:
         self.failed = asyncio.Event()       # a checkpoint could not be written: the ps must stop
         self.failure = ""
         self.finished = asyncio.Event()     # training is done and every worker has left
+        if self.rounds.done:
+            log.warning("The checkpoint is at round %d, and training is %d rounds: training is already done. Serving "
+                        "the final model to workers that come for it; raise COMIND_ROUNDS to train on.",
+                        self.rounds.round, policy.total_rounds)
+            self.training_done.set()
 
     @property
     def round(self) -> int:

@@ -64,6 +64,11 @@ def run_ps(settings: PsSettings) -> int:
         host = settings.listen.rsplit(":", 1)[0]
         log.info("Listening on %s:%d (%s), round %d of %d.", host, port, "TLS" if tls.enabled else "plain text",
                  ps.round, policy.total_rounds)
+        if (settings.replicas_to_aggregate or 0) > settings.num_workers:
+            log.warning("Rounds close at %d updates, more than the %d workers expected: each will wait for its "
+                        "deadline (%.0f s) unless more workers join. Lower COMIND_REPLICAS_TO_AGGREGATE or raise "
+                        "COMIND_NUM_WORKERS.", settings.replicas_to_aggregate, settings.num_workers,
+                        settings.round_timeout)
         if pipeline.aggregator.holds_updates:
             log.info("Aggregating by the coordinate-wise %s: every update of a round is held in memory.",
                      settings.aggregation)

@@ -39,3 +39,19 @@ def test_unreadable_newest_falls_back_and_leftovers_are_cleared(tmp_path):
 
 def test_empty_directory_has_no_checkpoint(tmp_path):
     assert CheckpointStore(tmp_path / "new").latest() is None
+
+
+def test_a_directory_whose_checkpoints_are_all_unreadable_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.path(11).write_bytes(b"not a zip")
+    store.path(12).write_bytes(b"nor this")
+    with pytest.raises(ValueError, match=rf"None of the 2 checkpoints in {tmp_path} is readable .* move them away "
+                                         rf"to start training again from round 0\. Received: rounds 11 to 12"):
+        store.latest()
+
+
+def test_a_directory_that_cannot_be_written_is_refused_at_once(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"Cannot write checkpoints to .*a-file/checkpoints .* set "
+                                         r"COMIND_CHECKPOINT_DIR to a directory this process may write"):
+        CheckpointStore(tmp_path / "a-file" / "checkpoints")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 
 from comind import WorkerClient
+from comind.checkpoint import CheckpointStore
+from comind.tensors import Layout
 from numpy_cluster import assert_finishes, expected_value, read_history, start_worker
+from processes import ROOT
 
 
 def run_clients(address: str, examples: list[int], rounds_seed: int = 0) -> dict[int, dict]:
@@ -155,3 +161,28 @@ def test_ps_stops_rather_than_publish_a_round_it_cannot_persist(start_ps, tmp_pa
     assert max(rounds_seen) < failed  # no worker ever held the round that was not saved
     worker.kill()
     worker.wait()
+
+
+def run_ps(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comind", "ps", "--listen", "127.0.0.1:0", *args], cwd=ROOT,
+                          env={**os.environ, "COMIND_METRICS_PORT": "0"}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_ps_whose_checkpoints_are_all_unreadable_refuses_to_start(tmp_path):
+    (tmp_path / "round-000000011.npz").write_bytes(b"not a zip")
+    result = run_ps("--checkpoint-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert f"None of the 1 checkpoints in {tmp_path} is readable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_ps_resumed_past_its_last_round_serves_the_final_model_and_exits(start_ps, tmp_path):
+    weights = [np.zeros(3, np.float32)]
+    CheckpointStore(tmp_path).save(6, Layout.of(weights), Layout.of(weights).pack(weights))
+    ps = start_ps("--checkpoint-dir", str(tmp_path), "--rounds", "3", "--exit-grace", "5")
+    ps.wait_for("training is already done")
+    with WorkerClient(ps.address, task_index=1) as client:
+        state = client.join(weights)
+    assert (state.round, state.done) == (6, True)
+    assert ps.wait(timeout=30) == 0

@@ -400,14 +400,18 @@ CHECKPOINT_ARRAYS = npst.arrays(
 @example({"round": np.int64(1), "names": np.array(["a", "b"]), "tensor_00000": np.zeros(1, ">f4"),
           "tensor_00001": np.ones((2, 2), np.uint8)})
 @pytest.mark.filterwarnings("ignore:Stored array in format")  # field names beyond Latin-1: .npy version 3
-def test_a_damaged_checkpoint_is_skipped_and_never_stops_the_ps(scratch, arrays):
+def test_a_damaged_checkpoint_is_read_or_refused_with_a_clear_error(scratch, arrays):
     folder = scratch / "checkpoints"
     folder.mkdir(exist_ok=True)
     (folder / "round-000000001.npz").write_bytes(npz_bytes(**arrays))
-    checkpoint = CheckpointStore(folder).latest()
-    if checkpoint is not None:
-        assert checkpoint.round == 1 and checkpoint.packed.nbytes == checkpoint.layout.nbytes
-        assert [s.name for s in checkpoint.layout.specs] == [str(n) for n in arrays["names"]]
+    try:
+        checkpoint = CheckpointStore(folder).latest()
+    except ValueError as error:  # the only checkpoint is unreadable: the ps refuses to start
+        assert f"None of the 1 checkpoints in {folder} is readable" in str(error)
+        return
+    assert checkpoint is not None
+    assert checkpoint.round == 1 and checkpoint.packed.nbytes == checkpoint.layout.nbytes
+    assert [s.name for s in checkpoint.layout.specs] == [str(n) for n in arrays["names"]]
 
 
 def test_a_file_named_with_other_scripts_digits_is_no_checkpoint(tmp_path):
