@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from comind.settings import LOCAL_ONLY, LocalSettings, variables
 
 _SHOWN = re.compile(r"(Round \d+/\d+: .*|Round \d+ evaluation: .*|Training is done.*)")
 _ENDED = object()
+#: How long workers may go on once the ps has ended (normally: they left it, and are writing their outputs).
+WORKER_GRACE_SECONDS = 20.0
 
 
 def run_local(settings: LocalSettings) -> int:
@@ -103,10 +106,19 @@ def _wait_for_port(events: queue.Queue, log: Path) -> int:
 
 
 def _follow(events: queue.Queue, processes: list[subprocess.Popen], logs: Path) -> int:
-    """Shows progress until every process ended; stops the rest as soon as one fails."""
+    """Shows progress until every process ended; stops the rest as soon as one fails, or when the workers outlive
+    the ps by :data:`WORKER_GRACE_SECONDS` (it was stopped: they would retry it for minutes)."""
     running = len(processes)
+    deadline: float | None = None  # once the ps has ended
     while running:
-        process, line, shown = events.get()
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            process, line, shown = events.get(timeout=wait)
+        except queue.Empty:
+            print(f"The ps exited (status {processes[0].returncode}) and {running} workers were still running "
+                  f"{WORKER_GRACE_SECONDS:.0f} s later; stopping them. See {logs / 'ps.log'} for why it ended.",
+                  file=sys.stderr)
+            return 1
         if line is not _ENDED:
             if shown:
                 print(shown, flush=True)
@@ -117,4 +129,6 @@ def _follow(events: queue.Queue, processes: list[subprocess.Popen], logs: Path) 
             tail = (logs / f"{name}.log").read_text()[-3000:]
             print(f"{name} failed (exit {process.returncode}); the end of its log:\n{tail}", file=sys.stderr)
             return 1
+        if process is processes[0]:
+            deadline = time.monotonic() + WORKER_GRACE_SECONDS
     return 0

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,28 @@ def test_a_worker_added_by_scaling_up_still_gets_a_shard():
 
     assert shard_count(1, num_workers=2) == 2
     assert shard_count(5, num_workers=2) == 6
+
+
+def test_local_stops_and_says_why_when_its_ps_is_stopped(tmp_path):
+    local = subprocess.Popen([sys.executable, "-m", "comind", "local", "--workers", "2", "--rounds", "100000",
+                              "--interval-steps", "1", "--output-dir", str(tmp_path)], cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in local.stdout:
+        if line.startswith("Round 1/"):
+            break
+    [ps] = [pid for pid in children(local.pid) if b"\0ps" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(ps, signal.SIGTERM)
+    assert local.wait(timeout=60) == 1
+    assert "The ps exited (status 0) and 2 workers were still running" in local.stderr.read()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from /proc (one may end while it is read: it is left out)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
