@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"comind {flags.command}: error: {error}\n")
     except (PsRefusal, PsUnreachable) as error:
         parser.exit(1, f"comind {flags.command}: error: {error}\n")
+    except KeyboardInterrupt:  # Ctrl-C: what was running has been stopped; no traceback to read
+        parser.exit(130, f"comind {flags.command}: interrupted\n")
 
 
 def _load(flags: argparse.Namespace, environ: Mapping[str, str]) -> Settings | None:

@@ -36,6 +36,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     # "inf" parses too, and an infinite timeout overflows the waits it is given to.
@@ -112,6 +119,7 @@ def model_spec(text: str) -> str:
 
 _TYPE_NAMES: dict[Callable[[str], Any], Callable[[], str]] = {
     positive_int: lambda: "a positive integer", non_negative_int: lambda: "an integer >= 0",
+    port: lambda: "a port from 0 to 65535",
     positive_float: lambda: "a positive, finite number", address: lambda: "host:port (a port from 0 to 65535)",
     fraction_below_half: lambda: "a number from 0 up to, not including, 0.5",
     dataset_name: lambda: f"one of {', '.join(dataset_names())}, or a path to a .npz file",

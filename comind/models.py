@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +129,9 @@ def _user_model(spec: str) -> Callable[[tuple[int, ...], int], object]:
     if not (module_name and function_name):
         raise ValueError(f"Unknown model: use one of {', '.join(BUILTIN)}, or module:function for your own. "
                          f"Received: model={spec!r}")
+    # `python -m comind` finds modules in the current directory; the `comind` script should too.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

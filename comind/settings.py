@@ -56,7 +56,7 @@ class _Cluster(_Common):
                                    config.positive_int)
     #: Unset, the data set's preset for ``interval_steps`` (:func:`comind.presets.default_rounds`).
     rounds: int = _setting(None, "rounds to train; unset: the data set's preset", config.positive_int)
-    metrics_port: int = _setting(8000, "Prometheus port; 0 turns metrics off", config.non_negative_int)
+    metrics_port: int = _setting(8000, "Prometheus port; 0 turns metrics off", config.port)
     token: str | None = _setting(None, "shared token every call must carry")
     token_file: str | None = _setting(None, "file holding the shared token")
     tls_cert: str | None = _setting(None, "PEM certificate (the ps's, or a worker's own for mutual TLS)")

@@ -137,6 +137,8 @@ def test_rounds_follow_the_preset_and_interval():
     ("worker", {"COMIND_MODEL": "resnet"}, "COMIND_MODEL must be one of basic, advanced, or module:function"),
     ("worker", {"COMIND_MODEL": "no_such_module:build"}, "Cannot import the model's module 'no_such_module'"),
     ("train", {"COMIND_DATASET": "/nonexistent/data.npz"}, "/nonexistent/data.npz"),
+    ("ps", {"COMIND_METRICS_PORT": "70000"},
+     "COMIND_METRICS_PORT must be a port from 0 to 65535. Received: COMIND_METRICS_PORT='70000'"),
 ])
 def test_bad_configuration_fails_at_once_with_what_was_wrong(command, env, words):
     result = subprocess.run([sys.executable, "-m", "comind", command], cwd=ROOT, capture_output=True, text=True,

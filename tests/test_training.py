@@ -159,3 +159,31 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_ctrl_c_on_local_stops_everything_without_a_traceback(tmp_path):
+    local = subprocess.Popen([sys.executable, "-m", "comind", "local", "--workers", "2", "--rounds", "100000",
+                              "--interval-steps", "1", "--output-dir", str(tmp_path)], cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in local.stdout:
+        if line.startswith("Round 1/"):
+            break
+    processes = children(local.pid)
+    local.send_signal(signal.SIGINT)
+    assert local.wait(timeout=60) == 130
+    stderr = local.stderr.read()
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not [pid for pid in processes if Path(f"/proc/{pid}").exists()], "a ps or worker outlived comind local"
+
+
+def test_the_comind_script_imports_a_model_module_from_the_current_directory(tmp_path):
+    (tmp_path / "mymodel.py").write_text(
+        "import keras\n\n\ndef build(input_shape, num_classes):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),\n"
+        "                             keras.layers.Dense(num_classes, activation='softmax')])\n")
+    script = Path(sys.executable).parent / "comind"
+    result = subprocess.run([script, "train", "--model", "mymodel:build", "--steps", "5", "--output-dir",
+                             str(tmp_path / "out")], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 0 <= final_accuracy(tmp_path / "out") <= 1
