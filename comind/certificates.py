@@ -104,6 +104,11 @@ def write_cluster(directory: str | os.PathLike, hosts: Sequence[str], workers: i
 
     Returns the files written, or None when ``directory`` already holds a
     complete set: a second run keeps the cluster's certificates.
+
+    Raises:
+        ValueError: ``directory`` holds a cluster's certificates, but not a
+            client certificate asked for; its CA's key is gone, so none can
+            be added.
     """
     if not hosts:
         raise ValueError("The ps's certificate needs at least one host name or address that workers dial, "
@@ -112,6 +117,11 @@ def write_cluster(directory: str | os.PathLike, hosts: Sequence[str], workers: i
         raise ValueError(f"workers must be 0 or more. Received: workers={workers}")
     folder = Path(directory)
     if (folder / CA_FILE).exists():
+        missing = [f"worker-{i}" for i in range(workers) if not (folder / f"worker-{i}.pem").exists()]
+        if missing:
+            raise ValueError(f"{folder} already holds a cluster's certificates, but none for {', '.join(missing)}, "
+                             f"and its CA's key is gone, so none can be added. To start over, remove the folder "
+                             f"(every worker and the ps then need the new files). Received: workers={workers}")
         return None
     folder.mkdir(parents=True, exist_ok=True)
     authority = Authority("comind cluster CA")

@@ -158,3 +158,17 @@ def test_worker_whose_model_differs_from_the_ps_model_stops_with_the_difference(
                             timeout=120)
     assert result.returncode == 2, result.stderr
     assert "does not match the ps's global model: expected 1 tensors, got 4" in result.stderr
+
+
+def test_certificates_are_kept_on_a_second_run_and_missing_ones_are_named(tmp_path):
+    def certificates(workers: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "comind", "certificates", "--out", str(tmp_path), "--workers",
+                               str(workers)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    first = certificates(1)
+    assert first.returncode == 0 and (tmp_path / "worker-0.pem").exists(), first.stderr
+    again = certificates(1)
+    assert again.returncode == 0 and "kept them" in again.stdout
+    more = certificates(3)
+    assert more.returncode == 2
+    assert "none for worker-1, worker-2, and its CA's key is gone" in more.stderr and "Traceback" not in more.stderr
