@@ -351,6 +351,7 @@ class ParameterServer:
             if not self.rounds.ready_to_close():
                 return
             assert self.model is not None and self._round is not None
+            self._name_the_silent()
             self.rounds.begin_close()
             round, count, model = self.rounds.open_round, self._round.count, self.model
             in_progress, self._round = self._round, None
@@ -365,6 +366,15 @@ class ParameterServer:
                  self.rounds.policy.total_rounds, count, examples, loss / examples, accuracy / examples)
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", round)
+
+    def _name_the_silent(self) -> None:
+        """Says which live workers a round closes without, when it closes at its deadline: a worker that renews
+        its lease but sends nothing makes every round wait for its deadline."""
+        silent = self.rounds.silent_members()
+        if silent:
+            log.warning("Round %d closes at its deadline without an update from task %s: live, but silent for "
+                        "%.0f s. Their logs say why; COMIND_ROUND_TIMEOUT bounds the wait.", self.rounds.open_round,
+                        ", ".join(str(t) for t in sorted(silent)), self.rounds.policy.round_timeout)
 
     async def _next_model(self, round: int, in_progress: RoundInProgress,
                           model: GlobalModel) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -157,6 +157,14 @@ class Rounds:
             return True
         return self._clock() >= self.deadline and len(self.contributors) >= policy.min_updates
 
+    def silent_members(self) -> list[int]:
+        """The task indices of live members without an update in a round that is closing for its deadline
+        (not for its quorum: backup workers left out by ``replicas_to_aggregate`` are not silent)."""
+        quorum = self.policy.replicas_to_aggregate
+        if (quorum is not None and len(self.contributors) >= quorum) or self._clock() < self.deadline:
+            return []
+        return [m.task_index for mid, m in self.members.items() if mid not in self.contributors]
+
     def overdue(self) -> bool:
         """The deadline passed without the minimum number of updates."""
         return (self.has_model and not self.done and not self.closing

@@ -318,3 +318,21 @@ def test_only_the_chief_reports_evaluations_and_only_of_published_rounds(task, r
 
     registry = asyncio.run(scenario())
     assert registry.get_sample_value("comind_eval_accuracy") == 0.25
+
+
+def test_a_round_that_closes_at_its_deadline_names_the_silent_workers(caplog):
+    async def scenario():
+        ps = make_ps(round_timeout=0.3)
+        chief, _ = await initialized(ps)
+        ps.join(2, "")  # a third member, as silent as the second
+        header, arrays = delta(1.0)
+        await ps.receive(chief, header, data(arrays))
+        timers = asyncio.create_task(ps.run_timers())
+        await asyncio.sleep(0.8)
+        timers.cancel()
+        return ps
+
+    with caplog.at_level(logging.WARNING):
+        ps = asyncio.run(scenario())
+    assert ps.round == 1
+    assert "Round 1 closes at its deadline without an update from task 1, 2" in caplog.text
