@@ -42,6 +42,9 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
                        grpc.StatusCode.CANCELLED})
 
 UNARY_TIMEOUT_SECONDS = 10.0
+
+#: What gRPC's status details say when this side of a TLS handshake failed: a certificate that no retry changes.
+TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "Peer name", "SSL_ERROR_SSL")
 #: Renewals go out at least every third of this, whatever lease the ps gives.
 MAX_LEASE_SECONDS = 3 * 3600.0
 
@@ -168,6 +171,7 @@ class WorkerClient:
         self._channel = (grpc.secure_channel(address, tls.channel_credentials(), options=options)
                          if tls.enabled else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.ParameterServerStub(self._channel)
+        self._tls = tls.enabled
         self._backoff = backoff
         self._unreachable_timeout = unreachable_timeout
         self._metrics = metrics
@@ -383,6 +387,13 @@ class WorkerClient:
                     continue
                 if code not in RETRYABLE or self._closed.is_set():
                     raise PsRefusal(what, error.code(), error.details() or "") from None
+                if self._tls and any(marker in (error.details() or "") for marker in TLS_FAILURES):
+                    # Retrying cannot change a certificate: say so now, not after the unreachable timeout.
+                    raise PsUnreachable(
+                        f"The TLS handshake with the ps at {self.address} failed ({code.name}: {error.details()}). "
+                        f"Check that COMIND_TLS_CA is the CA that signed the ps's certificate, that the certificate "
+                        f"names the host in COMIND_PS_ADDRESS, and, under mutual TLS, COMIND_TLS_CERT and "
+                        f"COMIND_TLS_KEY.") from None
                 if time.monotonic() > give_up:
                     raise PsUnreachable(
                         f"The ps at {self.address} did not answer for {self._unreachable_timeout:.0f} s "

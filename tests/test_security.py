@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import time
 from pathlib import Path
 
 import grpc
@@ -363,3 +364,14 @@ def test_member_ids_are_random_and_a_made_up_one_is_not_found(start_ps):
         state = worker.sync(local, num_examples=1)
         assert state.done
     assert ps.wait() == 0
+
+
+def test_a_worker_that_does_not_trust_the_ps_certificate_says_so_at_once(start_ps, pki):
+    """A certificate no retry can change: the worker stops with the TLS reason, not after its unreachable timeout."""
+    ps, _metrics = tls_ps(start_ps, pki, mutual=False)
+    started = time.monotonic()
+    with WorkerClient(ps.address, tls=TlsFiles(ca=pki.rogue_ca), unreachable_timeout=60) as client, \
+            pytest.raises(PsUnreachable, match=r"TLS handshake with the ps .* failed .*CERTIFICATE_VERIFY_FAILED.* "
+                                               r"Check that COMIND_TLS_CA is the CA that signed"):
+        client.join(WEIGHTS)
+    assert time.monotonic() - started < 20
