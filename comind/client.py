@@ -42,6 +42,9 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
                        grpc.StatusCode.CANCELLED})
 
 UNARY_TIMEOUT_SECONDS = 10.0
+#: The longest gRPC waits before it tries to reach a ps that was away again: well within the shortest lease
+#: anyone runs (the ps's default is 10 s).
+RECONNECT_BACKOFF_SECONDS = 1.0
 
 #: What gRPC's status details say when this side of a TLS handshake failed: a certificate that no retry changes.
 TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "Peer name", "SSL_ERROR_SSL")
@@ -167,7 +170,10 @@ class WorkerClient:
         self.total_rounds: int | None = None
         self.replicas_to_aggregate: int | None = None  # None: every live worker
         self._metadata = call_metadata(token)
-        options = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000)]
+        options = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000),
+                   # gRPC's own reconnect back-off grows to 2 minutes; a ps back from an outage waits one lease
+                   # for its workers before it closes a round without them.
+                   ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_SECONDS * 1000))]
         self._channel = (grpc.secure_channel(address, tls.channel_credentials(), options=options)
                          if tls.enabled else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.ParameterServerStub(self._channel)

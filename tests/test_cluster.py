@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -186,3 +187,26 @@ def test_a_ps_resumed_past_its_last_round_serves_the_final_model_and_exits(start
         state = client.join(weights)
     assert (state.round, state.done) == (6, True)
     assert ps.wait(timeout=30) == 0
+
+
+def test_workers_are_back_within_a_lease_of_a_ps_that_was_away_for_long(start_ps, tmp_path):
+    """gRPC's reconnect back-off grows to minutes: uncapped, workers came back 11.5 s after a ps that was away for
+    60 s listened again, and rounds closed without them."""
+    checkpoints = tmp_path / "checkpoints"
+    flags = ["--num-workers", "2", "--rounds", "8", "--exit-grace", "5", "--checkpoint-dir", str(checkpoints)]
+    first = start_ps(*flags)
+    outs = [tmp_path / f"worker-{task}.jsonl" for task in range(2)]
+    workers = [start_worker(first.address, task, outs[task], pause=0.2) for task in range(2)]
+    first.wait_for(r"Round 2/8")
+    first.kill()
+    time.sleep(20)  # long enough for gRPC's back-off to pass 10 s
+    second = start_ps(*flags, port=first.port)
+    listening = time.monotonic()
+    second.wait_for(r"Worker 1 joined")
+    second.wait_for(r"Worker 0 joined")
+    back = time.monotonic() - listening
+    for worker in workers:
+        assert_finishes(worker, second)
+    print(f"\n  workers back {back:.1f} s after the ps listened again, 20 s after it went away")
+    assert back < 5
+    assert not re.search(r"Round \d+/8: 1 updates", second.log()), second.log()
