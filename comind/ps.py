@@ -133,10 +133,10 @@ class ParameterServer:
         self.failure = ""
         self.finished = asyncio.Event()     # training is done and every worker has left
         if self.rounds.done:
+            # It keeps serving, as a restarted StatefulSet pod must (README, Kubernetes): say why it does not train.
             log.warning("The checkpoint is at round %d, and training is %d rounds: training is already done. Serving "
                         "the final model to workers that come for it; raise COMIND_ROUNDS to train on.",
                         self.rounds.round, policy.total_rounds)
-            self.training_done.set()
 
     @property
     def round(self) -> int:
