@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import urllib.request
 
@@ -9,11 +10,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from comind.metrics import UPDATE_RESULTS
 
+#: Ports below Linux's ephemeral range (32768 and up): the kernel never gives one of them to an outgoing
+#: connection, so a port found free here is still free when a server binds it a moment later, unless another
+#: server took it. A port the kernel picks (bind to 0) may meanwhile become the source port of a connection.
+LISTEN_PORTS = range(20000, 32768)
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, below the ephemeral range."""
+    for port in random.sample(LISTEN_PORTS, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # as a published or metrics port binds: every address
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"No free port in {LISTEN_PORTS} after 200 tries")
 
 
 class Scrape:
