@@ -312,7 +312,6 @@ class WorkerClient:
         if send is not None:
             hello.update.CopyFrom(send.header(layout))
         finished = threading.Event()  # the call is over: stop renewing
-        settled = threading.Event()   # the receipt came: the rest of the update is not needed
 
         def requests() -> Iterator[pb.WorkerMessage]:
             # The hello alone first: the ps reads the bytes only once it has room for them, and until then
@@ -321,7 +320,7 @@ class WorkerClient:
             yield pb.WorkerMessage(hello=hello)
             if send is not None:
                 for data in chunks(send.packed):
-                    if settled.is_set():
+                    if send.receipt is not None:  # the ps has said what it made of it: the rest is not needed
                         break
                     yield pb.WorkerMessage(data=data)
                 else:
@@ -333,7 +332,6 @@ class WorkerClient:
             if send is None or receipt.round != send.round or receipt.result not in _RECEIPTS:
                 raise ProtocolError(f"The ps sent a receipt this worker did not ask for: {receipt}.")
             send.receipt = _RECEIPTS[receipt.result]
-            settled.set()
             if send.kind == pb.UPDATE_KIND_INITIAL:
                 log.info("The ps %s our initial model.", "took" if send.receipt == "accepted" else
                          "already had a model; ignored")

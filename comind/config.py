@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from comind.registry import Registry
 
 ENV_PREFIX = "COMIND_"
 
@@ -66,42 +69,22 @@ def address(text: str) -> str:
     return text
 
 
-# The owners of the names each choice offers.
-def dataset_names() -> tuple[str, ...]:
-    from comind.datasets import NAMES
-
-    return tuple(NAMES)
-
-
-def model_names() -> tuple[str, ...]:
-    from comind.model_names import BUILTIN
-
-    return tuple(BUILTIN)
+def owned_names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
+    """The names a choice offers, read from their owner (a tuple or a stage registry) when first needed:
+    importing every owner with the settings would make `comind health` heavier."""
+    def names() -> tuple[str, ...]:
+        owner = getattr(importlib.import_module(module), attribute)
+        return owner.names() if isinstance(owner, Registry) else tuple(owner)
+    return names
 
 
-def shard_methods() -> tuple[str, ...]:
-    from comind.sharding import METHODS
-
-    return tuple(METHODS)
-
-
+dataset_names = owned_names("comind.datasets", "NAMES")
+model_names = owned_names("comind.model_names", "BUILTIN")
+shard_methods = owned_names("comind.sharding", "METHODS")
 # The round pipeline's choices come from the stages' registries (docs/design.md, decision 11).
-def aggregation_rules() -> tuple[str, ...]:
-    from comind.aggregators import AGGREGATORS
-
-    return AGGREGATORS.names()
-
-
-def weightings() -> tuple[str, ...]:
-    from comind.weighting import WEIGHTINGS
-
-    return WEIGHTINGS.names()
-
-
-def server_optimizers() -> tuple[str, ...]:
-    from comind.server_optimizers import SERVER_OPTIMIZERS
-
-    return SERVER_OPTIMIZERS.names()
+aggregation_rules = owned_names("comind.aggregators", "AGGREGATORS")
+weightings = owned_names("comind.weighting", "WEIGHTINGS")
+server_optimizers = owned_names("comind.server_optimizers", "SERVER_OPTIMIZERS")
 
 
 def dataset_name(text: str) -> str:

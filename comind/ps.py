@@ -64,6 +64,11 @@ class UpdateResult(enum.Enum):
     NOT_NEEDED = "not_needed"  # an initial model, but the ps holds one
 
 
+#: What becomes of an update that a round's verdict says not to read (None: read it).
+_UNREAD = {Verdict.ACCEPT: None, Verdict.DUPLICATE: UpdateResult.DUPLICATE, Verdict.STALE: UpdateResult.STALE,
+           Verdict.EARLY: UpdateResult.EARLY}
+
+
 @dataclasses.dataclass(frozen=True)
 class UpdateHeader:
     kind: UpdateKind
@@ -201,15 +206,6 @@ class ParameterServer:
 
     # Updates ------------------------------------------------------------------
 
-    def layout_of(self, read: Callable[[int], Layout]) -> Layout:
-        """A layout read from the wire by ``read(max_model_bytes)``, with its errors as refusals."""
-        try:
-            return read(self.max_model_bytes)
-        except tensors.LayoutTooLarge as error:
-            raise refusals.ModelTooLarge(str(error)) from None
-        except tensors.LayoutError as error:
-            raise refusals.InvalidRequest(str(error)) from None
-
     async def receive(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes],
                       peer: bytes | None = None) -> UpdateResult:
         """Takes an update: checks its header, reads its bytes from ``data`` (unless it is not needed) and
@@ -263,8 +259,7 @@ class ParameterServer:
         if verdict is Verdict.NO_MODEL:
             raise refusals.NoModelYet("The ps holds no model yet: the chief (task 0) must give the initial "
                                       "model first.")
-        return {Verdict.ACCEPT: None, Verdict.DUPLICATE: UpdateResult.DUPLICATE, Verdict.STALE: UpdateResult.STALE,
-                Verdict.EARLY: UpdateResult.EARLY}[verdict]
+        return _UNREAD[verdict]
 
     async def _update(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
         result = self._verdict(member_id, header.round)

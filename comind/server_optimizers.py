@@ -13,7 +13,6 @@ model in every checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -32,20 +31,12 @@ class ServerOptimizer(Protocol):
              state: State) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerOptimizerSettings:
-    """The ``--server-*`` settings (issue 14 adds the adaptive optimizers that use them)."""
-
-
-SERVER_OPTIMIZERS: Registry[Callable[[ServerOptimizerSettings], ServerOptimizer]] = Registry("COMIND_SERVER_OPTIMIZER")
+SERVER_OPTIMIZERS: Registry[Callable[[], ServerOptimizer]] = Registry("COMIND_SERVER_OPTIMIZER")
 
 
 @SERVER_OPTIMIZERS.register("fedavg")
 class FedAvg:
     """``x <- x + aggregate`` for floating-point tensors; integer tensors take the aggregate's values."""
-
-    def __init__(self, settings: ServerOptimizerSettings):
-        pass
 
     def initial_state(self, layout: Layout) -> dict[str, np.ndarray]:
         return {}

@@ -49,7 +49,7 @@ from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, transfer_seconds
 from comind.ps import GlobalModel, ParameterServer, UpdateHeader, UpdateKind, UpdateResult
-from comind.tensors import Layout, chunks
+from comind.tensors import Layout, LayoutError, LayoutTooLarge, chunks
 from comind.transfers import Slots
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,12 @@ class Service(pb_grpc.ParameterServerServicer):
         if kind is None:
             raise refusals.InvalidRequest(f"An update must be a delta or an initial model. Received: "
                                           f"kind={message.kind}")
-        layout = self.ps.layout_of(lambda max_bytes: Layout.from_proto(message.tensors, max_bytes))
+        try:
+            layout = Layout.from_proto(message.tensors, self.ps.max_model_bytes)
+        except LayoutTooLarge as error:
+            raise refusals.ModelTooLarge(str(error)) from None
+        except LayoutError as error:
+            raise refusals.InvalidRequest(str(error)) from None
         return UpdateHeader(kind, message.round, layout, message.num_examples, message.loss, message.accuracy)
 
     async def _renewals(self, requests: _Requests, member_id: str, peer: bytes | None, unread: bool) -> None:

@@ -53,6 +53,13 @@ def delta(value: float, counter: int = 5, examples: int = 10, round: int = 1) ->
     return UpdateHeader(UpdateKind.DELTA, round, LAYOUT, examples, loss=1.0, accuracy=0.5), arrays
 
 
+async def timers_for(ps: ParameterServer, seconds: float) -> None:
+    """Runs the ps's timers (leases, deadlines) for ``seconds``."""
+    timers = asyncio.create_task(ps.run_timers())
+    await asyncio.sleep(seconds)
+    timers.cancel()
+
+
 def model_values(ps: ParameterServer) -> list[np.ndarray]:
     assert ps.model is not None
     return ps.model.layout.views(ps.model.packed)
@@ -241,9 +248,7 @@ def test_the_timers_survive_their_own_errors(monkeypatch, caplog):
             return real_expire()
 
         ps.rounds.expire = expire_failing_once  # type: ignore[method-assign]
-        timers = asyncio.create_task(ps.run_timers())
-        await asyncio.sleep(0.6)
-        timers.cancel()
+        await timers_for(ps, 0.6)
         return ps
 
     with caplog.at_level(logging.WARNING):
@@ -327,9 +332,7 @@ def test_a_round_that_closes_at_its_deadline_names_the_silent_workers(caplog):
         ps.join(2, "")  # a third member, as silent as the second
         header, arrays = delta(1.0)
         await ps.receive(chief, header, data(arrays))
-        timers = asyncio.create_task(ps.run_timers())
-        await asyncio.sleep(0.8)
-        timers.cancel()
+        await timers_for(ps, 0.8)
         return ps
 
     with caplog.at_level(logging.WARNING):

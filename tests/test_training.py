@@ -136,13 +136,20 @@ def test_a_worker_added_by_scaling_up_still_gets_a_shard():
     assert shard_count(5, num_workers=2) == 6
 
 
-def test_local_stops_and_says_why_when_its_ps_is_stopped(tmp_path):
+def local_past_round_one(output: Path) -> subprocess.Popen:
+    """`comind local` with 2 workers and rounds for ever, once its first round is closed."""
     local = subprocess.Popen([sys.executable, "-m", "comind", "local", "--workers", "2", "--rounds", "100000",
-                              "--interval-steps", "1", "--output-dir", str(tmp_path)], cwd=ROOT, env=ENV,
+                              "--interval-steps", "1", "--output-dir", str(output)], cwd=ROOT, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert local.stdout is not None
     for line in local.stdout:
         if line.startswith("Round 1/"):
             break
+    return local
+
+
+def test_local_stops_and_says_why_when_its_ps_is_stopped(tmp_path):
+    local = local_past_round_one(tmp_path)
     [ps] = [pid for pid in children(local.pid) if b"\0ps" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     os.kill(ps, signal.SIGTERM)
     assert local.wait(timeout=60) == 1
@@ -162,12 +169,7 @@ def children(pid: int) -> list[int]:
 
 
 def test_ctrl_c_on_local_stops_everything_without_a_traceback(tmp_path):
-    local = subprocess.Popen([sys.executable, "-m", "comind", "local", "--workers", "2", "--rounds", "100000",
-                              "--interval-steps", "1", "--output-dir", str(tmp_path)], cwd=ROOT, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in local.stdout:
-        if line.startswith("Round 1/"):
-            break
+    local = local_past_round_one(tmp_path)
     processes = children(local.pid)
     local.send_signal(signal.SIGINT)
     assert local.wait(timeout=60) == 130
