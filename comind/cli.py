@@ -113,10 +113,13 @@ def _run(flags: argparse.Namespace, loaded: Settings | None) -> int:
         return worker.run_worker(loaded)
     if isinstance(loaded, TrainSettings):
         return worker.run_train(loaded)
+    from comind import datasets
     from comind.local import run_local
     from comind.ps_main import server_pipeline
 
-    server_pipeline(loaded.ps)  # fails here rather than in the ps's log
+    # Bad settings or data fail here, in one line, rather than in the logs of the ps and of every worker.
+    server_pipeline(loaded.ps)
+    datasets.load(loaded.worker.dataset, loaded.worker.data_dir)
     return run_local(loaded)
 
 

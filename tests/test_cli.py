@@ -148,6 +148,43 @@ def test_bad_configuration_fails_at_once_with_what_was_wrong(command, env, words
     assert "Traceback" not in result.stderr
 
 
+def fashion_shaped(path, spoil):
+    """A small data set shaped as Fashion-MNIST (28x28 floats, 10 classes), spoilt by ``spoil(arrays)``."""
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.random((64, 28, 28), np.float32), "y_train": np.arange(64) % 10,
+              "x_test": rng.random((16, 28, 28), np.float32), "y_test": np.arange(16) % 10}
+    spoil(arrays)
+    np.savez(path, **arrays)
+    return path
+
+
+BAD_DATA = {
+    "NaN": (lambda arrays: arrays["x_train"].__setitem__((3, 5, 7), np.nan),
+            "x_train in {} holds 1 NaN or Inf value(s), the first at x_train[3, 5, 7]"),
+    "test label past the classes": (lambda arrays: arrays["y_test"].__setitem__(4, 50),
+                                    "y_test in {} holds the label 50 (at index 4), but the labels of y_train go "
+                                    "from 0 to 9"),
+    "no test examples": (lambda arrays: arrays.update(x_test=arrays["x_test"][:0], y_test=arrays["y_test"][:0]),
+                         "x_test and y_test in {} hold no examples"),
+}
+
+
+@pytest.mark.parametrize("command, problem", [("train", "NaN"), ("train", "test label past the classes"),
+                                              ("train", "no test examples"), ("local", "NaN")])
+def test_bad_data_fails_at_once_in_one_line_naming_the_array(tmp_path, command, problem):
+    """Before: NaN trained to a NaN loss with exit 0 (and in local, the ps blamed the learning rate); a test label
+    of 50 made a 51-class model; no test examples ended in a traceback."""
+    spoil, words = BAD_DATA[problem]
+    path = fashion_shaped(tmp_path / "data.npz", spoil)
+    result = subprocess.run([sys.executable, "-m", "comind", command, "--dataset", str(path), "--output-dir",
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "COMIND_METRICS_PORT": "0"}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"comind {command}: error: {words.format(path)}"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
 def test_worker_whose_model_differs_from_the_ps_model_stops_with_the_difference(start_ps, tmp_path):
     store = CheckpointStore(tmp_path)
     other = [np.zeros((64, 10), np.float32)]

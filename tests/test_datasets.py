@@ -260,7 +260,7 @@ def test_a_failed_download_says_how_to_work_offline(fake_keras, name, a_file):
 
 def save_npz(path, **overrides):
     arrays = {"x_train": np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3), "y_train": [[0], [2], [1], [2]],
-              "x_test": np.zeros((2, 3), np.float32), "y_test": [[4], [0]], **overrides}
+              "x_test": np.zeros((2, 3), np.float32), "y_test": [[2], [0]], **overrides}
     np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
     return path
 
@@ -268,9 +268,32 @@ def save_npz(path, **overrides):
 def test_a_users_npz_file_loads(tmp_path):
     mine = datasets.load(str(save_npz(tmp_path / "mine.npz")))
     assert mine.name == str(tmp_path / "mine.npz")
-    assert mine.y_train.tolist() == [0, 2, 1, 2] and mine.y_test.tolist() == [4, 0]
+    assert mine.y_train.tolist() == [0, 2, 1, 2] and mine.y_test.tolist() == [2, 0]
     assert mine.x_train.dtype == np.float32 and mine.input_shape == (3,)
-    assert mine.class_names == ("0", "1", "2", "3", "4") and mine.num_classes == 5
+    assert mine.class_names == ("0", "1", "2") and mine.num_classes == 3
+
+
+def test_the_classes_are_those_of_the_training_labels(tmp_path):
+    """A test set without some class still has a model of every trained class; a test label past them is refused
+    (it would have made a model of 51 classes out of 10, with nothing trained for the other 41)."""
+    assert datasets.load(str(save_npz(tmp_path / "fewer.npz", y_test=[0, 0]))).num_classes == 3
+    with pytest.raises(ValueError, match=r"y_test in .* holds the label 50 \(at index 1\), but the labels of "
+                                         r"y_train go from 0 to 2.*Received: max\(y_test\)=50$"):
+        datasets.load(str(save_npz(tmp_path / "past.npz", y_test=[1, 50])))
+
+
+FASHION_SHAPED = {"x_train": np.zeros((4, 28, 28), np.float32), "x_test": np.zeros((2, 28, 28), np.float32)}
+
+
+@pytest.mark.parametrize("split, value", [("train", np.nan), ("test", np.inf), ("test", -np.inf)])
+def test_nan_or_inf_in_the_examples_is_refused_where_it_is(tmp_path, split, value):
+    """Non-finite inputs would train to a NaN loss, which the ps then calls divergence."""
+    x = FASHION_SHAPED[f"x_{split}"].copy()
+    x[1, 27, 3] = value
+    path = save_npz(tmp_path / "bad.npz", **{**FASHION_SHAPED, f"x_{split}": x})
+    with pytest.raises(ValueError, match=rf"x_{split} in .* holds 1 NaN or Inf value\(s\), the first at "
+                                         rf"x_{split}\[1, 27, 3\].*Received: x_{split}\[1, 27, 3\]={value}$"):
+        datasets.load(str(path))
 
 
 NPZ_DAMAGE = {
@@ -284,7 +307,10 @@ NPZ_DAMAGE = {
     "shape mismatch": ({"x_test": np.zeros((2, 4))}, r"x_train.shape=\(4, 3\), x_test.shape=\(2, 4\)"),
     "no features": ({"x_test": np.zeros(2)}, r"x_test .* must hold numbers of shape \(N, ...\)"),
     "text": ({"x_train": np.full((4, 3), "a")}, r"x_train .* must hold numbers"),
-    "no examples": ({"x_train": np.zeros((0, 3)), "y_train": np.zeros(0, int)}, r"x_train in .* holds no examples"),
+    "no training examples": ({"x_train": np.zeros((0, 3)), "y_train": np.zeros(0, int)},
+                             r"x_train and y_train in .* hold no examples.*Received: x_train.shape=\(0, 3\)$"),
+    "no test examples": ({"x_test": np.zeros((0, 3)), "y_test": np.zeros(0, int)},
+                         r"x_test and y_test in .* hold no examples.*Received: x_test.shape=\(0, 3\)$"),
     "objects": ({"x_train": np.array([None] * 4, dtype=object).reshape(4, 1)},
                 r"not a readable .npz file of plain arrays: Object arrays cannot be loaded"),
 }

@@ -266,7 +266,9 @@ def _load_npz(path: Path) -> Dataset:
     for split in ("train", "test"):
         arrays[f"y_{split}"] = _checked_npz_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"])
     _check_npz_examples(path, arrays["x_train"], arrays["x_test"])
-    num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max(initial=0))) + 1
+    # The classes are those the model trains on: a test label past them has no output to be scored against.
+    num_classes = int(arrays["y_train"].max()) + 1
+    _check_npz_test_labels(path, arrays["y_test"], num_classes)
     return Dataset(str(path), class_names=_numbered(num_classes), **arrays)
 
 
@@ -296,17 +298,39 @@ def _checked_npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> 
     if len(x) != len(y):
         raise ValueError(f"x_{split} and y_{split} in {path} must have one label per example. "
                          f"Received: len(x_{split})={len(x)}, len(y_{split})={len(y)}")
-    if y.size and y.min() < 0:
+    if not len(x):  # nothing to train on, or to test with
+        raise ValueError(f"x_{split} and y_{split} in {path} hold no examples; a dataset file needs at least one "
+                         f"in each split. Received: x_{split}.shape={x.shape}")
+    _check_finite(path, f"x_{split}", x)
+    if y.min() < 0:
         raise ValueError(f"y_{split} in {path} must hold labels >= 0. Received: min(y_{split})={y.min()}")
-    if y.size and y.max() >= MAX_CLASSES:
+    if y.max() >= MAX_CLASSES:
         raise ValueError(f"y_{split} in {path} must hold labels below {MAX_CLASSES} (coMind's most classes); number "
                          f"your classes from 0. Received: max(y_{split})={y.max()}")
     return y
 
 
+def _check_finite(path: Path, name: str, x: np.ndarray) -> None:
+    """Refuses NaN and Inf, naming the first: they make every loss NaN, which looks like divergence."""
+    if not np.issubdtype(x.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = np.unravel_index(np.argmax(bad), x.shape)
+        where = ", ".join(str(int(i)) for i in first)
+        raise ValueError(f"{name} in {path} holds {np.count_nonzero(bad)} NaN or Inf value(s), the first at "
+                         f"{name}[{where}]; replace them, or drop those examples. Received: {name}[{where}]={x[first]}")
+
+
+def _check_npz_test_labels(path: Path, y_test: np.ndarray, num_classes: int) -> None:
+    index = int(np.argmax(y_test))
+    if y_test[index] >= num_classes:
+        raise ValueError(f"y_test in {path} holds the label {y_test[index]} (at index {index}), but the labels of "
+                         f"y_train go from 0 to {num_classes - 1}: a model trained on them has {num_classes} "
+                         f"classes. Number the classes alike in both. Received: max(y_test)={y_test[index]}")
+
+
 def _check_npz_examples(path: Path, x_train: np.ndarray, x_test: np.ndarray) -> None:
-    if not len(x_train):
-        raise ValueError(f"x_train in {path} holds no examples.")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"x_train and x_test in {path} must have examples of the same shape. "
                          f"Received: x_train.shape={x_train.shape}, x_test.shape={x_test.shape}")
