@@ -1,12 +1,14 @@
 """The classifiers of the original tutorials, and a user's own by ``module:function``.
 
-Models take float inputs scaled to [0, 1] (see :func:`comind.worker.prepare`)
-and end in a softmax over the classes.
+Models take float inputs scaled to [0, 1] (see :func:`comind.worker.prepare`).
+The built-in ones end in a softmax over the classes; a user's may end in
+logits instead (see :func:`build`).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 import sys
@@ -17,6 +19,11 @@ import keras
 from keras import layers, ops
 
 from comind.model_names import BUILTIN as BUILTIN  # written there, so that settings know them without Keras
+
+log = logging.getLogger(__name__)
+
+#: Activations of a last layer whose outputs are probabilities already, for the loss to take as they are.
+PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def basic(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
@@ -109,7 +116,11 @@ def build(spec: str, input_shape: tuple[int, ...], num_classes: int, learning_ra
 
     A user's ``function(input_shape, num_classes)`` returns a Keras model; if
     it is not compiled, it is compiled like the built-in ones (Adam, sparse
-    categorical cross-entropy, accuracy).
+    categorical cross-entropy, accuracy), with ``from_logits=True`` unless
+    its last layer ends in a softmax or a sigmoid: a model ending in a plain
+    ``Dense(num_classes)`` outputs logits, and a loss that took them for
+    probabilities would train it badly. A model compiled by its function
+    keeps its own loss.
     """
     if spec in BUILTIN:
         model = globals()[spec](tuple(input_shape), num_classes)
@@ -119,9 +130,20 @@ def build(spec: str, input_shape: tuple[int, ...], num_classes: int, learning_ra
             raise ValueError(f"The model function must return a keras.Model; it returned a "
                              f"{type(model).__name__}. Received: model={spec!r}")
     if not model.compiled:
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+        from_logits = not _ends_in_probabilities(model)
+        if from_logits:
+            log.info("The last layer of model %s has no softmax or sigmoid, so its outputs are taken for logits "
+                     "(from_logits=True); compile the model in %s to choose its loss yourself.", model.name, spec)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits), metrics=["accuracy"])
     return model
+
+
+def _ends_in_probabilities(model: keras.Model) -> bool:
+    """Whether the model's last layer is a softmax, or has a softmax or sigmoid activation."""
+    last = model.layers[-1] if model.layers else None
+    activation = getattr(last, "activation", None)
+    return isinstance(last, layers.Softmax) or getattr(activation, "__name__", None) in PROBABILITY_ACTIVATIONS
 
 
 def _user_model(spec: str) -> Callable[[tuple[int, ...], int], object]:
