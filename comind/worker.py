@@ -185,8 +185,13 @@ def run_train(settings: TrainSettings) -> int:
     x_test = prepare(dataset.x_test)
     model = _model(settings, dataset)
     steps = settings.steps or presets.STEPS.get(settings.dataset, presets.DEFAULT_STEPS)
-    epochs = max(1, math.ceil(steps * settings.batch_size / len(x)))
+    steps_per_epoch = math.ceil(len(x) / settings.batch_size)
+    epochs = math.ceil(steps / steps_per_epoch)  # the last one stops short, at `steps`
     history = report.History()
+
+    def on_train_batch_end(batch: int, logs: dict) -> None:
+        if int(model.optimizer.iterations) >= steps:
+            model.stop_training = True
 
     def on_epoch_end(epoch: int, logs: dict) -> None:
         loss, accuracy = evaluate_model(model, x_test, dataset.y_test)
@@ -196,8 +201,10 @@ def run_train(settings: TrainSettings) -> int:
 
     history.start_clock()
     model.fit(x, y, batch_size=settings.batch_size, epochs=epochs, verbose=0, shuffle=True,
-              callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
-    _log_throughput("One process", epochs * len(x), history.elapsed)
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_train_batch_end,
+                                                        on_epoch_end=on_epoch_end)])
+    whole_epochs, rest = divmod(steps, steps_per_epoch)
+    _log_throughput("One process", whole_epochs * len(x) + rest * settings.batch_size, history.elapsed)
     report.write(settings.output_dir, model, history, dataset.x_test[:25], dataset.y_test[:25],
                  dataset.class_names, x_label="epoch")
     return 0

@@ -129,6 +129,16 @@ def test_one_machine_training(tmp_path):
     assert (tmp_path / "history.png").exists()
 
 
+def test_train_trains_exactly_the_steps_it_is_given(tmp_path):
+    """--steps 10 trained a whole epoch of the digits (45 steps)."""
+    import keras
+
+    result = comind("train", "--steps", "10", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert int(keras.saving.load_model(tmp_path / "model.keras").optimizer.iterations) == 10
+    assert "One process trained 320 examples" in result.stderr
+
+
 def test_a_worker_added_by_scaling_up_still_gets_a_shard():
     from comind.worker import shard_count
 
