@@ -22,6 +22,7 @@ import numpy as np
 # Figures without pyplot: no global backend to choose or state to close, so
 # the same functions draw into files on a server and inline in a notebook.
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from comind import atomic
 
@@ -113,9 +114,11 @@ def history_figure(history: History, x_label: str = "round") -> Figure:
         axes.plot([r.round for r in evaluated], [getattr(r, f"eval_{what}") for r in evaluated], "o-",
                   label="test (global model)")
         axes.set_xlabel(x_label)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 2.5
         axes.set_ylabel(what)
         axes.grid(alpha=0.3)
         axes.legend()
+    accuracy_axes.set_ylim(0, 1)  # the whole scale: no accuracy past 1.0 on the axis, and runs compare at a glance
     figure.suptitle(f"Loss and accuracy per {x_label}")
     figure.tight_layout()
     return figure
