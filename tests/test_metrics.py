@@ -11,8 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from comind import WorkerClient
-from comind.metrics import UPDATE_RESULTS, PsMetrics
+from comind.checkpoint import CheckpointStore
+from comind.metrics import CHECKPOINT_BUCKETS, UPDATE_RESULTS, PsMetrics
 from comind.proto import comind_pb2 as pb
+from comind.tensors import Layout
 from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 
@@ -223,3 +225,18 @@ def test_a_duplicate_caught_at_commit_is_counted(start_ps):
             client.stub.Leave(pb.LeaveRequest(member_id=member), timeout=5)
     assert ps.wait(timeout=30) == 0
     assert samples.updates() == {**NONE, "accepted": 2, "duplicate": 1}  # three updates, three results
+
+
+def test_checkpoint_buckets_tell_apart_the_writes_of_small_and_large_models(tmp_path):
+    """A small model's checkpoint takes milliseconds: in the round buckets, every write fell in the lowest one."""
+    metrics = PsMetrics(registry := CollectorRegistry())
+    # The basic model on Fashion-MNIST (0.4 MB), and a model a hundred times its size.
+    for weights in ([np.ones((784, 128), np.float32), np.ones(128, np.float32), np.ones((128, 10), np.float32)],
+                    [np.ones(10_000_000, np.float32)]):
+        layout = Layout.of(weights)
+        started = time.perf_counter()
+        CheckpointStore(tmp_path / str(len(weights))).save(1, layout, layout.pack(weights))
+        metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+    counts = [registry.get_sample_value("comind_checkpoint_duration_seconds_bucket", {"le": str(float(bound))})
+              for bound in CHECKPOINT_BUCKETS]
+    assert counts[0] == 0 and 1 in counts, dict(zip(CHECKPOINT_BUCKETS, counts, strict=True))
