@@ -219,7 +219,13 @@ class FederatedAveragingOptimizer:
 
     def apply(self, gradients: Iterable[Any], num_examples: int = 1, loss: float | None = None,
               accuracy: float | None = None) -> None:
-        """Applies gradients to the model's trainable variables; syncs every ``interval_steps`` calls."""
+        """Applies gradients to the model's trainable variables; syncs every ``interval_steps`` calls.
+
+        ``loss`` and ``accuracy`` are the step's training figures; the last
+        of an interval's go with its update, and the ps's round line and
+        ``comind_train_*`` series show their example-weighted mean (0 for a
+        figure never given).
+        """
         self.optimizer.apply(gradients, self.model.trainable_variables)
         self._sync.step(num_examples, loss, accuracy)
 
