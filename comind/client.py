@@ -67,6 +67,9 @@ class GlobalState:
     weights: list[np.ndarray]
     round: int
     done: bool
+    #: The round's example-weighted training figures, as the ps's round log line gives them; NaN where it has none.
+    train_loss: float = math.nan
+    train_accuracy: float = math.nan
 
 
 @dataclasses.dataclass
@@ -142,7 +145,8 @@ def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
         packed = assembler.finish()
     except StreamError as error:
         raise ProtocolError(f"The ps sent a broken model: the {error}.") from None
-    return GlobalState(layout.views(packed), header.round, header.done), packed
+    return GlobalState(layout.views(packed), header.round, header.done, header.train_loss,
+                       header.train_accuracy), packed
 
 
 class WorkerClient:

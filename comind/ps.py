@@ -96,6 +96,10 @@ class GlobalModel:
     layout: Layout
     packed: np.ndarray
     done: bool
+    #: The example-weighted training loss and accuracy of the updates that made it, as the round's log line says;
+    #: NaN for a model no round of this process made (the initial one, or one resumed from a checkpoint).
+    train_loss: float = math.nan
+    train_accuracy: float = math.nan
 
 
 class ParameterServer:
@@ -351,14 +355,15 @@ class ParameterServer:
             round, count, model = self.rounds.open_round, self._round.count, self.model
             in_progress, self._round = self._round, None
             examples, loss, accuracy = self._stats
+            loss, accuracy = loss / examples, accuracy / examples
             self._stats = np.zeros(3)
             packed, state = await self._next_model(round, in_progress, model)
-            if not await self._publish(round, model.layout, packed, state):
+            if not await self._publish(round, model.layout, packed, state, loss, accuracy):
                 return
-        self.metrics.train_loss.set(loss / examples)
-        self.metrics.train_accuracy.set(accuracy / examples)
+        self.metrics.train_loss.set(loss)
+        self.metrics.train_accuracy.set(accuracy)
         log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f.", round,
-                 self.rounds.policy.total_rounds, count, examples, loss / examples, accuracy / examples)
+                 self.rounds.policy.total_rounds, count, examples, loss, accuracy)
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", round)
 
@@ -392,7 +397,8 @@ class ParameterServer:
         self.pipeline.commit(state)
         return packed, self.pipeline.state()
 
-    async def _publish(self, round: int, layout: Layout, packed: np.ndarray, state: dict[str, np.ndarray]) -> bool:
+    async def _publish(self, round: int, layout: Layout, packed: np.ndarray, state: dict[str, np.ndarray],
+                       train_loss: float = math.nan, train_accuracy: float = math.nan) -> bool:
         """Makes a new global model durable, then visible; False if it could not be saved. Holds ``_lock``."""
         if self.store:
             started = time.perf_counter()
@@ -408,7 +414,7 @@ class ParameterServer:
                 self.failed.set()
                 return False
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
-        self._set_model(round, layout, packed)
+        self._set_model(round, layout, packed, train_loss, train_accuracy)
         self.rounds.complete(round)
         now = time.monotonic()
         if round > 0:
@@ -423,9 +429,10 @@ class ParameterServer:
             self._membership_changed()
         return True
 
-    def _set_model(self, round: int, layout: Layout, packed: np.ndarray) -> None:
+    def _set_model(self, round: int, layout: Layout, packed: np.ndarray, train_loss: float = math.nan,
+                   train_accuracy: float = math.nan) -> None:
         total = self.rounds.policy.total_rounds
-        self.model = GlobalModel(round, total, layout, packed, done=round >= total)
+        self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy)
         self.metrics.round.set(round)
         self.metrics.model_bytes.set(layout.nbytes)
 

@@ -1,7 +1,9 @@
 """What the chief leaves behind: the final model, its metrics, and two pictures.
 
 * ``model.keras``: the final global model.
-* ``metrics.json``: loss and accuracy per round, and the final evaluation.
+* ``metrics.json``: loss and accuracy per round (training: the ps's figures for
+  the round, the example-weighted mean over its updates; test: the chief's
+  evaluation of the global model), and the final evaluation.
 * ``predictions.png``: 25 test images with predicted and true labels, green
   when right and red when wrong, as in the original tutorials.
 * ``history.png``: loss and accuracy per round.

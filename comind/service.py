@@ -287,7 +287,8 @@ def not_ready(round: int) -> bytes:
 def _serialize(model: GlobalModel) -> Iterator[tuple[bytes, int]]:
     """The header with the first chunk, then the other chunks: a model of one chunk is one message."""
     header = pb.ModelHeader(ready=True, round=model.round, done=model.done, total_rounds=model.total_rounds,
-                            tensors=model.layout.to_proto())
+                            tensors=model.layout.to_proto(), train_loss=model.train_loss,
+                            train_accuracy=model.train_accuracy)
     parts = chunks(model.packed)
     first = next(parts, b"")
     yield pb.PsMessage(model=header, data=first).SerializeToString(), len(first)

@@ -137,12 +137,9 @@ class _Chief:
             self._record(state, evaluate=state.done or state.round % self._eval_every() == 0)
 
     def _record(self, state: GlobalState, evaluate: bool) -> None:
-        try:
-            logs = self.model.get_metrics_result()
-        except ValueError:  # no local step yet: the metrics are not built
-            logs = {}
-        record = report.RoundRecord(state.round, float(logs.get("loss", math.nan)),
-                                    float(logs.get("accuracy", math.nan)))
+        # The round's figures over every worker's update, as the ps's round line has them: this model's own
+        # metrics are one worker's, and a running mean since the epoch began.
+        record = report.RoundRecord(state.round, state.train_loss, state.train_accuracy)
         for done in [f for f in self._pending if f.done()]:
             done.result()  # a test that failed stops training here
             self._pending.remove(done)

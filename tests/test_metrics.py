@@ -47,22 +47,24 @@ def test_ps_metrics_after_two_workers_train_three_rounds(start_ps):
     ps = start_ps("--num-workers", "2", "--rounds", str(ROUNDS), "--exit-grace", "60", "--metrics-port", str(port))
     clients = {task: WorkerClient(ps.address, task_index=task, description=f"worker {task}") for task in EXAMPLES}
     rounds_seen: dict[int, list[int]] = {}
+    figures_seen: dict[int, list[float]] = {}  # each round's training loss and accuracy, with its model
     errors: list[BaseException] = []
 
     def work(task: int) -> None:
         try:
             client = clients[task]
             state = client.join(WEIGHTS)
-            seen = [state.round]
+            seen, figures = [state.round], []
             for round in range(1, ROUNDS + 1):
                 local = [w + task + round for w in WEIGHTS]
                 state = client.sync(local, num_examples=EXAMPLES[task], loss=loss_of(task, round),
                                     accuracy=accuracy_of(task, round))
                 seen.append(state.round)
+                figures += [state.train_loss, state.train_accuracy]
             assert state.done
             if client.is_chief:
                 client.report_eval(ROUNDS, EVAL_LOSS, EVAL_ACCURACY)
-            rounds_seen[task] = seen
+            rounds_seen[task], figures_seen[task] = seen, figures
         except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
             errors.append(error)
 
@@ -76,6 +78,10 @@ def test_ps_metrics_after_two_workers_train_three_rounds(start_ps):
         if errors:
             raise errors[0]
         assert rounds_seen == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+        # Every worker gets the figures of the round's line with its model: the chief's metrics.json shows them.
+        means = [mean for r in range(1, ROUNDS + 1) for mean in (weighted_mean(loss_of, r),
+                                                                 weighted_mean(accuracy_of, r))]
+        assert figures_seen == {task: pytest.approx(means) for task in EXAMPLES}
         ps.wait_for(r"Round 3 evaluation")  # the eval report has been applied
         samples = Scrape(port)  # both workers are still connected
         clients[1].close()
