@@ -2,11 +2,13 @@
 
 The real thing in miniature: the same processes, over real gRPC on
 loopback, with a fresh token. The ps's per-round lines are shown as they
-come; each process's full log goes to ``OUTPUT_DIR/logs``.
+come, about :data:`SHOWN_ROUNDS` rounds' of a long run; each process's full
+log goes to ``OUTPUT_DIR/logs``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import re
@@ -22,6 +24,9 @@ from comind.ps_main import LISTENING
 from comind.settings import LOCAL_ONLY, LocalSettings, variables
 
 _SHOWN = re.compile(r"(Round \d+/\d+: .*|Round \d+ evaluation: .*|Training is done.*)")
+_ROUND = re.compile(r"Round (\d+)(?:/(\d+))?")
+#: Rounds whose lines a long run shows (the ps's log has every round's): 1,500 rounds printed 1,604 lines.
+SHOWN_ROUNDS = 100
 _ENDED = object()
 #: How long workers may go on once the ps has ended (normally: they left it, and are writing their outputs).
 WORKER_GRACE_SECONDS = 20.0
@@ -36,7 +41,8 @@ def run_local(settings: LocalSettings) -> int:
     events: queue.Queue = queue.Queue()
     processes: list[subprocess.Popen] = []
     try:
-        ps = _start("ps", {**environment, "COMIND_LISTEN": "127.0.0.1:0"}, logs / "ps.log", events, _ps_line)
+        ps = _start("ps", {**environment, "COMIND_LISTEN": "127.0.0.1:0"}, logs / "ps.log", events,
+                    _PsLines(every_round=settings.log_level == "debug"))
         processes.append(ps)
         port = _wait_for_port(events, logs / "ps.log")
         for task in range(workers):
@@ -62,9 +68,25 @@ def _environment(settings: LocalSettings) -> dict[str, str]:
     return environment
 
 
-def _ps_line(line: str) -> str | None:
-    shown = _SHOWN.search(line)
-    return shown.group(1) if shown else None
+class _PsLines:
+    """Picks the ps's lines to show: of a long run, those of the first round, every ``ceil(rounds /
+    SHOWN_ROUNDS)``-th and the last (each round's at debug level), and the end of training."""
+
+    def __init__(self, every_round: bool):
+        self.every_round = every_round
+        self.every, self.last = 1, 0  # until a round line gives the number of rounds
+
+    def __call__(self, line: str) -> str | None:
+        shown = _SHOWN.search(line)
+        if shown is None:
+            return None
+        round = _ROUND.match(shown.group(1))
+        if round is None or self.every_round:
+            return shown.group(1)
+        number, total = int(round.group(1)), round.group(2)
+        if total:  # a round's own line; its evaluation's comes later, without the number of rounds
+            self.every, self.last = math.ceil(int(total) / SHOWN_ROUNDS), int(total)
+        return shown.group(1) if number == 1 or number % self.every == 0 or number == self.last else None
 
 
 def _start(role: str, environment: dict[str, str], log: Path, events: queue.Queue,

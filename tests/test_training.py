@@ -29,26 +29,61 @@ def final_accuracy(output: Path) -> float:
     return json.loads((output / "metrics.json").read_text())["final"]["eval_accuracy"]
 
 
-@pytest.mark.parametrize("mode, flags", [
-    ("federated", []),
-    ("distributed", ["--interval-steps", "1", "--rounds", "300"]),
-])
-def test_local_cluster_trains_the_embedded_digits(tmp_path, mode, flags):
-    result = comind("local", "--workers", "2", "--output-dir", str(tmp_path), *flags)
+#: `comind local` runs on the embedded digits that several tests read.
+LOCAL_RUNS = {"federated": [], "distributed": ["--interval-steps", "1", "--rounds", "300"]}
+#: A line of the ps's for a round, as the console shows it.
+ROUND_LINE = re.compile(r"Round (\d+)/(\d+): 2 updates, (\d+) examples, loss ([\d.]+), accuracy ([\d.]+)\.")
+
+
+@pytest.fixture(scope="module", params=LOCAL_RUNS)
+def local_run(request, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A finished `comind local --workers 2` run, and its output folder."""
+    output = tmp_path_factory.mktemp(request.param)
+    result = comind("local", "--workers", "2", "--output-dir", str(output), *LOCAL_RUNS[request.param])
     assert result.returncode == 0, result.stdout + result.stderr
+    return result, output
+
+
+def test_local_cluster_trains_the_embedded_digits(local_run):
+    result, output = local_run
     rounds = int(re.findall(r"Round \d+/(\d+)", result.stdout)[0])
     assert re.search(rf"Round {rounds}/{rounds}: 2 updates", result.stdout)
     assert "Final test accuracy" in result.stdout
-    assert final_accuracy(tmp_path) >= 0.90
+    assert final_accuracy(output) >= 0.90
     # Each update weighs the worker's training examples (McMahan et al.), not the examples an interval processed.
-    logs = tmp_path / "logs"
+    logs = output / "logs"
     shards = [int(re.search(r"Worker \d+: (\d+) training examples", (logs / f"worker-{task}.log").read_text())
                   .group(1)) for task in range(2)]
     weights = {int(n) for n in re.findall(r"Round \d+/\d+: 2 updates, (\d+) examples", result.stdout)}
     assert weights == {sum(shards)}, (shards, weights)
     for name in ("model.keras", "predictions.png", "history.png"):
-        assert (tmp_path / name).stat().st_size > 1000
-    assert not list(tmp_path.glob("*.tmp*"))
+        assert (output / name).stat().st_size > 1000
+    assert not list(output.glob("*.tmp*"))
+
+
+def test_local_shows_the_lines_of_about_100_rounds_and_the_log_has_all(local_run):
+    """--interval-steps 1 printed a line for each of 1,500 rounds, and as many evaluations."""
+    result, output = local_run
+    from comind.local import SHOWN_ROUNDS
+
+    total = int(ROUND_LINE.search(result.stdout).group(2))
+    every = math.ceil(total / SHOWN_ROUNDS)
+    expected = sorted({1, total, *range(every, total + 1, every)})
+    assert [int(line[0]) for line in ROUND_LINE.findall(result.stdout)] == expected
+    evaluated = [int(r) for r in re.findall(r"Round (\d+) evaluation", result.stdout)]
+    assert evaluated and set(evaluated) <= set(expected)
+    assert len(ROUND_LINE.findall((output / "logs" / "ps.log").read_text())) == total
+
+
+def test_metrics_json_has_the_round_figures_the_console_printed(local_run):
+    """metrics.json had the chief's own running figures as "train" (1.0 where the round's line said 0.9688)."""
+    result, output = local_run
+    records = {r["round"]: r for r in json.loads((output / "metrics.json").read_text())["rounds"]}
+    printed = ROUND_LINE.findall(result.stdout)
+    assert printed
+    for round, _, _, loss, accuracy in printed:
+        record = records[int(round)]
+        assert (f"{record['train_loss']:.4f}", f"{record['train_accuracy']:.4f}") == (loss, accuracy), round
 
 
 def cifar_shaped(path: Path) -> Path:
