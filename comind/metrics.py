@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class PsMetrics:
         self.updates_clipped = Counter(
             "comind_updates_clipped", "Updates whose change from the global model was scaled down to "
             "COMIND_MAX_UPDATE_NORM.", registry=registry)
+        self.server_learning_rate = Gauge(
+            "comind_server_learning_rate", "Learning rate eta of the ps's server optimizer (COMIND_SERVER_OPTIMIZER).",
+            registry=registry)
+        self.server_optimizer = Info(
+            "comind_server_optimizer", "The ps's server optimizer, by name (COMIND_SERVER_OPTIMIZER).",
+            registry=registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy):
             gauge.set(math.nan)

@@ -26,7 +26,7 @@ import numpy as np
 
 from comind.aggregators import AGGREGATORS, AggregatorSettings, RoundAggregate
 from comind.clipping import NormClip
-from comind.server_optimizers import SERVER_OPTIMIZERS
+from comind.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
 from comind.tensors import Layout
 from comind.weighting import WEIGHTINGS
 
@@ -41,6 +41,8 @@ class PipelineSettings:
     trim_fraction: float = 0.25
     max_update_norm: float | None = None
     server_optimizer: str = "fedavg"
+    #: The server optimizer's hyperparameters (each optimizer reads those it has).
+    server_optimizer_settings: ServerOptimizerSettings = ServerOptimizerSettings()
 
     def __post_init__(self) -> None:
         WEIGHTINGS[self.weighting], AGGREGATORS[self.aggregation], SERVER_OPTIMIZERS[self.server_optimizer]
@@ -79,7 +81,7 @@ class ServerPipeline:
         self.weight = WEIGHTINGS[settings.weighting]
         self.aggregator = AGGREGATORS[settings.aggregation](AggregatorSettings(settings.trim_fraction))
         self.clip = NormClip(settings.max_update_norm) if settings.max_update_norm is not None else None
-        self.optimizer = SERVER_OPTIMIZERS[settings.server_optimizer]()
+        self.optimizer = SERVER_OPTIMIZERS[settings.server_optimizer](settings.server_optimizer_settings)
         self._optimizer_state: dict[str, np.ndarray] | None = None
         # Named by the optimizer: another optimizer's state in a checkpoint is not taken for this one's.
         self._state_prefix = f"server_optimizer/{settings.server_optimizer}/"

@@ -120,6 +120,8 @@ class ParameterServer:
         self.metrics = metrics
         self.pipeline = pipeline or ServerPipeline()
         self.pipeline.check_quorum(policy.replicas_to_aggregate or policy.num_workers)
+        metrics.server_optimizer.info({"name": self.pipeline.settings.server_optimizer})
+        metrics.server_learning_rate.set(self.pipeline.optimizer.learning_rate)
         self.store = store
         self.max_model_bytes = max_model_bytes
         self.model: GlobalModel | None = None

@@ -24,10 +24,15 @@ LISTENING = re.compile(r"Listening on \S+:(\d+)")
 def server_pipeline(settings: PsSettings) -> ServerPipeline:
     """The ps's round pipeline, checked against the updates its rounds will have."""
     from comind.pipeline import PipelineSettings, ServerPipeline
+    from comind.server_optimizers import ServerOptimizerSettings
 
+    optimizer = ServerOptimizerSettings(
+        learning_rate=settings.server_learning_rate, momentum=settings.server_momentum,
+        beta1=settings.server_beta1, beta2=settings.server_beta2, epsilon=settings.server_epsilon)
     pipeline = ServerPipeline(PipelineSettings(
         weighting=settings.weighting, aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
-        max_update_norm=settings.max_update_norm, server_optimizer=settings.server_optimizer))
+        max_update_norm=settings.max_update_norm, server_optimizer=settings.server_optimizer,
+        server_optimizer_settings=optimizer))
     pipeline.check_quorum(settings.replicas_to_aggregate or settings.num_workers)
     return pipeline
 
@@ -72,6 +77,9 @@ def run_ps(settings: PsSettings) -> int:
         if pipeline.aggregator.holds_updates:
             log.info("Aggregating by the coordinate-wise %s: every update of a round is held in memory.",
                      settings.aggregation)
+        if settings.server_optimizer != "fedavg" or pipeline.optimizer.learning_rate != 1.0:
+            log.info("Server optimizer %s with learning rate %g.", settings.server_optimizer,
+                     pipeline.optimizer.learning_rate)
         if pipeline.clip:
             log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
         return await service.run(ps, server, settings.exit_grace)

@@ -102,7 +102,18 @@ class PsSettings(_Cluster):
         None, "bound on the L2 norm of each update's change from the global model: longer changes are scaled "
         "down to it; unset: no bound", config.positive_float)
     server_optimizer: str = _setting(
-        "fedavg", "how a round's aggregate changes the global model: fedavg adds it", str, config.server_optimizers)
+        "fedavg", "how a round's aggregate D changes the global model: fedavg adds it; fedavgm adds it with "
+        "momentum; fedadam, fedyogi and fedadagrad take adaptive steps along it (Reddi et al. 2021)", str,
+        config.server_optimizers)
+    server_learning_rate: float | None = _setting(
+        None, "the server optimizer's learning rate eta; unset: 1.0 for fedavg and fedavgm, 0.1 for fedadam and "
+        "fedadagrad, 0.01 for fedyogi", config.positive_float)
+    server_momentum: float = _setting(0.9, "fedavgm's momentum", config.fraction_below_one)
+    server_beta1: float = _setting(0.9, "decay of the first moment (fedadam, fedyogi, fedadagrad)",
+                                   config.fraction_below_one)
+    server_beta2: float = _setting(0.99, "decay of the second moment (fedadam, fedyogi)", config.fraction_below_one)
+    server_epsilon: float = _setting(1e-3, "tau, added to the square root of the second moment (fedadam, fedyogi, "
+                                     "fedadagrad): it bounds their steps", config.positive_float)
     checkpoint_dir: str | None = _setting(None, "directory for durable checkpoints; unset: in memory only")
     keep_checkpoints: int = _setting(3, "checkpoints to keep", config.positive_int)
     max_model_bytes: int = _setting(4 << 30, "largest model the ps accepts", config.positive_int)
@@ -126,6 +137,9 @@ class WorkerSettings(_Cluster, _Training):
         None, "the chief evaluates every this many rounds; unset: about 100 times in all", config.positive_int)
     unreachable_timeout: float = _setting(600.0, "seconds a worker keeps retrying an unreachable ps",
                                           config.positive_float)
+    proximal_mu: float = _setting(
+        0.0, "FedProx's mu: each local step also minimises mu/2 ||w - x||^2, x the global model this worker last "
+        "received, which keeps workers with skewed data near it (Li et al. 2020); 0: FedAvg", config.non_negative_float)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

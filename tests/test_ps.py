@@ -261,6 +261,8 @@ def test_the_timers_survive_their_own_errors(monkeypatch, caplog):
 class CountingOptimizer:
     """A server optimizer with state: the number of steps, and the sum of every aggregate."""
 
+    learning_rate = 1.0
+
     def initial_state(self, layout):
         return {"steps": np.zeros((), np.int64), "total": np.zeros(layout.nbytes, np.uint8)}
 
