@@ -5,6 +5,9 @@ check the whole history: rounds in order, and weights equal to what exact
 example-weighted federated averaging gives.
 
     python tests/numpy_worker.py ADDRESS TASK_INDEX --examples N --delta D --out FILE
+
+With ``--delta-step S`` the delta grows by S a round (D + S x round), so that a
+server optimizer's moments see a different aggregate every round.
 """
 
 import argparse
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("task_index", type=int)
     parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--delta", type=float, default=1.0)
+    parser.add_argument("--delta-step", type=float, default=0.0, help="added to the delta each round")
     parser.add_argument("--out", required=True)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds of pretend training per round")
     parser.add_argument("--token", default=None)
@@ -45,7 +49,8 @@ def main() -> None:
             if state.done:
                 break
             time.sleep(args.pause)  # stands in for local training
-            state = client.sync([w + np.float32(args.delta) for w in state.weights], num_examples=args.examples,
+            delta = np.float32(args.delta + args.delta_step * state.round)
+            state = client.sync([w + delta for w in state.weights], num_examples=args.examples,
                                 loss=1.0, accuracy=0.5)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,39 @@ def test_ps_killed_mid_training_resumes_from_its_checkpoint(start_ps, tmp_path):
     saved = np.load(checkpoints / "round-000000012.npz")
     assert int(saved["round"]) == 12
     np.testing.assert_allclose(saved["tensor_00000"], expected_value(12, examples, deltas), rtol=1e-5)
+
+
+def test_a_ps_killed_mid_training_continues_with_the_same_server_optimizer_moments(start_ps, tmp_path):
+    """fedadam's moments and step count are saved with each round: a ps SIGKILLed and restarted makes exactly
+    the models an uninterrupted ps makes."""
+    flags = ["--num-workers", "2", "--rounds", "10", "--exit-grace", "5", "--lease-seconds", "2",
+             "--keep-checkpoints", "100", "--server-optimizer", "fedadam", "--server-learning-rate", "0.05"]
+
+    def train(name: str, kill_after: int | None = None) -> Path:
+        checkpoints = tmp_path / name
+        ps = start_ps(*flags, "--checkpoint-dir", str(checkpoints))
+        workers = [start_worker(ps.address, task, tmp_path / f"{name}-{task}.jsonl", examples=[100, 300][task],
+                                delta=[1.0, -0.5][task], delta_step=[0.25, -0.125][task], pause=0.15)
+                   for task in range(2)]
+        if kill_after:
+            ps.wait_for(rf"Round {kill_after}/10")
+            ps.kill()
+            ps = start_ps(*flags, "--checkpoint-dir", str(checkpoints), port=ps.port)
+            assert int(ps.wait_for(r"Resumed from \S+ at round (\d+)").group(1)) >= kill_after
+        for worker in workers:
+            assert_finishes(worker, ps)
+        assert ps.wait(timeout=60) == 0
+        return checkpoints
+
+    straight, interrupted = train("straight"), train("interrupted", kill_after=4)
+    for round in range(11):
+        expected, resumed = (np.load(path / f"round-{round:09d}.npz") for path in (straight, interrupted))
+        assert expected.files == resumed.files
+        for key in expected.files:
+            np.testing.assert_array_equal(resumed[key], expected[key], err_msg=f"round {round}, {key}")
+    final = np.load(interrupted / "round-000000010.npz")
+    assert int(final["state/server_optimizer/fedadam/step"]) == 10
+    assert np.abs(final["state/server_optimizer/fedadam/v/00000"]).min() > 0
 
 
 def test_sigterm_persists_and_exits_cleanly(start_ps, tmp_path):

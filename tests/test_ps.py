@@ -23,6 +23,7 @@ from comind.metrics import PsMetrics
 from comind.pipeline import PipelineSettings, ServerPipeline
 from comind.ps import ParameterServer, UpdateHeader, UpdateKind, UpdateResult
 from comind.rounds import RoundPolicy
+from comind.server_optimizers import ServerOptimizerSettings, adam_step
 from comind.tensors import Layout, chunks
 
 INITIAL = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32), np.array([5], np.int64)]
@@ -309,6 +310,38 @@ def test_stage_state_is_saved_with_the_model_and_restored_on_resume(tmp_path):
     np.testing.assert_array_equal(resumed.model.packed, straight.model.packed)
     saved = CheckpointStore(tmp_path / "run").latest()
     assert saved is not None and saved.round == 3 and int(saved.state["server_optimizer/fedavg/steps"]) == 3
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
+def test_the_server_optimizer_steps_on_what_the_aggregator_gives(aggregation):
+    settings = ServerOptimizerSettings(learning_rate=0.1, beta1=0.9, beta2=0.99, epsilon=1e-3)
+
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = make_ps(registry, pipeline=ServerPipeline(PipelineSettings(
+            aggregation=aggregation, server_optimizer="fedadam", server_optimizer_settings=settings)), num_workers=3)
+        members = await initialized(ps, workers=3)
+        for rounds in range(2):
+            for member, value in zip(members, [1.0, 2.0, 10.0], strict=True):
+                header, arrays = delta(value, counter=7, round=rounds + 1)
+                assert await ps.receive(member, header, data(arrays)) is UpdateResult.ACCEPTED
+        return ps, registry
+
+    ps, registry = asyncio.run(scenario())
+    # Equal examples: the mean of 1, 2 and 10 is 13/3; their median 2.
+    aggregate = {"mean": np.float32(13 / 3), "median": np.float32(2.0)}[aggregation]
+    x, m, v = (np.zeros((), np.float32),) * 3
+    for step in (1, 2):
+        x, m, v = adam_step(x, aggregate, m, v, step, learning_rate=0.1, beta1=0.9, beta2=0.99, epsilon=1e-3)
+    weights, bias, counter = LAYOUT.views(ps.model.packed)
+    np.testing.assert_allclose(weights, np.full((4, 3), x), rtol=1e-6)
+    np.testing.assert_allclose(bias, np.full(3, x), rtol=1e-6)
+    assert int(counter[0]) == 7
+    state = ps.pipeline.state()
+    assert int(state["server_optimizer/fedadam/step"]) == 2
+    np.testing.assert_allclose(state["server_optimizer/fedadam/m/00000"], np.full((4, 3), m), rtol=1e-6)
+    assert registry.get_sample_value("comind_server_learning_rate") == 0.1
+    assert registry.get_sample_value("comind_server_optimizer_info", {"name": "fedadam"}) == 1
 
 
 @pytest.mark.parametrize("task, round, error", [(1, 0, refusals.NotChief), (0, 10**9, refusals.InvalidRequest),
