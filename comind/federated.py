@@ -10,6 +10,16 @@ optimizer slots were never averaged: only the model's weights are. Resetting
 it at every sync would throw away each worker's curvature estimates and
 restart Adam's bias correction, which slows training for no gain in
 agreement between workers.
+
+With ``proximal_mu`` > 0 each local step minimises FedProx's objective
+``L(w) + mu/2 ||w - x||^2``, ``x`` the global model the worker last received
+(Li et al. 2020): its gradient gains ``mu (w - x)``, which keeps workers with
+skewed data near the global model. ``model.fit`` gets the term as a weight
+regularizer on each trainable variable (so it is part of the loss Keras
+differentiates, and of the loss ``fit`` reports), the custom-loop wrapper by
+adding ``mu (w - x)`` to the gradients it is given. ``proximal_mu=0`` changes
+nothing: it is FedAvg. The anchor ``x`` lives in TensorFlow variables that
+the traced training step reads, which needs the TensorFlow backend.
 """
 
 from __future__ import annotations
@@ -29,11 +39,64 @@ log = logging.getLogger(__name__)
 OnRound = Callable[[GlobalState], None]
 
 
+class _Proximal:
+    """FedProx's term ``mu/2 ||w - x||^2`` for a model's trainable variables, ``x`` the global model it last got.
+
+    References:
+        Li, Sahu, Zaheer, Sanjabi, Talwalkar and Smith 2020, "Federated Optimization in Heterogeneous Networks",
+        MLSys (equation 2).
+    """
+
+    def __init__(self, mu: float):
+        if not mu >= 0:
+            raise ValueError(f"proximal_mu is FedProx's mu, a number >= 0 (0 is FedAvg). Received: proximal_mu={mu}")
+        self.mu = mu
+        self._anchors: list[keras.Variable] = []
+        self._replaced: list[tuple[keras.Variable, Any]] = []
+
+    def anchor(self, model: keras.Model) -> None:
+        """Makes the model's current trainable weights the point the term pulls towards."""
+        variables = model.trainable_variables
+        if not self._anchors:
+            self._anchors = [keras.Variable(keras.ops.convert_to_tensor(v), dtype=v.dtype, trainable=False,
+                                            name=f"proximal_anchor_{i}") for i, v in enumerate(variables)]
+            return
+        for anchor, variable in zip(self._anchors, variables, strict=True):
+            anchor.assign(keras.ops.convert_to_tensor(variable))
+
+    def gradients(self, gradients: Iterable[Any], variables: Iterable[keras.Variable]) -> list[Any]:
+        """``g + mu (w - x)`` for each gradient ``g`` of a variable ``w``; None stays None (``w`` does not move)."""
+        return [g if g is None else g + self.mu * (w - x)
+                for g, w, x in zip(gradients, variables, self._anchors, strict=True)]
+
+    def install(self, model: keras.Model) -> None:
+        """Adds the term to the model's loss, as a regularizer of each trainable variable (after its own)."""
+        for variable, anchor in zip(model.trainable_variables, self._anchors, strict=True):
+            self._replaced.append((variable, variable.regularizer))
+            variable.regularizer = _ProximalTerm(anchor, self.mu, variable.regularizer)
+
+    def uninstall(self) -> None:
+        for variable, regularizer in self._replaced:
+            variable.regularizer = regularizer
+        self._replaced.clear()
+
+
+class _ProximalTerm:
+    """``mu/2 ||w - x||^2``, plus the variable's own regularizer, if it had one."""
+
+    def __init__(self, anchor: keras.Variable, mu: float, own: Callable[[Any], Any] | None):
+        self.anchor, self.mu, self.own = anchor, mu, own
+
+    def __call__(self, value: Any) -> Any:
+        term = (self.mu / 2) * keras.ops.sum(keras.ops.square(value - self.anchor))
+        return term if self.own is None else term + self.own(value)
+
+
 class _ModelSync:
     """The bookkeeping the callback and the wrapper share."""
 
     def __init__(self, client: WorkerClient, interval_steps: int, on_round: OnRound | None,
-                 metrics: WorkerMetrics | None, num_examples: int | None):
+                 metrics: WorkerMetrics | None, num_examples: int | None, proximal_mu: float = 0.0):
         if interval_steps < 1:
             raise ValueError(f"interval_steps must be at least 1. Received: interval_steps={interval_steps}")
         if num_examples is not None and num_examples < 1:
@@ -44,6 +107,7 @@ class _ModelSync:
         self.interval_steps = interval_steps
         self.on_round = on_round
         self.metrics = metrics
+        self.proximal = _Proximal(proximal_mu) if proximal_mu else None
         self.model: keras.Model | None = None
         self.state: GlobalState | None = None
         self.syncs = 0
@@ -100,6 +164,8 @@ class _ModelSync:
 
     def _adopt(self, state: GlobalState) -> None:
         self._started().set_weights(state.weights)
+        if self.proximal:
+            self.proximal.anchor(self._started())
         self.state = state
         if self.on_round:
             self.on_round(state)
@@ -124,6 +190,10 @@ class FederatedAveraging(keras.callbacks.Callback):
             updates weigh in the ps's example-weighted mean (McMahan et al.
             2017); None weighs each update by the examples its interval
             processed (batches x ``batch_size``) instead.
+        proximal_mu: FedProx's ``mu`` (Li et al. 2020): training minimises
+            ``L(w) + mu/2 ||w - x||^2``, ``x`` the last global model, through a
+            regularizer on each trainable variable while ``fit`` runs (the loss
+            ``fit`` reports includes it). 0 (the default) is FedAvg.
 
     Example:
         >>> client = comind.WorkerClient("ps:2222", task_index=0)
@@ -134,9 +204,9 @@ class FederatedAveraging(keras.callbacks.Callback):
 
     def __init__(self, client: WorkerClient, interval_steps: int = 100, batch_size: int | None = None,
                  on_round: OnRound | None = None, metrics: WorkerMetrics | None = None,
-                 num_examples: int | None = None):
+                 num_examples: int | None = None, proximal_mu: float = 0.0):
         super().__init__()
-        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples)
+        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu)
         self._batch_size = batch_size or 1
 
     @property
@@ -155,6 +225,10 @@ class FederatedAveraging(keras.callbacks.Callback):
         self._sync.start(self.model)
         if self._sync.done:
             self.model.stop_training = True
+        if self._sync.proximal:
+            self._sync.proximal.install(self.model)
+            # fit made its training step before calling us: make it again, with the term in its loss.
+            self.model.make_train_function(force=True)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -164,6 +238,9 @@ class FederatedAveraging(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._sync.sync()
+        if self._sync.proximal:
+            self._sync.proximal.uninstall()
+            self.model.train_function = None  # the next fit makes one without the term
 
 
 class FederatedAveragingOptimizer:
@@ -176,6 +253,10 @@ class FederatedAveragingOptimizer:
     checked against the ps's), and whether this worker provides the initial
     weights. ``num_examples`` is this worker's number of training examples,
     its updates' weight (None: the examples ``apply`` counted in the interval).
+    With ``proximal_mu`` > 0 (FedProx, Li et al. 2020), ``apply`` adds
+    ``proximal_mu * (w - x)`` to the gradient of each variable ``w``, ``x``
+    the global model it last received; the gradients given are those of the
+    loss alone.
 
     Example:
         >>> opt = comind.FederatedAveragingOptimizer(keras.optimizers.Adam(1e-3), model, client,
@@ -192,13 +273,14 @@ class FederatedAveragingOptimizer:
     def __init__(self, optimizer: keras.optimizers.Optimizer, model: keras.Model, client: WorkerClient, *,
                  interval_steps: int = 100, replicas_to_aggregate: int | None = None,
                  is_chief: bool | None = None, on_round: OnRound | None = None,
-                 metrics: WorkerMetrics | None = None, num_examples: int | None = None):
+                 metrics: WorkerMetrics | None = None, num_examples: int | None = None,
+                 proximal_mu: float = 0.0):
         if is_chief is not None:
             client.is_chief = is_chief
         self.optimizer = optimizer
         self.model = model
         self.replicas_to_aggregate = replicas_to_aggregate
-        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples)
+        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu)
 
     @property
     def done(self) -> bool:
@@ -226,6 +308,8 @@ class FederatedAveragingOptimizer:
         ``comind_train_*`` series show their example-weighted mean (0 for a
         figure never given).
         """
+        if self._sync.proximal:
+            gradients = self._sync.proximal.gradients(gradients, self.model.trainable_variables)
         self.optimizer.apply(gradients, self.model.trainable_variables)
         self._sync.step(num_examples, loss, accuracy)
 

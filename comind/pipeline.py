@@ -42,7 +42,7 @@ class PipelineSettings:
     max_update_norm: float | None = None
     server_optimizer: str = "fedavg"
     #: The server optimizer's hyperparameters (each optimizer reads those it has).
-    server_optimizer_settings: ServerOptimizerSettings = ServerOptimizerSettings()
+    server_optimizer_settings: ServerOptimizerSettings = dataclasses.field(default_factory=ServerOptimizerSettings)
 
     def __post_init__(self) -> None:
         WEIGHTINGS[self.weighting], AGGREGATORS[self.aggregation], SERVER_OPTIMIZERS[self.server_optimizer]

@@ -277,7 +277,8 @@ class FedAvgM(_PerTensor):
     default_learning_rate = 1.0
 
     def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        return momentum_step(x, d, *slots, learning_rate=self.learning_rate, momentum=self.settings.momentum)
+        [v] = slots
+        return momentum_step(x, d, v, learning_rate=self.learning_rate, momentum=self.settings.momentum)
 
 
 @SERVER_OPTIMIZERS.register("fedadam")
@@ -288,8 +289,8 @@ class FedAdam(_PerTensor):
     default_learning_rate = 0.1
 
     def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        s = self.settings
-        return adam_step(x, d, *slots, t, learning_rate=self.learning_rate, beta1=s.beta1, beta2=s.beta2,
+        s, (m, v) = self.settings, slots
+        return adam_step(x, d, m, v, t, learning_rate=self.learning_rate, beta1=s.beta1, beta2=s.beta2,
                          epsilon=s.epsilon)
 
 
@@ -301,8 +302,8 @@ class FedYogi(_PerTensor):
     default_learning_rate = 0.01
 
     def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        s = self.settings
-        return yogi_step(x, d, *slots, learning_rate=self.learning_rate, beta1=s.beta1, beta2=s.beta2,
+        s, (m, v) = self.settings, slots
+        return yogi_step(x, d, m, v, learning_rate=self.learning_rate, beta1=s.beta1, beta2=s.beta2,
                          epsilon=s.epsilon)
 
 
@@ -314,5 +315,5 @@ class FedAdagrad(_PerTensor):
     default_learning_rate = 0.1
 
     def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        s = self.settings
-        return adagrad_step(x, d, *slots, learning_rate=self.learning_rate, beta1=s.beta1, epsilon=s.epsilon)
+        s, (m, v) = self.settings, slots
+        return adagrad_step(x, d, m, v, learning_rate=self.learning_rate, beta1=s.beta1, epsilon=s.epsilon)

@@ -78,7 +78,7 @@ def run_worker(settings: WorkerSettings) -> int:
     chief = _Chief(settings, dataset, model, client) if client.is_chief else None
     callback = FederatedAveraging(client, settings.interval_steps, settings.batch_size,
                                   on_round=chief.on_round if chief else None, metrics=worker_metrics,
-                                  num_examples=len(x))
+                                  num_examples=len(x), proximal_mu=settings.proximal_mu)
     # A stopped container or a scaled-down pod gets SIGTERM: leave the ps at
     # once (the `with` below says goodbye) rather than make it wait out the lease.
     signal.signal(signal.SIGTERM, _stop)
