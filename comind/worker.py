@@ -75,6 +75,9 @@ def run_worker(settings: WorkerSettings) -> int:
         metrics=worker_metrics)
     log.info("Worker %d: %d training examples of %s (%s shard), model %s.", task, len(x), dataset.name,
              settings.shard, settings.model)
+    if settings.proximal_mu:
+        log.info("FedProx: each local step also minimises %g/2 ||w - x||^2, x the last global model.",
+                 settings.proximal_mu)
     chief = _Chief(settings, dataset, model, client) if client.is_chief else None
     callback = FederatedAveraging(client, settings.interval_steps, settings.batch_size,
                                   on_round=chief.on_round if chief else None, metrics=worker_metrics,

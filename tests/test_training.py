@@ -86,6 +86,18 @@ def test_metrics_json_has_the_round_figures_the_console_printed(local_run):
         assert (f"{record['train_loss']:.4f}", f"{record['train_accuracy']:.4f}") == (loss, accuracy), round
 
 
+def test_local_trains_with_a_server_optimizer_and_fedprox(tmp_path):
+    result = comind("local", "--workers", "2", "--output-dir", str(tmp_path), "--rounds", "4", "--interval-steps", "25",
+                    "--server-optimizer", "fedadam", "--server-learning-rate", "0.01", "--proximal-mu", "0.01")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Round 4/4: 2 updates", result.stdout)
+    assert "Server optimizer fedadam with learning rate 0.01." in (tmp_path / "logs" / "ps.log").read_text()
+    for task in range(2):
+        log = (tmp_path / "logs" / f"worker-{task}.log").read_text()
+        assert "FedProx: each local step also minimises 0.01/2" in log
+    assert 0 <= final_accuracy(tmp_path) <= 1
+
+
 def cifar_shaped(path: Path) -> Path:
     """A data set shaped as CIFAR-10 (32x32x3 bytes, 10 classes), small: the advanced model's own shape."""
     rng = np.random.default_rng(0)
