@@ -16,8 +16,8 @@ Integer and boolean tensors (step counters, seeds) travel as values, not
 changes: the aggregate of their values replaces them, whatever the optimizer.
 
 The math is in pure functions on NumPy arrays (:func:`momentum_step`,
-:func:`adam_step`, :func:`yogi_step`, :func:`adagrad_step`); the classes
-apply them to each floating-point tensor of a packed model. A step is pure:
+:func:`adam_step`, :func:`yogi_step`, :func:`adagrad_step`); :class:`PerTensor`
+applies one to each floating-point tensor of a packed model. A step is pure:
 :meth:`ServerOptimizer.step` returns the new model and the new state without
 changing the old ones, so a round whose result is refused (not finite) leaves
 both as they were. The state (the step count ``step`` and the slots ``m/I``
@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
-from typing import ClassVar, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -182,24 +182,27 @@ def adagrad_step(x: np.ndarray, d: np.ndarray, m: np.ndarray, v: np.ndarray, *, 
 # The optimizers, on packed models --------------------------------------------------------------------------------
 
 
-def _slot_dtype(dtype: np.dtype) -> np.dtype:
-    """Moments of float16 tensors are float32: ``D^2`` underflows float16."""
-    return np.promote_types(dtype, np.float32)
+#: One tensor's step: ``(x, D, slots, t, eta)`` to the new ``x`` and the new slots, ``t`` counted from 1.
+TensorStep = Callable[[np.ndarray, np.ndarray, Sequence[np.ndarray], int, float], tuple[np.ndarray, ...]]
 
 
-class _PerTensor:
-    """Steps each floating-point tensor with its own slots; integer tensors take the aggregate's values.
+class PerTensor:
+    """A server optimizer that steps each floating-point tensor with its own slots (``m``, ``v``).
 
-    Subclasses name their slots and define :meth:`_update`; ``t``, the step,
-    is counted from 1 (the state holds the steps taken).
+    Integer tensors take the aggregate's values. The state is the steps
+    taken, ``step``, and each slot of each floating-point tensor ``I`` as
+    ``SLOT/I`` (float32 at least: ``D^2`` underflows float16).
+
+    Args:
+        slots: the names of the slots.
+        learning_rate: ``eta``.
+        tensor_step: the step of one tensor.
     """
 
-    slots: ClassVar[tuple[str, ...]]
-    default_learning_rate: ClassVar[float]
-
-    def __init__(self, settings: ServerOptimizerSettings):
-        self.settings = settings
-        self.learning_rate = self.default_learning_rate if settings.learning_rate is None else settings.learning_rate
+    def __init__(self, slots: tuple[str, ...], learning_rate: float, tensor_step: TensorStep):
+        self.slots = slots
+        self.learning_rate = learning_rate
+        self._tensor_step = tensor_step
 
     def initial_state(self, layout: Layout) -> dict[str, np.ndarray]:
         state = {"step": np.zeros((), np.int64)}
@@ -230,14 +233,19 @@ class _PerTensor:
             keys = [f"{slot}/{i:05d}" for slot in self.slots]
             slots = [state[key] for key in keys]
             dtype = slots[0].dtype
-            moved, *updated = self._update(weights.astype(dtype, copy=False), change.astype(dtype, copy=False),
-                                           *slots, t=t)
+            moved, *updated = self._tensor_step(weights.astype(dtype, copy=False), change.astype(dtype, copy=False),
+                                                slots, t, self.learning_rate)
             np.copyto(out, moved, casting="same_kind")
             new_state.update(zip(keys, updated, strict=True))
         return packed, new_state
 
-    def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        raise NotImplementedError
+
+def _slot_dtype(dtype: np.dtype) -> np.dtype:
+    return np.promote_types(dtype, np.float32)
+
+
+def _eta(settings: ServerOptimizerSettings, default: float) -> float:
+    return default if settings.learning_rate is None else settings.learning_rate
 
 
 @SERVER_OPTIMIZERS.register("fedavg")
@@ -249,14 +257,14 @@ class FedAvg:
     """
 
     def __init__(self, settings: ServerOptimizerSettings = ServerOptimizerSettings()):
-        self.learning_rate = 1.0 if settings.learning_rate is None else settings.learning_rate
+        self.learning_rate = _eta(settings, 1.0)
 
     def initial_state(self, layout: Layout) -> dict[str, np.ndarray]:
         return {}
 
     def step(self, layout: Layout, model: np.ndarray, aggregate: np.ndarray,
              state: State) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The new global model, packed, and the (empty) state; arguments as :meth:`_PerTensor.step`."""
+        """The new global model, packed, and the (empty) state; arguments as :meth:`PerTensor.step`."""
         packed = np.empty(layout.nbytes, np.uint8)
         views = zip(layout.views(packed), layout.views(model), layout.views(aggregate), strict=True)
         for out, weights, change in views:
@@ -270,50 +278,30 @@ class FedAvg:
 
 
 @SERVER_OPTIMIZERS.register("fedavgm")
-class FedAvgM(_PerTensor):
-    """:func:`momentum_step` with ``eta`` (default 1.0) and ``mu`` (default 0.9)."""
-
-    slots = ("v",)
-    default_learning_rate = 1.0
-
-    def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        [v] = slots
-        return momentum_step(x, d, v, learning_rate=self.learning_rate, momentum=self.settings.momentum)
+def fedavgm(settings: ServerOptimizerSettings) -> PerTensor:
+    """:func:`momentum_step`; ``eta`` defaults to 1.0."""
+    return PerTensor(("v",), _eta(settings, 1.0), lambda x, d, slots, t, eta: momentum_step(
+        x, d, slots[0], learning_rate=eta, momentum=settings.momentum))
 
 
 @SERVER_OPTIMIZERS.register("fedadam")
-class FedAdam(_PerTensor):
-    """:func:`adam_step`: Keras's Adam on ``-D``; ``eta`` defaults to 0.1."""
-
-    slots = ("m", "v")
-    default_learning_rate = 0.1
-
-    def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        s, (m, v) = self.settings, slots
-        return adam_step(x, d, m, v, t, learning_rate=self.learning_rate, beta1=s.beta1, beta2=s.beta2,
-                         epsilon=s.epsilon)
+def fedadam(settings: ServerOptimizerSettings) -> PerTensor:
+    """:func:`adam_step`, Keras's Adam on ``-D``; ``eta`` defaults to 0.1."""
+    b1, b2, tau = settings.beta1, settings.beta2, settings.epsilon
+    return PerTensor(("m", "v"), _eta(settings, 0.1), lambda x, d, slots, t, eta: adam_step(
+        x, d, slots[0], slots[1], t, learning_rate=eta, beta1=b1, beta2=b2, epsilon=tau))
 
 
 @SERVER_OPTIMIZERS.register("fedyogi")
-class FedYogi(_PerTensor):
+def fedyogi(settings: ServerOptimizerSettings) -> PerTensor:
     """:func:`yogi_step`; ``eta`` defaults to 0.01."""
-
-    slots = ("m", "v")
-    default_learning_rate = 0.01
-
-    def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        s, (m, v) = self.settings, slots
-        return yogi_step(x, d, m, v, learning_rate=self.learning_rate, beta1=s.beta1, beta2=s.beta2,
-                         epsilon=s.epsilon)
+    return PerTensor(("m", "v"), _eta(settings, 0.01), lambda x, d, slots, t, eta: yogi_step(
+        x, d, slots[0], slots[1], learning_rate=eta, beta1=settings.beta1, beta2=settings.beta2,
+        epsilon=settings.epsilon))
 
 
 @SERVER_OPTIMIZERS.register("fedadagrad")
-class FedAdagrad(_PerTensor):
+def fedadagrad(settings: ServerOptimizerSettings) -> PerTensor:
     """:func:`adagrad_step`; ``eta`` defaults to 0.1."""
-
-    slots = ("m", "v")
-    default_learning_rate = 0.1
-
-    def _update(self, x: np.ndarray, d: np.ndarray, *slots: np.ndarray, t: int) -> tuple[np.ndarray, ...]:
-        s, (m, v) = self.settings, slots
-        return adagrad_step(x, d, m, v, learning_rate=self.learning_rate, beta1=s.beta1, epsilon=s.epsilon)
+    return PerTensor(("m", "v"), _eta(settings, 0.1), lambda x, d, slots, t, eta: adagrad_step(
+        x, d, slots[0], slots[1], learning_rate=eta, beta1=settings.beta1, epsilon=settings.epsilon))
