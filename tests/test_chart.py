@@ -26,6 +26,7 @@ import yaml
 
 from comind.aggregators import AGGREGATORS, AggregatorSettings
 from comind.certificates import Authority
+from comind.settings import load as load_settings
 from compose_cluster import ROOT, build_image, docker_or_skip
 from fake_kube_api import FakeKubeApi
 from pod_runner import KubeApi, Pod, PodRunner, dns_names, statefulset_pods
@@ -215,6 +216,10 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("ps.trimFraction=0.5", "/ps/trimFraction"),
     ("ps.aggregation=median", "ps.aggregation=median needs rounds of at least 3 updates"),
     ("ps.aggregation=trimmed-mean,workers.replicas=3", "trims nothing from rounds of 3 updates"),
+    ("ps.serverOptimizer=adam", "/ps/serverOptimizer"),
+    ("ps.serverMomentum=1", "/ps/serverMomentum"),
+    ("ps.serverEpsilon=0", "/ps/serverEpsilon"),
+    ("training.proximalMu=-1", "/training/proximalMu"),
 ])
 def test_bad_values_fail_with_a_message_that_names_them(helm, setting, message):
     result = helm_run(helm, "template", RELEASE, str(CHART), "--set", setting, check=False)
@@ -274,6 +279,23 @@ def test_one_value_scales_the_workers_and_the_quorum_follows(helm, workers):
         "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
     pdb = named(objects, "PodDisruptionBudget")["comind-worker"]
     assert pdb["spec"]["maxUnavailable"] == ("10%" if workers == 64 else 1)
+
+
+def test_the_server_optimizer_and_fedprox_reach_the_ps_and_the_workers_as_their_settings(helm):
+    objects = render(helm, "--set", "ps.serverOptimizer=fedadam,ps.serverLearningRate=0.01,ps.serverBeta2=0.999,"
+                     "training.proximalMu=0.05")
+    statefulsets = named(objects, "StatefulSet")
+    [ps] = statefulsets["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    [worker] = statefulsets["comind-worker"]["spec"]["template"]["spec"]["containers"]
+    variables = {name: entry["value"] for name, entry in env_of(ps).items() if "value" in entry}
+    loaded = load_settings("ps", {}, variables)
+    assert (loaded.server_optimizer, loaded.server_learning_rate, loaded.server_momentum, loaded.server_beta1,
+            loaded.server_beta2, loaded.server_epsilon) == ("fedadam", 0.01, 0.9, 0.9, 0.999, 0.001)
+    assert load_settings("worker", {}, {"COMIND_PROXIMAL_MU": env_of(worker)["COMIND_PROXIMAL_MU"]["value"]}) \
+        .proximal_mu == 0.05
+    # 0, the default, leaves the learning rate to the optimizer.
+    [ps] = named(render(helm), "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    assert "COMIND_SERVER_LEARNING_RATE" not in env_of(ps)
 
 
 def test_the_ps_keeps_checkpoints_on_a_claim_and_workers_may_have_data_volumes(everything):
