@@ -393,6 +393,9 @@ class ParameterServer:
                                      f"rate or clip gradients.") from None
         finally:
             self.metrics.update_bytes.labels("received").inc(assembler.received)
+            # A refusal's traceback keeps this frame, and gRPC keeps the refusal a while after the call ends:
+            # without this, the buffer of a transfer dropped halfway outlived it (105 MB held for 40 MiB sent).
+            del assembler, buffer
 
     async def _commit(self, member_id: str, header: UpdateHeader, packed: np.ndarray) -> UpdateResult:
         """Folds a fully received, checked update into the round."""
