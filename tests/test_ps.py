@@ -108,11 +108,13 @@ def test_stale_duplicate_and_early_updates_are_receipts_and_change_nothing():
     assert counts == {"accepted": 2, "duplicate": 1, "early": 1, "stale": 1}
 
 
-def test_an_initial_model_the_ps_does_not_need_is_not_read():
-    async def never_read() -> AsyncIterator[bytes]:
-        raise AssertionError("the ps read an initial model it did not need")
-        yield b""
+async def never_read() -> AsyncIterator[bytes]:
+    """Bytes that the ps must not read."""
+    raise AssertionError("the ps read bytes it was to refuse or did not need")
+    yield b""
 
+
+def test_an_initial_model_the_ps_does_not_need_is_not_read():
     async def scenario():
         ps = make_ps()
         a, _ = await initialized(ps)
@@ -394,10 +396,6 @@ def test_members_are_bounded_and_registrations_rate_limited_without_a_log_line_e
 
 
 def test_only_the_chief_gives_the_initial_model_and_before_any_byte_is_read():
-    async def never_read() -> AsyncIterator[bytes]:
-        raise AssertionError("the ps read an initial model from a worker that is not the chief")
-        yield b""
-
     async def scenario():
         registry = CollectorRegistry()
         ps = make_ps(registry)
