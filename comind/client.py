@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,7 @@ from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
 from comind.metrics import WorkerMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, round_call_seconds
+from comind.protocol import GRPC_OPTIONS, RETRY_AFTER_KEY, round_call_seconds
 from comind.rounds import MIN_LEASE_SECONDS
 from comind.tensors import Assembler, Layout, LayoutError, StreamError, chunks
 
@@ -189,6 +190,8 @@ class WorkerClient:
         self._global: np.ndarray | None = None  # the global model this worker holds, packed
         self._lock = threading.Lock()
         self._member_id: str | None = None
+        # Names this process to the ps: should a Join's reply be lost, joining again gets the same membership.
+        self._instance = secrets.token_hex(16)
         self._known_round = -1
         self._lease = 10.0
         self._calls_open = 0
@@ -280,7 +283,8 @@ class WorkerClient:
         """This worker's member id, joining first if the ps does not know it."""
         with self._lock:
             if self._member_id is None:
-                reply = self._stub.Join(pb.JoinRequest(task_index=self.task_index, description=self.description),
+                reply = self._stub.Join(pb.JoinRequest(task_index=self.task_index, description=self.description,
+                                                       instance=self._instance),
                                         timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
                 if not MIN_LEASE_SECONDS <= reply.lease_seconds < math.inf:
                     raise ProtocolError(f"The ps gave a lease of {reply.lease_seconds} s; a lease must be a "
@@ -379,6 +383,7 @@ class WorkerClient:
         """Runs ``attempt`` as a member until it returns something, or cannot."""
         delays = self._backoff.delays()
         give_up = time.monotonic() + self._unreachable_timeout
+        waited_for_task = False
         while True:
             member = None
             try:
@@ -392,6 +397,21 @@ class WorkerClient:
                 if code == grpc.StatusCode.NOT_FOUND and member is not None:
                     log.warning("The ps no longer knows this worker (%s); joining again.", error.details())
                     self._forget_membership(member.id)
+                    continue
+                hint = _retry_after(error)
+                if code == grpc.StatusCode.ALREADY_EXISTS and hint is not None and not waited_for_task:
+                    # This very worker before a restart, whose lease has not ended yet, or another worker given
+                    # the same index: after one wait for that lease, only the second holds it still.
+                    log.warning("%s Waiting %.1f s, then joining once more.", error.details(), hint)
+                    waited_for_task = True
+                    self._closed.wait(hint)
+                    continue
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and hint is not None and not self._closed.is_set() \
+                        and time.monotonic() + hint < give_up:
+                    delay = hint + next(delays)  # jittered, so that refused workers do not come back together
+                    log.info("The ps refused to register this worker for now (%s); retrying in %.1f s.",
+                             error.details(), delay)
+                    self._closed.wait(delay)
                     continue
                 if code not in RETRYABLE or self._closed.is_set():
                     raise PsRefusal(what, error.code(), error.details() or "") from None
@@ -457,3 +477,17 @@ class WorkerClient:
             self._membership()
         with self._lock:
             self._last_contact = time.monotonic()
+
+
+def _retry_after(error: grpc.RpcError) -> float | None:
+    """The seconds a refusal says to wait before trying again (at most a long lease); None if it says none."""
+    metadata: tuple[tuple[str, str], ...] = \
+        tuple(error.trailing_metadata() or ()) if isinstance(error, grpc.Call) else ()
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY:
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return min(seconds, MAX_LEASE_SECONDS) if seconds >= 0 else None
+    return None

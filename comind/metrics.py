@@ -27,6 +27,10 @@ CHECKPOINT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 #: not reached (it resumed from an older checkpoint); ``busy`` one the ps had no room to receive in time.
 UPDATE_RESULTS = ("accepted", "duplicate", "stale", "early", "rejected", "busy")
 
+#: ``comind_joins_refused_total`` labels: registrations faster than the ps takes them, for a task index a live
+#: member of another process holds, or beyond the ps's most members.
+JOIN_REFUSALS = ("rate", "taken", "full")
+
 
 class PsMetrics:
     def __init__(self, registry: CollectorRegistry):
@@ -55,6 +59,8 @@ class PsMetrics:
         self.checkpoint_seconds = Histogram(
             "comind_checkpoint_duration_seconds", "Seconds to write a checkpoint durably.",
             buckets=CHECKPOINT_BUCKETS, registry=registry)
+        self.joins_refused = Counter(
+            "comind_joins_refused", "Registrations refused, by reason.", ["reason"], registry=registry)
         self.model_bytes = Gauge("comind_model_bytes", "Size of the global model.", registry=registry)
         self.updates_clipped = Counter(
             "comind_updates_clipped", "Updates whose change from the global model was scaled down to "
@@ -73,6 +79,8 @@ class PsMetrics:
             self.updates.labels(result)
         for direction in ("received", "sent"):
             self.update_bytes.labels(direction)
+        for reason in JOIN_REFUSALS:
+            self.joins_refused.labels(reason)
 
 
 class WorkerMetrics:

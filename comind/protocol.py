@@ -14,6 +14,9 @@ LONG_POLL_SECONDS = 30.0
 MIN_TRANSFER_SECONDS = 30.0
 MIN_BYTES_PER_SECOND = 1e6
 
+#: Trailing metadata of a refusal that may succeed later: the seconds to wait before trying again.
+RETRY_AFTER_KEY = "comind-retry-after-seconds"
+
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -27,9 +27,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from comind import refusals, tensors
+from comind.admission import Summary, TokenBucket
 from comind.checkpoint import CheckpointStore
-from comind.metrics import PsMetrics
+from comind.metrics import JOIN_REFUSALS, PsMetrics
 from comind.pipeline import RoundInProgress, ServerPipeline
+from comind.protocol import MIN_BYTES_PER_SECOND, MIN_TRANSFER_SECONDS, transfer_seconds
 from comind.rounds import RoundPolicy, Rounds, Verdict
 from comind.tensors import Assembler, Layout
 from comind.transfers import BufferPool, Slots
@@ -47,6 +49,9 @@ MAX_DESCRIPTION_CHARS = 200
 
 #: How long the timer task pauses after an unexpected error before it goes on.
 TIMER_RETRY_SECONDS = 1.0
+
+#: Refused registrations are logged at most this often, each line with their count since the last.
+JOIN_REFUSAL_LOG_SECONDS = 60.0
 
 
 class UpdateKind(enum.Enum):
@@ -112,11 +117,12 @@ class ParameterServer:
         store: durable checkpoints, or None to keep the model in memory only.
         max_model_bytes: the largest model accepted.
         max_concurrent_updates: updates received at once (each holds a model-sized buffer).
+        max_examples_per_update: the most training examples an update may claim (its weight in the mean).
     """
 
     def __init__(self, policy: RoundPolicy, metrics: PsMetrics, *, pipeline: ServerPipeline | None = None,
                  store: CheckpointStore | None = None, max_model_bytes: int = 4 << 30,
-                 max_concurrent_updates: int = 2):
+                 max_concurrent_updates: int = 2, max_examples_per_update: int = 10**7):
         self.metrics = metrics
         self.pipeline = pipeline or ServerPipeline()
         self.pipeline.check_quorum(policy.replicas_to_aggregate or policy.num_workers)
@@ -124,6 +130,7 @@ class ParameterServer:
         metrics.server_learning_rate.set(self.pipeline.optimizer.learning_rate)
         self.store = store
         self.max_model_bytes = max_model_bytes
+        self.max_examples_per_update = max_examples_per_update
         self.model: GlobalModel | None = None
         checkpoint = store.latest() if store else None
         self.rounds = Rounds(policy, round=checkpoint.round if checkpoint else -1)
@@ -136,6 +143,9 @@ class ParameterServer:
         self._round_opened = time.monotonic()
         self._receiving = Slots(max_concurrent_updates, "receiving")
         self._buffers = BufferPool(max_concurrent_updates)
+        # A whole cluster may register at once, and again each lease (after a partition); a loop may not.
+        self._joins = TokenBucket(policy.member_limit / policy.lease_seconds, policy.member_limit)
+        self._join_refusals = {reason: Summary(JOIN_REFUSAL_LOG_SECONDS) for reason in JOIN_REFUSALS}
         self._lock = asyncio.Lock()
         self._published = asyncio.Event()  # replaced at each publish; waiters hold the old one
         self._poke = asyncio.Event()        # wakes the timer when leases or deadlines change
@@ -160,15 +170,66 @@ class ParameterServer:
 
     # Membership -------------------------------------------------------------
 
-    def join(self, task_index: int, description: str, peer: bytes | None = None) -> JoinInfo:
-        # Free text from the wire, kept for a lease and logged: a few lines at most.
-        member_id = self.rounds.register(task_index, description[:MAX_DESCRIPTION_CHARS], peer)
-        log.info("Worker %d joined (%s); %d live.", task_index, description[:MAX_DESCRIPTION_CHARS] or
-                 "no description", len(self.rounds.members))
-        self._membership_changed()
+    def join(self, task_index: int, description: str, peer: bytes | None = None, instance: str = "") -> JoinInfo:
+        """Registers a worker, or gives the same worker process (``instance``) its membership again.
+
+        Raises:
+            TooManyJoins: registrations came faster than the ps takes them.
+            TaskTaken: a live member of another process holds ``task_index``.
+            TooManyMembers: the ps has as many members as it allows.
+        """
+        try:
+            member_id = self._admit(task_index, peer, instance)
+        except (refusals.TooManyJoins, refusals.TaskTaken, refusals.TooManyMembers) as refusal:
+            reason = {refusals.TooManyJoins: "rate", refusals.TaskTaken: "taken",
+                      refusals.TooManyMembers: "full"}[type(refusal)]
+            self.metrics.joins_refused.labels(reason).inc()
+            count = self._join_refusals[reason].due()
+            if count:
+                log.warning("Refused %d registration%s like this since the last such line (all are counted in "
+                            "comind_joins_refused_total{reason=\"%s\"}): %s", count, "" if count == 1 else "s",
+                            reason, refusal.message)
+            raise
+        if member_id is None:
+            # Free text from the wire, kept for a lease and logged: a few lines at most.
+            member_id = self.rounds.register(task_index, description[:MAX_DESCRIPTION_CHARS], peer, instance)
+            log.info("Worker %d joined (%s); %d live.", task_index, description[:MAX_DESCRIPTION_CHARS] or
+                     "no description", len(self.rounds.members))
+            self._membership_changed()
         policy = self.rounds.policy
         return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
                         policy.replicas_to_aggregate)
+
+    def _admit(self, task_index: int, peer: bytes | None, instance: str) -> str | None:
+        """Whether a registration may go ahead: None if so, the member id to give back if the same worker
+        process already holds ``task_index`` (its last reply was lost); otherwise raises why not."""
+        self._end_leases()  # a lease that just ended frees its task index and its place now, not at the next timer
+        holder = self.rounds.holder(task_index)
+        if holder is not None:
+            member = self.rounds.members[holder]
+            if instance and member.instance == instance and member.peer == peer:
+                self.rounds.renew(holder)
+                return holder
+            # Two workers of one index would train the same shard twice, and two chiefs would both evaluate.
+            left = self.rounds.seconds_left(holder)
+            raise refusals.TaskTaken(
+                f"Task index {task_index} is held by a live worker ({member.description or 'no description'}), "
+                f"whose lease ends in {left:.1f} s unless it renews it. Give each worker its own COMIND_TASK_INDEX "
+                f"(0 to COMIND_NUM_WORKERS - 1); a worker restarted in place may join again once that lease "
+                f"has ended.", retry_after=left)
+        limit = self.rounds.policy.member_limit
+        if len(self.rounds.members) >= limit:
+            soonest = min(self.rounds.seconds_left(m) for m in self.rounds.members)
+            raise refusals.TooManyMembers(
+                f"The ps has its most members, {limit} (COMIND_MAX_MEMBERS; unset, from COMIND_NUM_WORKERS); "
+                f"retry in {soonest:.1f} s, when a lease may end, or raise COMIND_MAX_MEMBERS.", retry_after=soonest)
+        # Last, so that only registrations that would go ahead spend the bucket: refusals cost next to nothing.
+        wait = self._joins.take()
+        if wait:
+            raise refusals.TooManyJoins(
+                f"The ps takes at most {self._joins.rate:.3g} registrations a second (COMIND_MAX_MEMBERS per "
+                f"lease), and more came; retry in {wait:.1f} s.", retry_after=wait)
+        return None
 
     def renew(self, member_id: str, peer: bytes | None = None) -> None:
         """Renews a member's lease.
@@ -226,7 +287,9 @@ class ParameterServer:
         try:
             self.renew(member_id, peer)
             if header.kind is UpdateKind.INITIAL:
-                return await self._initialize(header, data)
+                # Before any byte is read: the claim of a model's size is all the ps knows of it yet.
+                self._check_chief(member_id, "gives the initial model")
+                return await self._initialize(member_id, header, data)
             result = await self._update(member_id, header, data)
         except refusals.Refusal as refusal:
             self.refused_update(refusal, counted=header.kind is UpdateKind.DELTA)  # an initial model is no update
@@ -242,12 +305,16 @@ class ParameterServer:
             self.metrics.updates.labels(refusal.result).inc()
         log.warning("Refused an update: %s", refusal.message)
 
-    async def _initialize(self, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
+    async def _initialize(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
         if self.model is not None:
             self._check_layout(header.layout)
             return UpdateResult.NOT_NEEDED
-        # A buffer of its own: the initial model becomes the global model.
-        packed = await self._read(header.layout, data, np.empty(header.layout.nbytes, np.uint8))
+        nbytes = header.layout.nbytes
+        # In a receive slot, as an update: a few at a time, each by its deadline.
+        async with self._receiving.hold(nbytes) as deadline:
+            async with asyncio.timeout_at(deadline):
+                # A buffer of its own: the initial model becomes the global model.
+                packed = await self._read(header.layout, data, np.empty(nbytes, np.uint8), member_id)
         async with self._lock:
             if self.model is not None:  # another worker won the race
                 self._check_layout(header.layout)
@@ -275,9 +342,12 @@ class ParameterServer:
                          self.rounds.open_round)
             return result
         self._check_layout(header.layout)
-        if header.num_examples < 1:
-            raise refusals.InvalidRequest(f"An update must count at least one example. Received: "
-                                          f"num_examples={header.num_examples}")
+        if not 1 <= header.num_examples <= self.max_examples_per_update:
+            # The count is the worker's own claim, and its weight in the mean: 2**62 would make one update all of it.
+            raise refusals.InvalidRequest(
+                f"An update must count 1 to {self.max_examples_per_update} examples (COMIND_MAX_EXAMPLES_PER_UPDATE "
+                f"on the ps; raise it if a worker's data is that large). Received: "
+                f"num_examples={header.num_examples}")
         if not (math.isfinite(header.loss) and math.isfinite(header.accuracy)):
             raise refusals.NotFinite(f"Loss and accuracy must be finite numbers. Received: loss={header.loss}, "
                                      f"accuracy={header.accuracy}")
@@ -292,15 +362,34 @@ class ParameterServer:
                 self._buffers.give_back(buffer)
 
     async def _read(self, layout: Layout, data: AsyncIterator[bytes], buffer: np.ndarray,
-                    member_id: str | None = None) -> np.ndarray:
+                    member_id: str) -> np.ndarray:
+        """Reads a model's bytes into ``buffer``, as fast as the transfer keeps up with its pace.
+
+        A stream must bring its bytes at :data:`MIN_BYTES_PER_SECOND` on
+        average, after :data:`MIN_TRANSFER_SECONDS` of grace, all along, not
+        only by the end: one that stalls after a few hundred MB of a claimed
+        4 GB is dropped with its buffer within minutes, not the hour its
+        claim allows.
+        """
         assembler = Assembler(layout, check_finite=True, buffer=buffer)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        chunks = aiter(data)
         try:
-            async for chunk in data:
-                if member_id is not None:
-                    # A large update over a slow link may take longer than a lease: what arrives renews it.
-                    self.rounds.renew(member_id)
+            while True:
+                try:
+                    async with asyncio.timeout_at(started + transfer_seconds(assembler.received)):
+                        chunk = await anext(chunks, None)
+                except TimeoutError:
+                    raise refusals.TooSlow(
+                        f"The model's bytes fell behind: {assembler.received} of {layout.nbytes} after "
+                        f"{loop.time() - started:.0f} s, where the ps expects {MIN_BYTES_PER_SECOND / 1e6:.0f} MB/s "
+                        f"after {MIN_TRANSFER_SECONDS:.0f} s.") from None
+                if chunk is None:
+                    return assembler.finish()
+                # A large update over a slow link may take longer than a lease: what arrives renews it.
+                self.rounds.renew(member_id)
                 assembler.feed(chunk)
-            return assembler.finish()
         except tensors.TruncatedStream as error:
             raise refusals.TruncatedStream(f"Truncated model: the {error}.") from None
         except tensors.OversizedStream as error:
@@ -310,6 +399,9 @@ class ParameterServer:
                                      f"rate or clip gradients.") from None
         finally:
             self.metrics.update_bytes.labels("received").inc(assembler.received)
+            # A refusal's traceback keeps this frame, and gRPC keeps the refusal a while after the call ends:
+            # without this, the buffer of a transfer dropped halfway outlived it (105 MB held for 40 MiB sent).
+            del assembler, buffer
 
     async def _commit(self, member_id: str, header: UpdateHeader, packed: np.ndarray) -> UpdateResult:
         """Folds a fully received, checked update into the round."""
@@ -464,10 +556,7 @@ class ParameterServer:
         chief (task 0) reports, and only of rounds the ps has published.
         """
         self.renew(member_id, peer)
-        task = self.rounds.members[member_id].task_index
-        if task != 0:
-            raise refusals.NotChief(f"Only the chief (task 0) reports evaluations of the global model. Received: "
-                                    f"a report from task {task}")
+        self._check_chief(member_id, "reports evaluations of the global model")
         if not 0 <= round <= self.round:
             raise refusals.InvalidRequest(f"An evaluation must be of a round the ps has published, 0 to "
                                           f"{self.round}. Received: round={round}")
@@ -477,6 +566,11 @@ class ParameterServer:
         self.metrics.eval_loss.set(loss)
         self.metrics.eval_accuracy.set(accuracy)
         log.info("Round %d evaluation: loss %.4f, accuracy %.4f.", round, loss, accuracy)
+
+    def _check_chief(self, member_id: str, what: str) -> None:
+        task = self.rounds.members[member_id].task_index
+        if task != 0:
+            raise refusals.NotChief(f"Only the chief (task 0) {what}. Received: a call from task {task}")
 
     def count_sent(self, nbytes: int) -> None:
         self.metrics.update_bytes.labels("sent").inc(nbytes)
@@ -502,16 +596,19 @@ class ParameterServer:
         if wait > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), None if math.isinf(wait) else wait)
-        for member in self.rounds.expire():
-            log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
-                        member.description or "no description", len(self.rounds.members))
-            self._membership_changed()
+        self._end_leases()
         if self.rounds.overdue():
             log.warning("Round %d passed its deadline with %d of the %d updates it needs (%d workers live); "
                         "waiting another %.0f s.", self.rounds.open_round, len(self.rounds.contributors),
                         self.rounds.policy.min_updates, len(self.rounds.members), self.rounds.policy.round_timeout)
             self.rounds.extend_deadline()
         await self.maybe_close()
+
+    def _end_leases(self) -> None:
+        for member in self.rounds.expire():
+            log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
+                        member.description or "no description", len(self.rounds.members))
+            self._membership_changed()
 
     async def drain(self) -> None:
         """Waits for a close or checkpoint in progress, so that it lands on disk."""

@@ -50,7 +50,7 @@ def run_ps(settings: PsSettings) -> int:
     policy = RoundPolicy(
         num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
-        round_timeout=settings.round_timeout, total_rounds=settings.rounds)
+        round_timeout=settings.round_timeout, total_rounds=settings.rounds, max_members=settings.max_members)
     token = load_token(settings.token, settings.token_file)
     tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
     store = CheckpointStore(settings.checkpoint_dir, settings.keep_checkpoints) \
@@ -60,7 +60,8 @@ def run_ps(settings: PsSettings) -> int:
     async def serve() -> int:
         ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), pipeline=pipeline, store=store,
                              max_model_bytes=settings.max_model_bytes,
-                             max_concurrent_updates=settings.max_concurrent_updates)
+                             max_concurrent_updates=settings.max_concurrent_updates,
+                             max_examples_per_update=settings.max_examples_per_update)
         server, port = service.build_server(ps, settings.listen, token, tls)
         metrics.serve(settings.metrics_port, REGISTRY)
         if not token:

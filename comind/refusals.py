@@ -7,14 +7,16 @@ from __future__ import annotations
 class Refusal(Exception):
     """A request the ps will not carry out.
 
-    ``result`` is the ``comind_updates_total`` label when the request was an update.
+    ``result`` is the ``comind_updates_total`` label when the request was an update; ``retry_after``, when
+    set, the seconds after which the same request may succeed (the worker waits that long, then retries).
     """
 
     result = "rejected"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
+        self.retry_after = retry_after
 
 
 class UnknownMember(Refusal):
@@ -27,6 +29,18 @@ class ForeignCertificate(Refusal):
 
 class NotChief(Refusal):
     """A request only the chief (task 0) may make: reporting an evaluation of the global model."""
+
+
+class TaskTaken(Refusal):
+    """A registration for a task index that a live member of another worker process holds."""
+
+
+class TooManyMembers(Refusal):
+    """A registration while the ps has as many members as it allows."""
+
+
+class TooManyJoins(Refusal):
+    """A registration faster than the ps takes them."""
 
 
 class NoModelYet(Refusal):

@@ -7,7 +7,8 @@ what to do and carries the answer out.
 Rules (docs/design.md, decision 4):
 
 * Workers register and hold a lease that heartbeats renew; a worker whose
-  lease ends is no longer live.
+  lease ends is no longer live. A task index has one live member at a time,
+  and there are at most ``member_limit`` members.
 * Round ``r + 1`` is open once the global model of round ``r`` exists. It
   closes when its quorum is in: ``replicas_to_aggregate`` updates if that is
   set (later ones are stale, as with the original backup workers), otherwise
@@ -44,11 +45,18 @@ class Member:
     expires_at: float
     # The fingerprint of the client certificate that registered, under mutual TLS.
     peer: bytes | None = None
+    # Chosen by the worker process that registered: the same process registering again is this member.
+    instance: str = ""
 
 
 #: The shortest lease: workers renew theirs three times a lease, and a lease
 #: of almost nothing would have them renew without a pause.
 MIN_LEASE_SECONDS = 0.1
+
+
+def default_max_members(num_workers: int) -> int:
+    """Room for every expected worker twice over, and for 16 more at least: backups and late joiners."""
+    return max(2 * num_workers, num_workers + 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,11 @@ class RoundPolicy:
     lease_seconds: float = 10.0
     round_timeout: float = 600.0
     total_rounds: int = 20
+    max_members: int | None = None  # None: default_max_members(num_workers)
+
+    @property
+    def member_limit(self) -> int:
+        return self.max_members or default_max_members(self.num_workers)
 
     def __post_init__(self) -> None:
         checks = {
@@ -68,6 +81,7 @@ class RoundPolicy:
             "lease_seconds": self.lease_seconds > 0,
             "round_timeout": self.round_timeout > 0,
             "total_rounds": self.total_rounds >= 1,
+            "max_members": self.max_members is None or self.max_members >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -75,6 +89,10 @@ class RoundPolicy:
         if self.lease_seconds < MIN_LEASE_SECONDS:
             raise ValueError(f"lease_seconds must be at least {MIN_LEASE_SECONDS} s. "
                              f"Received: lease_seconds={self.lease_seconds!r}")
+        for name in ("replicas_to_aggregate", "min_updates"):
+            if (getattr(self, name) or 0) > self.member_limit:
+                raise ValueError(f"{name} must not exceed max_members ({self.member_limit}): no round could "
+                                 f"reach it. Received: {name}={getattr(self, name)!r}")
 
 
 class Rounds:
@@ -104,11 +122,21 @@ class Rounds:
     def has_model(self) -> bool:
         return self.round >= 0
 
-    def register(self, task_index: int, description: str = "", peer: bytes | None = None) -> str:
+    def register(self, task_index: int, description: str = "", peer: bytes | None = None,
+                 instance: str = "") -> str:
         member_id = secrets.token_hex(16)
-        self.members[member_id] = Member(task_index, description, self._clock() + self.policy.lease_seconds, peer)
+        self.members[member_id] = Member(task_index, description, self._clock() + self.policy.lease_seconds, peer,
+                                         instance)
         self._seen_tasks.add(task_index)
         return member_id
+
+    def holder(self, task_index: int) -> str | None:
+        """The member id that holds ``task_index``, if a member does."""
+        return next((mid for mid, m in self.members.items() if m.task_index == task_index), None)
+
+    def seconds_left(self, member_id: str) -> float:
+        """Until the member's lease ends, unless renewed."""
+        return max(0.0, self.members[member_id].expires_at - self._clock())
 
     def renew(self, member_id: str) -> bool:
         member = self.members.get(member_id)

@@ -17,6 +17,12 @@ NaN or Inf            OUT_OF_RANGE           unchanged
 truncated stream      DATA_LOSS              unchanged
 oversized stream      RESOURCE_EXHAUSTED     unchanged
 no model yet          FAILED_PRECONDITION    unchanged
+initial model from    PERMISSION_DENIED      unchanged (before its bytes
+a worker not task 0                          are read)
+task index held by a  ALREADY_EXISTS         unchanged (retry once, after
+live member                                  the hinted time)
+too many members, or  RESOURCE_EXHAUSTED     unchanged (retry after the
+registrations                                hinted time)
 the ps is busy        UNAVAILABLE            unchanged (retry)
 a transfer too slow   DEADLINE_EXCEEDED      unchanged (retry)
 stale round           OK, receipt ``STALE``  unchanged; the newest model
@@ -28,6 +34,9 @@ duplicate             OK, receipt            unchanged (idempotent)
 A worker's part in a round is one ``Round`` call: a hello (with its update's
 header, if it has one), the update's bytes, a receipt, renewals of its
 lease while the round is open, and the next global model.
+
+A refusal that may succeed later carries the seconds to wait in the trailing
+metadata :data:`comind.protocol.RETRY_AFTER_KEY`.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from comind.auth import TlsFiles, TokenInterceptor
 from comind.decoding import DecodingInterceptor
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, transfer_seconds
+from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, RETRY_AFTER_KEY, transfer_seconds
 from comind.ps import GlobalModel, ParameterServer, UpdateHeader, UpdateKind, UpdateResult
 from comind.tensors import Layout, LayoutError, LayoutTooLarge, chunks
 from comind.transfers import Slots
@@ -72,6 +81,9 @@ STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
     refusals.UnknownMember: grpc.StatusCode.NOT_FOUND,
     refusals.ForeignCertificate: grpc.StatusCode.PERMISSION_DENIED,
     refusals.NotChief: grpc.StatusCode.PERMISSION_DENIED,
+    refusals.TaskTaken: grpc.StatusCode.ALREADY_EXISTS,
+    refusals.TooManyMembers: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    refusals.TooManyJoins: grpc.StatusCode.RESOURCE_EXHAUSTED,
     refusals.NoModelYet: grpc.StatusCode.FAILED_PRECONDITION,
     refusals.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     refusals.ModelTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -101,7 +113,8 @@ class Service(pb_grpc.ParameterServerServicer):
         self._messages = ModelMessages()
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        info = self.ps.join(request.task_index, request.description, _peer(context))
+        info = await _answer(context, self.ps.join, request.task_index, request.description, _peer(context),
+                             request.instance)
         return pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
                             total_rounds=info.total_rounds, done=info.done,
                             replicas_to_aggregate=info.replicas_to_aggregate or 0)
@@ -124,7 +137,7 @@ class Service(pb_grpc.ParameterServerServicer):
         try:
             await self._round(_Requests(request_iterator), context)
         except refusals.Refusal as refusal:
-            await context.abort(STATUSES[type(refusal)], refusal.message)
+            await _abort(context, refusal)
 
     async def _round(self, requests: _Requests, context: grpc.aio.ServicerContext) -> None:
         peer = _peer(context)
@@ -306,8 +319,14 @@ async def _answer(context: grpc.aio.ServicerContext, function: Callable[..., T],
     try:
         return function(*args)
     except refusals.Refusal as refusal:
-        await context.abort(STATUSES[type(refusal)], refusal.message)
+        await _abort(context, refusal)
         raise  # abort raises; this line is for the type checker
+
+
+async def _abort(context: grpc.aio.ServicerContext, refusal: refusals.Refusal) -> None:
+    """Ends the call with the refusal's status and message, and its retry hint, if it has one."""
+    hint = () if refusal.retry_after is None else ((RETRY_AFTER_KEY, f"{refusal.retry_after:.3f}"),)
+    await context.abort(STATUSES[type(refusal)], refusal.message, hint)
 
 
 class _Registrations:

@@ -119,6 +119,12 @@ class PsSettings(_Cluster):
     max_model_bytes: int = _setting(4 << 30, "largest model the ps accepts", config.positive_int)
     max_concurrent_updates: int = _setting(2, "updates received at once (each holds one model in memory)",
                                            config.positive_int)
+    max_examples_per_update: int = _setting(
+        10**7, "most training examples an update may claim, its weight in the mean; more is refused. Set it near "
+        "the largest worker's data to bound what one worker's claim weighs", config.positive_int)
+    max_members: int | None = _setting(
+        None, "most live workers at once; registrations are taken at up to this many per lease. Unset: twice "
+        "--num-workers, and --num-workers + 16 at least", config.positive_int)
     exit_grace: float = _setting(30.0, "seconds to wait for workers to leave after the last round",
                                  config.positive_float)
 

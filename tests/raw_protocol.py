@@ -76,9 +76,10 @@ class RawClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def join(self, task: int = 0, description: str = "") -> str:
-        return self.stub.Join(pb.JoinRequest(task_index=task, description=description), metadata=self.metadata,
-                              timeout=10).member_id
+    def join(self, task: int = 0, description: str = "", instance: str = "") -> str:
+        """A member id for ``task``; the same ``instance`` gets the same one back while its lease lasts."""
+        request = pb.JoinRequest(task_index=task, description=description, instance=instance)
+        return self.stub.Join(request, metadata=self.metadata, timeout=10).member_id
 
     def call(self, messages: Iterable[pb.WorkerMessage], *, wait_for_model: bool = True,
              timeout: float = 10, metadata: tuple[tuple[str, str], ...] | None = None) -> Reply:

@@ -11,12 +11,14 @@ import asyncio
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from comind import ps as ps_module
 from comind import refusals, service, transfers
 from comind.checkpoint import CheckpointStore
 from comind.metrics import PsMetrics
@@ -24,7 +26,7 @@ from comind.pipeline import PipelineSettings, ServerPipeline
 from comind.ps import ParameterServer, UpdateHeader, UpdateKind, UpdateResult
 from comind.rounds import RoundPolicy
 from comind.server_optimizers import ServerOptimizerSettings, adam_step
-from comind.tensors import Layout, chunks
+from comind.tensors import Layout, TensorSpec, chunks
 
 INITIAL = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32), np.array([5], np.int64)]
 LAYOUT = Layout.of(INITIAL)
@@ -107,11 +109,13 @@ def test_stale_duplicate_and_early_updates_are_receipts_and_change_nothing():
     assert counts == {"accepted": 2, "duplicate": 1, "early": 1, "stale": 1}
 
 
-def test_an_initial_model_the_ps_does_not_need_is_not_read():
-    async def never_read() -> AsyncIterator[bytes]:
-        raise AssertionError("the ps read an initial model it did not need")
-        yield b""
+async def never_read() -> AsyncIterator[bytes]:
+    """Bytes that the ps must not read."""
+    raise AssertionError("the ps read bytes it was to refuse or did not need")
+    yield b""
 
+
+def test_an_initial_model_the_ps_does_not_need_is_not_read():
     async def scenario():
         ps = make_ps()
         a, _ = await initialized(ps)
@@ -127,6 +131,7 @@ def test_an_initial_model_the_ps_does_not_need_is_not_read():
     ("NaN loss", refusals.NotFinite),
     ("NaN value", refusals.NotFinite),
     ("truncated", refusals.TruncatedStream),
+    ("2**62 examples", refusals.InvalidRequest),  # would be all of the mean
 ])
 def test_bad_updates_are_refusals_that_change_nothing(case, error):
     async def scenario():
@@ -140,6 +145,8 @@ def test_bad_updates_are_refusals_that_change_nothing(case, error):
             header = UpdateHeader(UpdateKind.DELTA, 1, Layout.of([np.zeros((3, 4), np.float32)]), 10)
         elif case == "no examples":
             header = delta(1.0, examples=0)[0]
+        elif case == "2**62 examples":
+            header = delta(1.0, examples=2**62)[0]
         elif case == "NaN loss":
             header = UpdateHeader(UpdateKind.DELTA, 1, LAYOUT, 10, loss=float("nan"))
         elif case == "NaN value":
@@ -172,14 +179,13 @@ def test_the_ps_core_imports_neither_grpc_nor_tensorflow():
 
 
 def test_a_busy_ps_is_counted_as_busy_not_rejected(monkeypatch):
-    allowed = iter([0.5, 0.1])  # the first update holds the only slot longer than the second may wait
-    monkeypatch.setattr(transfers, "transfer_seconds", lambda nbytes: next(allowed))
-
     async def scenario():
         registry = CollectorRegistry()
         ps = ParameterServer(RoundPolicy(num_workers=2, total_rounds=5), PsMetrics(registry),
                              max_concurrent_updates=1)
         a, b = await initialized(ps)
+        allowed = iter([0.5, 0.1])  # the first update holds the only slot longer than the second may wait
+        monkeypatch.setattr(transfers, "transfer_seconds", lambda nbytes: next(allowed))
         release = asyncio.Event()
 
         async def held() -> AsyncIterator[bytes]:
@@ -374,3 +380,92 @@ def test_a_round_that_closes_at_its_deadline_names_the_silent_workers(caplog):
         ps = asyncio.run(scenario())
     assert ps.round == 1
     assert "Round 1 closes at its deadline without an update from task 1, 2" in caplog.text
+
+
+# Hostile members ---------------------------------------------------------------
+
+
+def test_a_task_index_has_one_live_member_but_the_same_process_may_join_again():
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = make_ps(registry, lease_seconds=0.3)
+        first = ps.join(1, "pod-a", instance="process a").member_id
+        with pytest.raises(refusals.TaskTaken, match=r"Task index 1 is held by a live worker \(pod-a\).*"
+                                                     r"COMIND_TASK_INDEX") as caught:
+            ps.join(1, "pod-b", instance="process b")
+        assert 0.2 < caught.value.retry_after <= 0.3  # the rest of the holder's lease
+        again = ps.join(1, "pod-a", instance="process a").member_id  # its reply was lost: the same membership
+        await asyncio.sleep(0.3)  # the holder renews nothing: a worker restarted in place waits this out
+        restarted = ps.join(1, "pod-b", instance="process b").member_id
+        return registry, ps, first, again, restarted
+
+    registry, ps, first, again, restarted = asyncio.run(scenario())
+    assert again == first and restarted != first
+    assert list(ps.rounds.members) == [restarted]
+    assert registry.get_sample_value("comind_joins_refused_total", {"reason": "taken"}) == 1
+
+
+def test_members_are_bounded_and_registrations_rate_limited_without_a_log_line_each(caplog):
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = make_ps(registry, max_members=3, num_workers=2)  # 3 registrations per 30 s lease, 3 at once
+        members = [ps.join(task, "").member_id for task in range(3)]
+        with pytest.raises(refusals.TooManyMembers, match="COMIND_MAX_MEMBERS") as full:
+            ps.join(3, "")
+        ps.leave(members[0], None)
+        refused = 0
+        for _ in range(1000):  # a loop that registers as fast as it can
+            with pytest.raises(refusals.TooManyJoins) as throttled:
+                ps.join(0, "")
+            refused += 1
+        return registry, full.value, throttled.value, refused
+
+    with caplog.at_level(logging.INFO):
+        registry, full, throttled, refused = asyncio.run(scenario())
+    assert 0 < full.retry_after <= 30
+    assert 0 < throttled.retry_after <= 10  # a token comes back every lease / max_members
+    counts = {reason: registry.get_sample_value("comind_joins_refused_total", {"reason": reason})
+              for reason in ("full", "rate", "taken")}
+    assert counts == {"full": 1, "rate": refused, "taken": 0}
+    assert len(caplog.records) < 10, [r.getMessage() for r in caplog.records]  # 3 joins, 1 leave, 2 summaries
+
+
+def test_only_the_chief_gives_the_initial_model_and_before_any_byte_is_read():
+    async def scenario():
+        registry = CollectorRegistry()
+        ps = make_ps(registry)
+        other = ps.join(1, "").member_id
+        huge = Layout([TensorSpec("kernel", np.dtype("<f4"), (1 << 15, 1 << 15))])  # claims 4 GiB
+        with pytest.raises(refusals.NotChief, match="Only the chief"):
+            await ps.receive(other, UpdateHeader(UpdateKind.INITIAL, 0, huge), never_read())
+        return ps, registry
+
+    ps, registry = asyncio.run(scenario())
+    assert ps.model is None
+    assert registry.get_sample_value("comind_update_bytes_total", {"direction": "received"}) == 0
+
+
+def test_an_initial_model_that_stalls_is_dropped_with_its_buffer_and_frees_its_slot(monkeypatch):
+    # A stream must keep 1 MB/s after its grace: here, a grace of 0.2 s.
+    monkeypatch.setattr(ps_module, "transfer_seconds", lambda nbytes: 0.2 + nbytes / 1e6)
+
+    async def scenario():
+        ps = ParameterServer(RoundPolicy(num_workers=1, total_rounds=5), PsMetrics(CollectorRegistry()),
+                             max_concurrent_updates=1)
+        chief = ps.join(0, "").member_id
+        header = UpdateHeader(UpdateKind.INITIAL, 0, LAYOUT)
+
+        async def stalls() -> AsyncIterator[bytes]:
+            yield LAYOUT.pack(INITIAL).tobytes()[:8]
+            await asyncio.sleep(3600)
+            yield b""
+
+        started = time.monotonic()
+        with pytest.raises(refusals.TooSlow, match=r"fell behind: 8 of 68"):
+            await ps.receive(chief, header, stalls())
+        dropped_after = time.monotonic() - started
+        # The slot is free again: the whole model goes in at once.
+        assert await ps.receive(chief, header, data(INITIAL)) is UpdateResult.ACCEPTED
+        return dropped_after
+
+    assert 0.2 <= asyncio.run(scenario()) < 1

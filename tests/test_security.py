@@ -22,6 +22,7 @@ from comind.auth import TlsFiles
 from comind.backoff import Backoff
 from comind.certificates import Authority, Issued
 from comind.proto import comind_pb2 as pb
+from comind.protocol import RETRY_AFTER_KEY
 from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 
@@ -323,7 +324,7 @@ def test_member_ids_are_random_and_a_made_up_one_is_not_found(start_ps):
     with RawClient(ps.address) as client, WorkerClient(ps.address, task_index=0) as worker:
         stub = client.stub
         # Member ids are 128 random bits, unrelated to task index or order: there is nothing to guess.
-        ids = [client.join(1) for _ in range(3)]
+        ids = [client.join(task) for task in (1, 2, 3)]
         assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
         for member_id in ids:
             stub.Leave(pb.LeaveRequest(member_id=member_id), timeout=5)
@@ -375,3 +376,73 @@ def test_a_worker_that_does_not_trust_the_ps_certificate_says_so_at_once(start_p
                                                r"Check that COMIND_TLS_CA is the CA that signed"):
         client.join(WEIGHTS)
     assert time.monotonic() - started < 20
+
+
+# Registrations ----------------------------------------------------------------
+
+
+def retry_after(error: grpc.RpcError) -> float:
+    [hint] = [float(value) for key, value in error.trailing_metadata() if key == RETRY_AFTER_KEY]
+    return hint
+
+
+def test_a_second_worker_of_a_task_index_is_refused_and_stops_but_a_restarted_one_joins(start_ps):
+    ps, metrics = start_metered(start_ps, "--lease-seconds", "1")
+    with WorkerClient(ps.address, task_index=0) as chief, RawClient(ps.address) as raw:
+        chief.join(WEIGHTS)
+        error = assert_status(lambda: raw.join(0, "a copy"), grpc.StatusCode.ALREADY_EXISTS)
+        assert "Task index 0 is held by a live worker" in error.details()
+        assert "COMIND_TASK_INDEX" in error.details()
+        assert 0 < retry_after(error) <= 1
+        # The duplicate waits once for the holder's lease; the chief renews it, so the duplicate stops.
+        started = time.monotonic()
+        with WorkerClient(ps.address, task_index=0, unreachable_timeout=60) as duplicate, \
+                pytest.raises(PsRefusal, match="Task index 0 is held") as caught:
+            duplicate.join(WEIGHTS)
+        assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
+        assert time.monotonic() - started < 5
+        # A worker killed and restarted in place: its old membership renews nothing, and the new process
+        # joins once that lease ends.
+        raw.join(1, "before the restart")
+        with WorkerClient(ps.address, task_index=1) as restarted:
+            assert restarted.join(WEIGHTS).round == 0
+        # The raw copy, the duplicate twice, the restarted worker once.
+        assert metrics()("comind_joins_refused_total", reason="taken") == 4
+        chief.sync(WEIGHTS, num_examples=1)
+        chief.sync(WEIGHTS, num_examples=1)
+    assert ps.wait() == 0
+
+
+def test_registrations_beyond_the_most_members_wait_for_room_as_the_ps_hints(start_ps):
+    ps, metrics = start_metered(start_ps, "--max-members", "2", "--lease-seconds", "1")
+    with RawClient(ps.address) as raw:
+        for task in (5, 6):
+            raw.join(task)  # then silent: their leases end in a second
+        error = assert_status(lambda: raw.join(7), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "most members, 2 (COMIND_MAX_MEMBERS" in error.details()
+        assert 0 < retry_after(error) <= 1
+        assert metrics()("comind_joins_refused_total", reason="full") == 1
+        started = time.monotonic()
+        train(ps.address, unreachable_timeout=30)  # refused, then in once a lease ended
+        assert time.monotonic() - started < 10
+    assert ps.wait() == 0
+    assert len(re.findall(r"Refused \d+ registrations?", ps.log())) <= 1  # counted, not logged one by one
+
+
+def test_an_initial_model_from_a_worker_not_the_chief_is_refused_before_its_bytes(start_ps):
+    ps, metrics = start_metered(start_ps)
+    claim = pb.UpdateHeader(kind=pb.UPDATE_KIND_INITIAL, round=0,
+                            tensors=[pb.TensorSpec(name="w", dtype="float32", shape=[1 << 14, 1 << 15])])  # 2 GiB
+    with RawClient(ps.address) as raw:
+        member = raw.join(1)
+
+        def upload():
+            yield pb.WorkerMessage(hello=pb.Hello(member_id=member, have_round=-1, update=claim))
+            for _ in range(64):
+                yield pb.WorkerMessage(data=bytes(1 << 20))
+
+        error = assert_status(lambda: raw.call(upload(), timeout=10), grpc.StatusCode.PERMISSION_DENIED)
+        assert "Only the chief (task 0) gives the initial model" in error.details()
+    after = metrics()
+    assert after("comind_update_bytes_total", direction="received") == 0
+    assert after("comind_model_bytes") == 0

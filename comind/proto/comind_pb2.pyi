@@ -42,12 +42,14 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("task_index", "description")
+    __slots__ = ("task_index", "description", "instance")
     TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     task_index: int
     description: str
-    def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
+    instance: str
+    def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate")

@@ -65,7 +65,11 @@ class ParameterServerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Refused with ALREADY_EXISTS while a live member of another process holds
+        the task index, and with RESOURCE_EXHAUSTED while the ps has its most
+        members or takes registrations too fast; both refusals carry the
+        trailing metadata `comind-retry-after-seconds`: when to try again.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
