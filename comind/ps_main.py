@@ -57,7 +57,7 @@ def run_ps(settings: PsSettings) -> int:
                              max_model_bytes=settings.max_model_bytes,
                              max_concurrent_updates=settings.max_concurrent_updates)
         server, port = service.build_server(ps, settings.listen, token, tls)
-        metrics.serve(settings.metrics_port, REGISTRY)
+        metrics.serve(settings.metrics_port, REGISTRY, settings.metrics_host)
         if not token:
             log.warning("AUTHENTICATION IS OFF: anyone who reaches this port can read and change the model. "
                         "Set COMIND_TOKEN or COMIND_TOKEN_FILE.")
