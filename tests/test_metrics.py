@@ -268,7 +268,8 @@ def test_the_ps_serves_metrics_only_on_the_address_it_listens_on(start_ps):
 def test_local_gives_the_ps_and_each_worker_its_own_metrics_port_and_says_where(tmp_path):
     base = free_port(3)
     local = subprocess.Popen([sys.executable, "-m", "comind", "local", "--workers", "2", "--rounds", "100000",
-                              "--interval-steps", "1", "--metrics-port", str(base), "--output-dir", str(tmp_path)],
+                              "--interval-steps", "1", "--metrics-port", str(base), "--output-dir", str(tmp_path),
+                              "--log-level", "debug"],  # every round's line shown
                              cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
     try:
