@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -109,18 +110,18 @@ class TlsFiles:
         if not (self.cert and self.key):
             raise ValueError("The ps needs both COMIND_TLS_CERT and COMIND_TLS_KEY for TLS. "
                              f"Received: tls_cert={self.cert!r}, tls_key={self.key!r}")
-        ca = self._read("ca")
-        return grpc.ssl_server_credentials(
-            [(_read_pem("key", self.key), _read_pem("cert", self.cert))], root_certificates=ca,
-            require_client_auth=ca is not None)
+        ca, key, cert = self._read("ca"), _read_pem("key", self.key), _read_pem("cert", self.cert)
+        _check_pair(self.cert, self.key)
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         if bool(self.cert) != bool(self.key):
             raise ValueError("A client certificate needs its key, and a key its certificate. "
                              f"Received: tls_cert={self.cert!r}, tls_key={self.key!r}")
-        return grpc.ssl_channel_credentials(
-            root_certificates=self._read("ca"), private_key=self._read("key"),
-            certificate_chain=self._read("cert"))
+        ca, key, cert = self._read("ca"), self._read("key"), self._read("cert")
+        if self.cert and self.key:
+            _check_pair(self.cert, self.key)
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 def _read_pem(name: str, path: str) -> bytes:
@@ -128,3 +129,17 @@ def _read_pem(name: str, path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as error:
         raise ValueError(f"Cannot read the TLS {name} file: {error}. Received: tls_{name}={path!r}") from None
+
+
+def _check_pair(cert: str, key: str) -> None:
+    """Refuses a certificate and a key that do not belong together: gRPC takes them, and then fails every
+    handshake (a ps reports a port it cannot bind, a worker an unreachable ps)."""
+    try:
+        # An empty password: an encrypted key is refused (gRPC cannot use one), not prompted for.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password="")
+    except ssl.SSLError as error:
+        problem = "the key is not the certificate's" if error.reason == "KEY_VALUES_MISMATCH" else \
+            f"they are not a PEM certificate and its unencrypted private key ({error.reason or error})"
+        raise ValueError(f"The TLS certificate {cert!r} and key {key!r} do not go together: {problem}. Set "
+                         f"COMIND_TLS_CERT and COMIND_TLS_KEY to a certificate and the key it was made with. "
+                         f"Received: tls_cert={cert!r}, tls_key={key!r}") from None

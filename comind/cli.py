@@ -6,6 +6,7 @@ Commands: ``ps``, ``worker``, ``run``, ``local``, ``health``, ``train`` and ``ce
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from comind import config, settings
 from comind.errors import PsRefusal, PsUnreachable
-from comind.settings import PsSettings, Settings, TrainSettings, WorkerSettings
+from comind.settings import LocalSettings, PsSettings, Settings, TrainSettings, WorkerSettings
 
 COMMANDS = {
     "ps": ("run the parameter server", (settings.PS,)),
@@ -25,6 +26,8 @@ COMMANDS = {
     "train": ("train on one machine, without a ps", (settings.TRAIN,)),
     "certificates": ("make a private CA and the ps's TLS certificate (for compose and bare machines)", ()),
 }
+#: What a worker imports to train, beyond the ps's NumPy and gRPC.
+TRAINING_PACKAGES = ("tensorflow", "keras", "matplotlib")
 # Commands whose role comes from COMIND_ROLE, TF_CONFIG or --job_name.
 _ROLE_FROM_ENVIRONMENT = ("run", "health")
 
@@ -102,25 +105,34 @@ def _run(flags: argparse.Namespace, loaded: Settings | None) -> int:
         from comind.ps_main import run_ps
 
         return run_ps(loaded)
+    if isinstance(loaded, LocalSettings):
+        from comind import datasets
+        from comind.local import run_local
+        from comind.ps_main import server_pipeline
+
+        # Bad settings or data fail here, in one line, rather than in the logs of the ps and of every worker.
+        server_pipeline(loaded.ps)
+        # The workers train in processes of their own: this one only checks that they can import what they
+        # need, and so refuses a setting in a fraction of a second rather than after importing TensorFlow.
+        missing = [name for name in TRAINING_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(_needs_training(flags.command, f"no module named {missing[0]!r}"))
+        datasets.load(loaded.worker.dataset, loaded.worker.data_dir)
+        return run_local(loaded)
     # TensorFlow's start-up chatter (CPU features, oneDNN) says nothing a user can act on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         from comind import worker
     except ImportError as error:
-        raise ValueError(f"comind {flags.command} needs TensorFlow and matplotlib ({error}); install them with "
-                         f"pip install 'comind[train]'.") from None
+        raise ValueError(_needs_training(flags.command, error)) from None
     if isinstance(loaded, WorkerSettings):
         return worker.run_worker(loaded)
-    if isinstance(loaded, TrainSettings):
-        return worker.run_train(loaded)
-    from comind import datasets
-    from comind.local import run_local
-    from comind.ps_main import server_pipeline
+    assert isinstance(loaded, TrainSettings)
+    return worker.run_train(loaded)
 
-    # Bad settings or data fail here, in one line, rather than in the logs of the ps and of every worker.
-    server_pipeline(loaded.ps)
-    datasets.load(loaded.worker.dataset, loaded.worker.data_dir)
-    return run_local(loaded)
+
+def _needs_training(command: str, error: object) -> str:
+    return f"comind {command} needs TensorFlow and matplotlib ({error}); install them with pip install 'comind[train]'."
 
 
 def _certificates(flags: argparse.Namespace) -> int:

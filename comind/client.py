@@ -24,6 +24,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from comind import handshakes
 from comind.auth import TlsFiles, call_metadata
 from comind.backoff import Backoff
 from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
@@ -47,8 +48,6 @@ UNARY_TIMEOUT_SECONDS = 10.0
 #: anyone runs (the ps's default is 10 s).
 RECONNECT_BACKOFF_SECONDS = 1.0
 
-#: What gRPC's status details say when this side of a TLS handshake failed: a certificate that no retry changes.
-TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "Peer name", "SSL_ERROR_SSL")
 #: Renewals go out at least every third of this, whatever lease the ps gives.
 MAX_LEASE_SECONDS = 3 * 3600.0
 
@@ -182,7 +181,7 @@ class WorkerClient:
         self._channel = (grpc.secure_channel(address, tls.channel_credentials(), options=options)
                          if tls.enabled else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.ParameterServerStub(self._channel)
-        self._tls = tls.enabled
+        self._tls = tls
         self._backoff = backoff
         self._unreachable_timeout = unreachable_timeout
         self._metrics = metrics
@@ -415,22 +414,21 @@ class WorkerClient:
                     continue
                 if code not in RETRYABLE or self._closed.is_set():
                     raise PsRefusal(what, error.code(), error.details() or "") from None
-                if self._tls and any(marker in (error.details() or "") for marker in TLS_FAILURES):
-                    # Retrying cannot change a certificate: say so now, not after the unreachable timeout.
-                    raise PsUnreachable(
-                        f"The TLS handshake with the ps at {self.address} failed ({code.name}: {error.details()}). "
-                        f"Check that COMIND_TLS_CA is the CA that signed the ps's certificate, that the certificate "
-                        f"names the host in COMIND_PS_ADDRESS, and, under mutual TLS, COMIND_TLS_CERT and "
-                        f"COMIND_TLS_KEY.") from None
+                details = f"{code.name}: {error.details()}"
+                # Retrying cannot change a certificate: say so now, not after the unreachable timeout.
+                reason = handshakes.reason_to_stop(self.address, self._tls, details)
+                if reason:
+                    raise PsUnreachable(reason) from None
                 if time.monotonic() > give_up:
                     raise PsUnreachable(
                         f"The ps at {self.address} did not answer for {self._unreachable_timeout:.0f} s "
-                        f"({code.name}: {error.details()}). Check that it runs and that COMIND_PS_ADDRESS "
-                        f"points to it.") from None
+                        f"({details}). Check that it runs and that COMIND_PS_ADDRESS points to it."
+                        f"{handshakes.likely_cause(details)}") from None
                 # No slower than the renewals: a restarted ps waits about one lease
                 # for its workers to come back before it closes a round without them.
                 backoff_delay = min(next(delays), self._lease / 3)
-                log.info("The ps is unreachable (%s); retrying %s in %.2f s.", code.name, what, backoff_delay)
+                log.info("The ps is unreachable (%s); retrying %s in %.2f s.%s", details, what, backoff_delay,
+                         handshakes.likely_cause(details))
                 self._closed.wait(backoff_delay)
 
     # Lease --------------------------------------------------------------------

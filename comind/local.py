@@ -8,11 +8,13 @@ log goes to ``OUTPUT_DIR/logs``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -20,9 +22,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from comind.metrics import url_host
 from comind.ps_main import LISTENING
 from comind.settings import LOCAL_ONLY, LocalSettings, variables
 
+log = logging.getLogger(__name__)
+
+#: The least memory one worker takes: a process with TensorFlow (the basic model on the digits peaks at 590 MB,
+#: with 25 threads on 2 cores). More workers than the machine has memory for cannot run.
+WORKER_MEMORY_BYTES = 512 << 20
 _SHOWN = re.compile(r"(Round \d+/\d+: .*|Round \d+ evaluation: .*|Training is done.*)")
 _ROUND = re.compile(r"Round (\d+)(?:/(\d+))?")
 #: Rounds whose lines a long run shows (the ps's log has every round's): 1,500 rounds printed 1,604 lines.
@@ -33,23 +41,31 @@ WORKER_GRACE_SECONDS = 20.0
 
 
 def run_local(settings: LocalSettings) -> int:
-    """Runs a cluster of one ps and ``settings.workers`` workers to the end; returns an exit status."""
+    """Runs a cluster of one ps and ``settings.workers`` workers to the end; returns an exit status.
+
+    Raises:
+        ValueError: more workers than the machine can hold, or a metrics port in use; nothing started.
+    """
     workers = settings.workers
+    check_workers(workers)
+    ports = _metrics_ports(settings)
     logs = Path(settings.worker.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     environment = _environment(settings)
     events: queue.Queue = queue.Queue()
     processes: list[subprocess.Popen] = []
     try:
-        ps = _start("ps", {**environment, "COMIND_LISTEN": "127.0.0.1:0"}, logs / "ps.log", events,
-                    _PsLines(every_round=settings.log_level == "debug"))
+        ps = _start("ps", {**environment, "COMIND_LISTEN": settings.ps.listen,
+                           "COMIND_METRICS_PORT": str(ports[0])},
+                    logs / "ps.log", events, _PsLines(every_round=settings.log_level == "debug"))
         processes.append(ps)
-        port = _wait_for_port(events, logs / "ps.log")
+        port = _wait_for_port(events, ps, logs / "ps.log")
         for task in range(workers):
             processes.append(_start("worker", {**environment, "COMIND_PS_ADDRESS": f"127.0.0.1:{port}",
-                                               "COMIND_TASK_INDEX": str(task), "COMIND_METRICS_PORT": "0"},
+                                               "COMIND_TASK_INDEX": str(task),
+                                               "COMIND_METRICS_PORT": str(ports[1 + task])},
                                     logs / f"worker-{task}.log", events, show_stdout=task == 0))
-        print(f"ps on 127.0.0.1:{port}; {workers} workers; logs in {logs}", flush=True)
+        print(f"ps on 127.0.0.1:{port}; {workers} workers; logs in {logs}; {_where_metrics_are(settings)}", flush=True)
         return _follow(events, processes, logs)
     finally:
         for process in processes:
@@ -58,12 +74,69 @@ def run_local(settings: LocalSettings) -> int:
             process.wait()
 
 
+def check_workers(workers: int) -> None:
+    """Refuses more workers than this machine has memory for; warns of more than it has cores.
+
+    Raises:
+        ValueError: the workers cannot all run here.
+    """
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    most = max(1, memory // WORKER_MEMORY_BYTES)
+    if workers > most:
+        raise ValueError(f"{workers} workers cannot run on this machine: each is a process with TensorFlow that "
+                         f"needs at least {WORKER_MEMORY_BYTES >> 20} MB, and its {memory / 2**30:.0f} GB hold "
+                         f"{most}. Start fewer, or run them on more machines (README: On separate machines). "
+                         f"Received: --workers={workers}")
+    cores = os.cpu_count() or 1
+    if workers > cores:
+        log.warning("%d workers share %d cores: each trains at a fraction of a core's speed.", workers, cores)
+
+
+def _metrics_ports(settings: LocalSettings) -> list[int]:
+    """Each process's metrics port, the ps's first (all 0 when metrics are off), checked free.
+
+    Raises:
+        ValueError: a port is beyond 65535, or in use.
+    """
+    first, host, workers = settings.ps.metrics_port, settings.ps.metrics_host, settings.workers
+    if not first:
+        return [0] * (1 + workers)
+    ports = list(range(first, first + 1 + workers))
+    advice = (f"`comind local` serves the ps's metrics on COMIND_METRICS_PORT and worker i's on that port plus "
+              f"1 + i: set COMIND_METRICS_PORT to the first of {1 + workers} free ports (0 turns metrics off), or "
+              f"COMIND_METRICS_HOST to an address of this machine. Received: metrics_port={first}, "
+              f"metrics_host={host!r}")
+    if ports[-1] > 65535:
+        raise ValueError(f"The metrics ports of the ps and {workers} workers run past 65535; {advice}")
+    for index, port in enumerate(ports):
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the metrics server binds
+            try:
+                probe.bind(address)
+            except OSError as error:
+                who = "the ps" if index == 0 else f"worker {index - 1}"
+                raise ValueError(f"Cannot serve {who}'s metrics on port {port} of {host!r} ({error.strerror}); "
+                                 f"{advice}") from None
+    return ports
+
+
+def _where_metrics_are(settings: LocalSettings) -> str:
+    first, host, workers = settings.ps.metrics_port, settings.ps.metrics_host, settings.workers
+    if not first:
+        return "metrics off"
+    return (f"metrics on http://{url_host(host, first)}/metrics (the ps) and ports {first + 1} to {first + workers} "
+            f"(workers 0 to {workers - 1})")
+
+
 def _environment(settings: LocalSettings) -> dict[str, str]:
     """The variables of every process: the settings given, less those local sets itself; a fresh token."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("COMIND_") and k != "TF_CONFIG"}
     for part in (settings.ps, settings.worker):
         environment.update(variables(part, leave_out=LOCAL_ONLY))
-    environment.update(COMIND_NUM_WORKERS=str(settings.workers), COMIND_TOKEN=secrets.token_hex(16))
+    # Every process's metrics where the ps's are (by default where it listens: loopback).
+    environment.update(COMIND_NUM_WORKERS=str(settings.workers), COMIND_TOKEN=secrets.token_hex(16),
+                       COMIND_METRICS_HOST=settings.ps.metrics_host)
     environment.pop("COMIND_TOKEN_FILE", None)
     return environment
 
@@ -117,11 +190,21 @@ def _echo(stream: Iterable[str], events: queue.Queue) -> None:
         events.put((None, line, line.rstrip("\n")))
 
 
-def _wait_for_port(events: queue.Queue, log: Path) -> int:
+def _wait_for_port(events: queue.Queue, ps: subprocess.Popen, log: Path) -> int:
+    """The port the ps listens on, once it says.
+
+    Raises:
+        ValueError: the ps refused its settings (exit 2), with its one-line reason.
+        RuntimeError: it stopped otherwise, with the end of its log.
+    """
     while True:
         _, line, _ = events.get(timeout=60)
         if line is _ENDED:
-            raise RuntimeError(f"The ps stopped before it listened; see {log}:\n{log.read_text()[-2000:]}")
+            text = log.read_text()
+            if ps.wait() == 2:  # bad settings: its last line says which, in one line
+                reason = text.strip().rpartition("\n")[2].removeprefix("comind ps: error: ")
+                raise ValueError(f"The ps refused its settings: {reason}")
+            raise RuntimeError(f"The ps stopped (exit {ps.returncode}) before it listened; see {log}:\n{text[-2000:]}")
         match = LISTENING.search(line)
         if match:
             return int(match.group(1))

@@ -95,12 +95,19 @@ class WorkerMetrics:
                            registry=registry)
 
 
-def serve(port: int, registry: CollectorRegistry, address: str = "0.0.0.0") -> None:
-    """Serves ``/metrics`` on ``port``; 0 turns metrics off."""
+def serve(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> None:
+    """Serves ``/metrics`` on ``host:port``; port 0 turns metrics off."""
     if port:
         try:
-            start_http_server(port, addr=address, registry=registry)
+            start_http_server(port, addr=host, registry=registry)
         except OSError as error:
-            raise ValueError(f"Cannot serve metrics on port {port} ({error.strerror}); set COMIND_METRICS_PORT to a "
-                             f"free port, or to 0 to turn metrics off. Received: metrics_port={port}") from None
-        log.info("Metrics on http://%s:%d/metrics", address, port)
+            raise ValueError(f"Cannot serve metrics on port {port} of {host!r} ({error.strerror}); set "
+                             f"COMIND_METRICS_PORT to a free port (0 turns metrics off), or COMIND_METRICS_HOST to "
+                             f"an address of this machine. Received: metrics_port={port}, metrics_host={host!r}"
+                             ) from None
+        log.info("Metrics on http://%s/metrics", url_host(host, port))
+
+
+def url_host(host: str, port: int) -> str:
+    """``host:port`` as a URL has it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -63,7 +63,7 @@ def run_ps(settings: PsSettings) -> int:
                              max_concurrent_updates=settings.max_concurrent_updates,
                              max_examples_per_update=settings.max_examples_per_update)
         server, port = service.build_server(ps, settings.listen, token, tls)
-        metrics.serve(settings.metrics_port, REGISTRY)
+        metrics.serve(settings.metrics_port, REGISTRY, settings.metrics_host)
         if not token:
             log.warning("AUTHENTICATION IS OFF: anyone who reaches this port can read and change the model. "
                         "Set COMIND_TOKEN or COMIND_TOKEN_FILE.")

@@ -25,6 +25,10 @@ from comind import cluster_spec, config, presets
 PS, WORKER, TRAIN, LOCAL = "ps", "worker", "train", "local"
 #: Workers `comind local` starts unless told otherwise.
 LOCAL_WORKERS = 2
+#: Where `comind local`'s ps listens: loopback, on a port the system picks.
+LOCAL_LISTEN = "127.0.0.1:0"
+#: The ps's metrics port unless told otherwise; worker ``i`` serves on this plus ``1 + i``.
+PS_METRICS_PORT = 8000
 #: Settings that `comind local` sets itself for each process it starts: it takes them from no flag or variable.
 LOCAL_ONLY = frozenset({"listen", "ps_address", "task_index", "num_workers", "token", "token_file", "tls_cert",
                         "tls_key", "tls_ca"})
@@ -56,7 +60,12 @@ class _Cluster(_Common):
                                    config.positive_int)
     #: Unset, the data set's preset for ``interval_steps`` (:func:`comind.presets.default_rounds`).
     rounds: int = _setting(None, "rounds to train; unset: the data set's preset", config.positive_int)
-    metrics_port: int = _setting(8000, "Prometheus port; 0 turns metrics off", config.port)
+    #: Unset, :data:`PS_METRICS_PORT` on the ps and the next ports on the workers, so that a ps and workers on
+    #: one host do not collide; unset, the host is the ps's listen host, every address on a worker.
+    metrics_port: int = _setting(None, f"Prometheus port; 0 turns metrics off; unset: {PS_METRICS_PORT} on the "
+                                       f"ps, {PS_METRICS_PORT + 1} plus the task index on a worker", config.port)
+    metrics_host: str = _setting(None, "address the metrics server binds; unset: the host the ps listens on, "
+                                       "every address (0.0.0.0) on a worker")
     token: str | None = _setting(None, "shared token every call must carry")
     token_file: str | None = _setting(None, "file holding the shared token")
     tls_cert: str | None = _setting(None, "PEM certificate (the ps's, or a worker's own for mutual TLS)")
@@ -161,8 +170,10 @@ class LocalSettings:
     """`comind local`'s: the ps's and the workers' settings, and how many workers to start.
 
     The fields named in :data:`LOCAL_ONLY` keep their defaults here, but for
-    ``num_workers``, which is ``workers``: `comind local` sets them for each
-    process it starts.
+    ``num_workers``, which is ``workers``, and ``listen``, which is
+    :data:`LOCAL_LISTEN`: `comind local` sets them for each process it starts.
+    The ps's metrics port and host are every process's: worker ``i`` serves on
+    the ps's port plus ``1 + i``.
     """
 
     ps: PsSettings
@@ -243,7 +254,24 @@ class _Sources:
         values = {o.name: fixed[o.name] if o.name in fixed else self.value(o) for o in options_of(cls)}
         if "rounds" in values and values["rounds"] is None:
             values["rounds"] = presets.default_rounds(values["dataset"], values["interval_steps"])
+        if "metrics_port" in values:
+            values |= _metrics_defaults(values)
         return cls(**values)
+
+
+def _metrics_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics port and host where unset: see :class:`_Cluster`."""
+    port, host = values["metrics_port"], values["metrics_host"]
+    if port is None:
+        task = values.get("task_index")
+        port = PS_METRICS_PORT if task is None else PS_METRICS_PORT + 1 + task
+        if port > 65535:
+            raise ValueError(f"Worker {task} has no default metrics port (it would be {port}); set "
+                             f"COMIND_METRICS_PORT. Received: task_index={task}")
+    if host is None:
+        listen = values.get("listen")
+        host = "0.0.0.0" if listen is None else listen.rpartition(":")[0].strip("[]")
+    return {"metrics_port": port, "metrics_host": host}
 
 
 def role_from(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -301,7 +329,7 @@ def load(role: str, flags: Mapping[str, Any] | None = None, environ: Mapping[str
         if workers < 1:
             raise ValueError(f"--workers must be at least 1. Received: --workers={workers}")
         fixed = {o.name: o.default for o in options_for(PS, WORKER) if o.name in LOCAL_ONLY} | \
-            {"num_workers": workers}
+            {"num_workers": workers, "listen": LOCAL_LISTEN}
         return LocalSettings(ps=sources.build(PsSettings, fixed), worker=sources.build(WorkerSettings, fixed),
                              workers=workers)
     if role not in _CLASSES:

@@ -67,7 +67,7 @@ def run_worker(settings: WorkerSettings) -> int:
     x, y = prepare(dataset.x_train[indices]), dataset.y_train[indices]
     model = _model(settings, dataset)
     worker_metrics = metrics.WorkerMetrics(REGISTRY)
-    metrics.serve(settings.metrics_port, REGISTRY)
+    metrics.serve(settings.metrics_port, REGISTRY, settings.metrics_host)
     client = WorkerClient(
         settings.ps_address, task_index=task, token=load_token(settings.token, settings.token_file),
         tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),

@@ -16,16 +16,21 @@ from comind.metrics import UPDATE_RESULTS
 LISTEN_PORTS = range(20000, 32768)
 
 
-def free_port() -> int:
-    """A port nothing listens on, below the ephemeral range."""
-    for port in random.sample(LISTEN_PORTS, 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("0.0.0.0", port))  # as a published or metrics port binds: every address
-            except OSError:
-                continue
+def free_port(count: int = 1) -> int:
+    """A port nothing listens on, below the ephemeral range; the first of ``count`` such ports in a row."""
+    for port in random.sample(LISTEN_PORTS[:-count], 200):
+        if all(_free(p) for p in range(port, port + count)):
             return port
-    raise AssertionError(f"No free port in {LISTEN_PORTS} after 200 tries")
+    raise AssertionError(f"No {count} free ports in a row in {LISTEN_PORTS} after 200 tries")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))  # as a published or metrics port binds: every address
+        except OSError:
+            return False
+        return True
 
 
 class Scrape:

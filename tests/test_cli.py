@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from comind.checkpoint import CheckpointStore
 from comind.settings import LocalSettings, PsSettings, Settings, WorkerSettings
 from comind.tensors import Layout
 from processes import ROOT
+from scrape import free_port
 
 
 def ps(*args, env=None):
@@ -94,7 +96,7 @@ def test_local_has_the_ps_and_worker_settings_and_sets_the_cluster_ones_itself(m
                                                                       "COMIND_TOKEN": "t", "COMIND_ROUNDS": "4"})
     assert isinstance(local, LocalSettings) and local.workers == 3
     assert local.ps.num_workers == local.worker.num_workers == 3 and local.ps.rounds == local.worker.rounds == 4
-    assert (local.ps.listen, local.ps.token, local.worker.shard) == ("0.0.0.0:2222", None, "iid")
+    assert (local.ps.listen, local.ps.token, local.worker.shard) == ("127.0.0.1:0", None, "iid")
     monkeypatch.setenv("COMIND_TOKEN_FILE", "token")
     monkeypatch.setenv("TF_CONFIG", "{}")
     environment = _environment(local)
@@ -105,6 +107,53 @@ def test_local_has_the_ps_and_worker_settings_and_sets_the_cluster_ones_itself(m
         environment.keys()
     with pytest.raises(ValueError, match=r"--workers must be at least 1\. Received: --workers=0"):
         settings("local", "--workers", "0")
+
+
+def local_refusal(*args: str) -> str:
+    """What `comind local` says when it refuses ``args``, checking that it refused before importing TensorFlow."""
+    code = ("import sys\n"
+            "from comind import cli\n"
+            f"try:\n    cli.main(['local', *{list(args)!r}])\n"
+            "except SystemExit as exit:\n    assert exit.code == 2, exit.code\n"
+            "assert not {'tensorflow', 'keras'} & set(sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_local_refuses_bad_settings_before_importing_tensorflow():
+    assert "trims nothing from rounds of 4 updates" in local_refusal("--workers", "4", "--aggregation",
+                                                                     "trimmed-mean", "--trim-fraction", "0.2")
+    assert re.search(r"10000 workers cannot run on this machine: each is a process with TensorFlow that needs at "
+                     r"least 512 MB, and its \d+ GB hold \d+\. .* Received: --workers=10000",
+                     local_refusal("--workers", "10000"))
+
+
+def test_local_warns_of_more_workers_than_cores(caplog):
+    from comind.local import check_workers
+
+    cores = os.cpu_count() or 1
+    check_workers(cores)
+    assert not caplog.records
+    check_workers(cores + 1)
+    assert f"{cores + 1} workers share {cores} cores" in caplog.text
+
+
+def test_local_says_which_metrics_port_is_taken_and_what_to_set(tmp_path):
+    base = free_port(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 2))
+        taken.listen()
+        stderr = local_refusal("--metrics-port", str(base), "--output-dir", str(tmp_path))
+    assert f"Cannot serve worker 1's metrics on port {base + 2} of '127.0.0.1' (Address already in use)" in stderr
+    assert "set COMIND_METRICS_PORT to the first of 3 free ports" in stderr
+    assert not (tmp_path / "logs").exists()  # nothing started
+
+
+def test_local_relays_the_ps_refusal_of_its_settings_in_one_line(tmp_path):
+    stderr = local_refusal("--metrics-port", "0", "--checkpoint-dir", "/dev/null/x", "--output-dir", str(tmp_path))
+    assert "The ps refused its settings: Cannot write checkpoints to /dev/null/x" in stderr
 
 
 def test_variables_and_flags_win_over_tf_config():

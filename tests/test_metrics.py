@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,6 +21,7 @@ from comind.checkpoint import CheckpointStore
 from comind.metrics import CHECKPOINT_BUCKETS, UPDATE_RESULTS, PsMetrics
 from comind.proto import comind_pb2 as pb
 from comind.tensors import Layout
+from processes import ROOT
 from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 
@@ -246,3 +253,36 @@ def test_checkpoint_buckets_tell_apart_the_writes_of_small_and_large_models(tmp_
     counts = [registry.get_sample_value("comind_checkpoint_duration_seconds_bucket", {"le": str(float(bound))})
               for bound in CHECKPOINT_BUCKETS]
     assert counts[0] == 0 and 1 in counts, dict(zip(CHECKPOINT_BUCKETS, counts, strict=True))
+
+
+def test_the_ps_serves_metrics_only_on_the_address_it_listens_on(start_ps):
+    port = free_port()
+    start_ps("--metrics-port", str(port))  # listens on 127.0.0.1
+    assert Scrape(port)("comind_round") == 0
+    # Every 127/8 address is this machine's loopback: a server bound to all addresses would answer on this one too.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+
+
+@pytest.mark.timeout(180)
+def test_local_gives_the_ps_and_each_worker_its_own_metrics_port_and_says_where(tmp_path):
+    base = free_port(3)
+    local = subprocess.Popen([sys.executable, "-m", "comind", "local", "--workers", "2", "--rounds", "100000",
+                              "--interval-steps", "1", "--metrics-port", str(base), "--output-dir", str(tmp_path),
+                              "--log-level", "debug"],  # every round's line shown
+                             cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert local.stdout is not None
+        lines = [next(local.stdout)]
+        assert (f"metrics on http://127.0.0.1:{base}/metrics (the ps) and ports {base + 1} to {base + 2} "
+                f"(workers 0 to 1)") in lines[0]
+        lines += itertools.takewhile(lambda line: not line.startswith("Round 2/"), local.stdout)
+        assert Scrape(base)("comind_round") >= 1
+        for task in range(2):
+            assert Scrape(base + 1 + task)("comind_worker_round") >= 1
+            assert f"Metrics on http://127.0.0.1:{base + 1 + task}/metrics" in \
+                (tmp_path / "logs" / f"worker-{task}.log").read_text()
+    finally:
+        local.send_signal(signal.SIGINT)
+        local.wait(timeout=60)

@@ -7,9 +7,16 @@ model stored, no update counted.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import re
 import secrets
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from comind.backoff import Backoff
 from comind.certificates import Authority, Issued
 from comind.proto import comind_pb2 as pb
 from comind.protocol import RETRY_AFTER_KEY
+from processes import ROOT
 from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 
@@ -367,13 +375,35 @@ def test_member_ids_are_random_and_a_made_up_one_is_not_found(start_ps):
     assert ps.wait() == 0
 
 
-def test_a_worker_that_does_not_trust_the_ps_certificate_says_so_at_once(start_ps, pki):
-    """A certificate no retry can change: the worker stops with the TLS reason, not after its unreachable timeout."""
-    ps, _metrics = tls_ps(start_ps, pki, mutual=False)
+#: Each TLS mistake a worker can make against a TLS ps (mutual or not), and what the worker says at once.
+TLS_MISTAKES = {
+    "untrusted ps certificate": (False, lambda pki: TlsFiles(ca=pki.rogue_ca),
+                                 r"TLS handshake with the ps .* failed .*CERTIFICATE_VERIFY_FAILED.* Check that "
+                                 r"COMIND_TLS_CA is the CA that signed"),
+    "plain text against TLS": (False, lambda pki: TlsFiles(),
+                               r"closed the connection: it speaks TLS, and this worker plain text\. Set COMIND_TLS_CA "
+                               r"to the CA that signed the ps's certificate \(UNAVAILABLE: .*Socket closed\)"),
+    "plain text against mutual TLS": (True, lambda pki: TlsFiles(),
+                                      r"it speaks mutual TLS, and this worker plain text\. Set COMIND_TLS_CA .*, and "
+                                      r"COMIND_TLS_CERT and COMIND_TLS_KEY to a client certificate"),
+    "no client certificate": (True, lambda pki: TlsFiles(ca=pki.ca),
+                              r"closed the connection after the TLS handshake: it requires a client certificate "
+                              r"\(mutual TLS\)\. Set COMIND_TLS_CERT and COMIND_TLS_KEY"),
+    "client certificate from another CA": (
+        True, lambda pki: TlsFiles(cert=pki.rogue_client.cert, key=pki.rogue_client.key, ca=pki.ca),
+        r"after the TLS handshake: it refuses this worker's client certificate '.*impostor\.pem'\. Check that the CA "
+        r"the ps trusts \(its COMIND_TLS_CA\) signed it"),
+}
+
+
+@pytest.mark.parametrize("mistake", TLS_MISTAKES)
+def test_a_worker_whose_tls_the_ps_cannot_accept_says_why_at_once(start_ps, pki, mistake):
+    """No retry changes a certificate: the worker stops with the TLS reason, not after its unreachable timeout."""
+    mutual, files, words = TLS_MISTAKES[mistake]
+    ps, _metrics = tls_ps(start_ps, pki, mutual=mutual)
     started = time.monotonic()
-    with WorkerClient(ps.address, tls=TlsFiles(ca=pki.rogue_ca), unreachable_timeout=60) as client, \
-            pytest.raises(PsUnreachable, match=r"TLS handshake with the ps .* failed .*CERTIFICATE_VERIFY_FAILED.* "
-                                               r"Check that COMIND_TLS_CA is the CA that signed"):
+    with WorkerClient(ps.address, tls=files(pki), unreachable_timeout=60) as client, \
+            pytest.raises(PsUnreachable, match=words):
         client.join(WEIGHTS)
     assert time.monotonic() - started < 20
 
@@ -446,3 +476,42 @@ def test_an_initial_model_from_a_worker_not_the_chief_is_refused_before_its_byte
     after = metrics()
     assert after("comind_update_bytes_total", direction="received") == 0
     assert after("comind_model_bytes") == 0
+def test_a_tls_worker_against_a_plain_text_ps_says_so_at_once(start_ps, pki):
+    ps = start_ps(*FAST)
+    with WorkerClient(ps.address, tls=TlsFiles(ca=pki.ca), unreachable_timeout=60) as client, \
+            pytest.raises(PsUnreachable, match=r"The ps at .* does not speak TLS \(.*WRONG_VERSION_NUMBER.*\): unset "
+                                               r"COMIND_TLS_CA, COMIND_TLS_CERT and COMIND_TLS_KEY on this worker"):
+        client.join(WEIGHTS)
+
+
+def test_a_closed_socket_that_is_no_tls_refusal_is_retried_with_the_likely_cause(caplog):
+    """A proxy with no ps behind it also closes connections: the worker retries, and says what to check."""
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        def hang_up() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    proxy.accept()[0].close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        address = f"127.0.0.1:{proxy.getsockname()[1]}"
+        with caplog.at_level(logging.INFO), WorkerClient(address, unreachable_timeout=SHORT,
+                                                         backoff=QUICK_RETRIES) as client, \
+                pytest.raises(PsUnreachable, match=r"did not answer for 2 s .*(Socket closed|reset by peer).* If it "
+                                                   r"runs, it may be refusing the TLS handshake: compare this worker's "
+                                                   r"COMIND_TLS_CA"):
+            client.join(WEIGHTS)
+    retries = [r.getMessage() for r in caplog.records if "retrying joining" in r.getMessage()]
+    assert len(retries) > 1 and all("may be refusing the TLS handshake" in r for r in retries)
+
+
+@pytest.mark.parametrize("role", ["ps", "worker"])
+def test_a_certificate_with_another_key_is_refused_at_start_naming_both(pki, role):
+    cert, key = pki.client.cert, pki.rogue_client.key
+    args = ["--tls-cert", cert, "--tls-key", key] + (["--tls-ca", pki.ca, "--ps-address", "127.0.0.1:1"]
+                                                     if role == "worker" else [])
+    result = subprocess.run([sys.executable, "-m", "comind", role, *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "COMIND_METRICS_PORT": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"The TLS certificate {cert!r} and key {key!r} do not go together: the key is not the certificate's. " \
+           f"Set COMIND_TLS_CERT and COMIND_TLS_KEY" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -24,7 +24,7 @@ def test_each_role_loads_its_own_frozen_dataclass_of_defaults(role):
     loaded = settings.load(role)
     assert type(loaded) is ROLES[role]
     for option in settings.options_of(ROLES[role]):
-        if option.name != "rounds":
+        if option.name not in ("rounds", "metrics_port", "metrics_host"):  # unset: the role's default
             assert getattr(loaded, option.name) == option.default, option.name
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded.dataset = "cifar10"
@@ -56,6 +56,23 @@ def test_the_original_flags_are_flags_below_the_new_ones():
 def test_rounds_default_to_the_preset_of_the_data_set_and_interval():
     assert settings.load("ps").rounds == settings.load("worker").rounds == 15
     assert settings.load("ps", {}, {"COMIND_DATASET": "cifar10", "COMIND_INTERVAL_STEPS": "1000"}).rounds == 20
+
+
+def test_a_ps_and_its_workers_on_one_host_have_their_own_metrics_ports_where_they_listen():
+    ps = settings.load("ps", {"listen": "127.0.0.1:2222"})
+    workers = [settings.load("worker", {"task_index": str(task)}) for task in range(3)]
+    assert [ps.metrics_port] + [w.metrics_port for w in workers] == [8000, 8001, 8002, 8003]
+    # The ps's metrics only where it listens; a worker listens nowhere, and is scraped from elsewhere.
+    assert (ps.metrics_host, workers[0].metrics_host) == ("127.0.0.1", "0.0.0.0")
+    assert settings.load("ps").metrics_host == "0.0.0.0"
+    assert settings.load("ps", {"listen": "[::1]:1"}).metrics_host == "::1"
+    given = {"COMIND_METRICS_PORT": "9100", "COMIND_METRICS_HOST": "10.0.0.5"}
+    for role in ("ps", "worker"):
+        assert (settings.load(role, {}, given).metrics_port, settings.load(role, {}, given).metrics_host) == \
+            (9100, "10.0.0.5")
+    with pytest.raises(ValueError, match=r"Worker 64000 has no default metrics port \(it would be 72001\); set "
+                                         r"COMIND_METRICS_PORT\. Received: task_index=64000"):
+        settings.load("worker", {"task_index": "64000"})
 
 
 @pytest.mark.parametrize("flags, environ, source", [
