@@ -24,7 +24,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from comind import handshakes
+from comind import handshakes, modes
 from comind.auth import TlsFiles, call_metadata
 from comind.backoff import Backoff
 from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
@@ -96,6 +96,9 @@ def delta(layout: Layout, weights: np.ndarray, base: np.ndarray) -> np.ndarray:
         if out.dtype.kind == "f":
             np.subtract(out, reference, out=out)
     return change
+
+
+_MODES = {pb.TRAINING_MODE_FEDERATED: modes.FEDERATED, pb.TRAINING_MODE_DISTRIBUTED: modes.DISTRIBUTED}
 
 
 def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
@@ -173,6 +176,7 @@ class WorkerClient:
         self.round = -1  # the round of the global model this worker holds
         self.total_rounds: int | None = None
         self.replicas_to_aggregate: int | None = None  # None: every live worker
+        self.mode = modes.FEDERATED  # what an update is: the ps's mode, known once joined (comind.modes)
         self._metadata = call_metadata(token)
         options = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000),
                    # gRPC's own reconnect back-off grows to 2 minutes; a ps back from an outage waits one lease
@@ -214,7 +218,7 @@ class WorkerClient:
         return state
 
     def sync(self, weights: Sequence[np.ndarray], num_examples: int, loss: float = 0.0,
-             accuracy: float = 0.0) -> GlobalState:
+             accuracy: float = 0.0, change: Sequence[np.ndarray] | None = None) -> GlobalState:
         """Sends the change of the local weights for the next round and returns the new global model.
 
         Blocks until the round closes. If the round closed without this
@@ -226,17 +230,17 @@ class WorkerClient:
             num_examples: this worker's training examples, the update's weight in an
                 example-weighted mean.
             loss, accuracy: the local training figures, for the ps's round log.
+            change: the update itself, tensor by tensor, when it is not ``weights`` minus the
+                global model (distributed mode sends minus a gradient, exactly: a subtraction
+                of weights would round it); integer tensors as values.
         """
         if self._layout is None or self._global is None:
             raise RuntimeError("Call join() before sync(): the worker needs the first global model.")
         layout = self._layout
-        problem = layout.mismatch(Layout.of(weights))
-        if problem:
-            raise ModelMismatch(f"The weights passed to sync() do not match the model given to join(): {problem}.")
-        packed = layout.pack(weights)
+        packed = self._packed(weights, "weights")
+        changed = delta(layout, packed, self._global) if change is None else self._packed(change, "change")
         target = self.round + 1
-        update = Update(pb.UPDATE_KIND_DELTA, target, delta(layout, packed, self._global), int(num_examples),
-                        float(loss), float(accuracy))
+        update = Update(pb.UPDATE_KIND_DELTA, target, changed, int(num_examples), float(loss), float(accuracy))
         # Should the ps have lost every model (a restart without checkpoints), the chief starts it again from this.
         restart = Update(pb.UPDATE_KIND_INITIAL, 0, packed) if self.is_chief else None
         started = time.perf_counter()
@@ -245,6 +249,14 @@ class WorkerClient:
         if self._metrics:
             self._metrics.sync_duration.observe(time.perf_counter() - started)
         return state
+
+    def _packed(self, tensors: Sequence[np.ndarray], name: str) -> np.ndarray:
+        assert self._layout is not None
+        problem = self._layout.mismatch(Layout.of(tensors))
+        if problem:
+            raise ModelMismatch(f"What sync() was given as {name} does not match the model given to join(): "
+                                f"{problem}.")
+        return self._layout.pack(tensors)
 
     def report_eval(self, round: int, loss: float, accuracy: float) -> None:
         """Reports the chief's evaluation of the global model of ``round``."""
@@ -293,6 +305,10 @@ class WorkerClient:
                 self._known_round = reply.round
                 self.total_rounds = reply.total_rounds
                 self.replicas_to_aggregate = reply.replicas_to_aggregate or None
+                if reply.mode not in _MODES:
+                    raise ProtocolError(f"The ps trains in a mode this worker does not know ({reply.mode}); run the "
+                                        "same coMind version on the ps and the workers.")
+                self.mode = _MODES[reply.mode]
                 log.info("Joined the ps at %s (its round %d).", self.address, reply.round)
             return Membership(self._member_id, self._known_round)
 

@@ -2,7 +2,8 @@
 
 Both count local steps and, every ``interval_steps``, push the model's
 weights to the ps and continue from the new global model (McMahan et al.
-2017). With ``interval_steps=1`` this is synchronous data-parallel training.
+2017). A ps in distributed mode (:mod:`comind.modes`) makes every step a
+round instead: the gradients go to the ps, whose optimizer takes the step.
 
 Optimizer state (Adam's moments, the step count) stays local and is kept
 across syncs, as with the original ``FederatedAveragingOptimizer``, whose
@@ -30,9 +31,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
+import numpy as np
 
+from comind import modes
 from comind.client import GlobalState, WorkerClient
 from comind.metrics import WorkerMetrics
+from comind.sync_replicas import SyncReplicasOptimizer, gradients_by_variable, step_change
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +129,19 @@ class _ModelSync:
         self.model = model
         if self.state is None:
             self._adopt(self.client.join(model.get_weights(), [w.path for w in model.weights]))
+        if self.distributed and self.proximal:
+            raise ValueError(f"The ps trains in distributed mode, where the ps's optimizer takes every step: FedProx's "
+                             f"term has no local training to pull towards the global model. Leave proximal_mu at 0, "
+                             f"or train federated. Received: proximal_mu={self.proximal.mu}")
 
-    def step(self, num_examples: int, loss: float | None, accuracy: float | None) -> None:
-        """Counts one local step; syncs when the interval is full."""
+    @property
+    def distributed(self) -> bool:
+        """Whether updates are gradients, one step each (the ps's mode, :mod:`comind.modes`)."""
+        return self.client.mode == modes.DISTRIBUTED
+
+    def step(self, num_examples: int, loss: float | None, accuracy: float | None,
+             gradients: dict[int, np.ndarray] | None = None) -> None:
+        """Counts one local step; syncs when the interval is full, or at once with the step's ``gradients``."""
         self._steps += 1
         self._examples += num_examples
         self.examples_trained += num_examples
@@ -137,7 +151,9 @@ class _ModelSync:
             self.metrics.steps.inc()
             self.metrics.examples.inc(num_examples)
             self.metrics.loss.set(self._loss)
-        if self._steps >= self.interval_steps:
+        if gradients is not None:
+            self.sync(gradients)
+        elif self._steps >= self.interval_steps:
             self.sync()
 
     def _started(self) -> keras.Model:
@@ -147,14 +163,22 @@ class _ModelSync:
                                "FederatedAveraging callback). Received: model=None")
         return self.model
 
-    def sync(self) -> None:
+    def sync(self, gradients: dict[int, np.ndarray] | None = None) -> None:
+        """Sends the update of the steps since the last sync: the weights' change, or minus the step's gradients."""
         if self._steps == 0 or self.done:
             return
         pushed = time.perf_counter()
-        # McMahan et al. weight a worker by its training examples; without their number, by those it processed.
-        weight = self.num_examples if self.num_examples is not None else max(1, self._examples)
-        state = self.client.sync(self._started().get_weights(), num_examples=weight,
-                                 loss=self._loss, accuracy=self._accuracy)
+        model = self._started()
+        if gradients is not None:
+            # A distributed step weighs its batch: the round's mean is then the gradient of the combined batch.
+            weight = self._examples
+            change = step_change(model, gradients, self.state.weights if self.state else model.get_weights())
+        else:
+            # McMahan et al. weight a worker by its training examples; without their number, by those it processed.
+            weight = self.num_examples if self.num_examples is not None else max(1, self._examples)
+            change = None
+        state = self.client.sync(model.get_weights(), num_examples=weight, loss=self._loss, accuracy=self._accuracy,
+                                 change=change)
         # Local training against time spent between rounds: what a round costs beyond its steps.
         log.debug("Round %d: %d local steps in %.4f s; the sync took %.4f s.", state.round, self._steps,
                   pushed - self._resumed, time.perf_counter() - pushed)
@@ -223,6 +247,7 @@ class FederatedAveraging(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._sync.start(self.model)
+        _check_optimizer(self.model.optimizer, self._sync.distributed)
         if self._sync.done:
             self.model.stop_training = True
         if self._sync.proximal:
@@ -232,7 +257,9 @@ class FederatedAveraging(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
-        self._sync.step(self._batch_size, logs.get("loss"), logs.get("accuracy"))
+        optimizer = self.model.optimizer
+        gradients = optimizer.gradients() if isinstance(optimizer, SyncReplicasOptimizer) else None
+        self._sync.step(self._batch_size, logs.get("loss"), logs.get("accuracy"), gradients)
         if self._sync.done:
             self.model.stop_training = True
 
@@ -241,6 +268,21 @@ class FederatedAveraging(keras.callbacks.Callback):
         if self._sync.proximal:
             self._sync.proximal.uninstall()
             self.model.train_function = None  # the next fit makes one without the term
+
+
+def _check_optimizer(optimizer: keras.optimizers.Optimizer, distributed: bool) -> None:
+    """Refuses a model whose optimizer does not train in the ps's mode."""
+    if distributed and not isinstance(optimizer, SyncReplicasOptimizer):
+        raise ValueError(
+            "The ps trains in distributed mode: each step's gradients go to the ps, and its optimizer takes the "
+            "step. Compile the model with optimizer=comind.SyncReplicasOptimizer() (comind worker does so with "
+            "--mode distributed), or start the ps in federated mode. "
+            f"Received: optimizer={type(optimizer).__name__}")
+    if not distributed and isinstance(optimizer, SyncReplicasOptimizer):
+        raise ValueError(
+            "The model is compiled with comind.SyncReplicasOptimizer, which leaves every step to a ps in distributed "
+            "mode, but the ps trains federated. Start every process with --mode distributed (COMIND_MODE), or "
+            "compile the model with an optimizer that trains. Received: optimizer=SyncReplicasOptimizer")
 
 
 class FederatedAveragingOptimizer:
@@ -292,6 +334,9 @@ class FederatedAveragingOptimizer:
 
     def start(self) -> None:
         self._sync.start(self.model)
+        if self._sync.distributed:
+            log.info("Distributed mode: the ps's optimizer applies the gradients; %s is not used.",
+                     type(self.optimizer).__name__)
         expected, actual = self.replicas_to_aggregate, self._sync.client.replicas_to_aggregate
         if expected is not None and expected != actual:
             raise ValueError(
@@ -303,14 +348,22 @@ class FederatedAveragingOptimizer:
               accuracy: float | None = None) -> None:
         """Applies gradients to the model's trainable variables; syncs every ``interval_steps`` calls.
 
+        In distributed mode the gradients go to the ps at once, and the
+        model continues from the step the ps's optimizer takes with the
+        round's gradients, weighted by ``num_examples``, the batch's size.
+
         ``loss`` and ``accuracy`` are the step's training figures; the last
         of an interval's go with its update, and the ps's round line and
         ``comind_train_*`` series show their example-weighted mean (0 for a
         figure never given).
         """
+        variables = self.model.trainable_variables
+        if self._sync.distributed:
+            self._sync.step(num_examples, loss, accuracy, gradients_by_variable(gradients, variables))
+            return
         if self._sync.proximal:
-            gradients = self._sync.proximal.gradients(gradients, self.model.trainable_variables)
-        self.optimizer.apply(gradients, self.model.trainable_variables)
+            gradients = self._sync.proximal.gradients(gradients, variables)
+        self.optimizer.apply(gradients, variables)
         self._sync.step(num_examples, loss, accuracy)
 
     def finish(self) -> None:

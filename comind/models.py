@@ -111,8 +111,11 @@ def advanced(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     return keras.Sequential(stack, name="advanced")
 
 
-def build(spec: str, input_shape: tuple[int, ...], num_classes: int, learning_rate: float = 1e-3) -> keras.Model:
+def build(spec: str, input_shape: tuple[int, ...], num_classes: int, learning_rate: float = 1e-3,
+          optimizer: keras.optimizers.Optimizer | None = None) -> keras.Model:
     """A compiled model: ``basic``, ``advanced``, or ``module:function``.
+
+    It is compiled with ``optimizer``, or else Adam at ``learning_rate``.
 
     A user's ``function(input_shape, num_classes)`` returns a Keras model; if
     it is not compiled, it is compiled like the built-in ones (Adam, sparse
@@ -129,12 +132,16 @@ def build(spec: str, input_shape: tuple[int, ...], num_classes: int, learning_ra
         if not isinstance(model, keras.Model):
             raise ValueError(f"The model function must return a keras.Model; it returned a "
                              f"{type(model).__name__}. Received: model={spec!r}")
+    if model.compiled and optimizer is not None and type(model.optimizer) is not type(optimizer):
+        raise ValueError(f"{spec} returned a model compiled with {type(model.optimizer).__name__}, but this mode "
+                         f"trains it with {type(optimizer).__name__}: return it uncompiled, or compiled with that "
+                         f"optimizer. Received: optimizer={type(model.optimizer).__name__}")
     if not model.compiled:
         from_logits = not _ends_in_probabilities(model)
         if from_logits:
             log.info("The last layer of model %s has no softmax or sigmoid, so its outputs are taken for logits "
                      "(from_logits=True); compile the model in %s to choose its loss yourself.", model.name, spec)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+        model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits), metrics=["accuracy"])
     return model
 

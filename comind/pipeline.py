@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from comind import modes
 from comind.aggregators import AGGREGATORS, AggregatorSettings, RoundAggregate
 from comind.clipping import NormClip
 from comind.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
-    """The ps's choice for each stage, checked against the registries."""
+    """The ps's choice for each stage, checked against the registries, and what an update is (:mod:`comind.modes`)."""
 
+    mode: str = modes.FEDERATED
     weighting: str = "examples"
     aggregation: str = "mean"
     trim_fraction: float = 0.25
@@ -46,6 +48,8 @@ class PipelineSettings:
 
     def __post_init__(self) -> None:
         WEIGHTINGS[self.weighting], AGGREGATORS[self.aggregation], SERVER_OPTIMIZERS[self.server_optimizer]
+        if self.mode not in modes.MODES:
+            raise ValueError(f"mode must be one of {', '.join(modes.MODES)}. Received: mode={self.mode!r}")
 
 
 class RoundInProgress:

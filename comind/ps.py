@@ -92,6 +92,7 @@ class JoinInfo:
     total_rounds: int
     done: bool
     replicas_to_aggregate: int | None
+    mode: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +199,7 @@ class ParameterServer:
             self._membership_changed()
         policy = self.rounds.policy
         return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
-                        policy.replicas_to_aggregate)
+                        policy.replicas_to_aggregate, self.pipeline.settings.mode)
 
     def _admit(self, task_index: int, peer: bytes | None, instance: str) -> str | None:
         """Whether a registration may go ahead: None if so, the member id to give back if the same worker

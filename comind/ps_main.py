@@ -8,12 +8,16 @@ runs, not with this module: `comind local` and the tests import it for
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from typing import TYPE_CHECKING
 
+from comind import modes
+
 if TYPE_CHECKING:
     from comind.pipeline import ServerPipeline
+    from comind.server_optimizers import ServerOptimizerSettings
     from comind.settings import PsSettings
 
 # How the ps announces its port (port 0 picks a free one): `comind local` and
@@ -24,17 +28,32 @@ LISTENING = re.compile(r"Listening on \S+:(\d+)")
 def server_pipeline(settings: PsSettings) -> ServerPipeline:
     """The ps's round pipeline, checked against the updates its rounds will have."""
     from comind.pipeline import PipelineSettings, ServerPipeline
-    from comind.server_optimizers import ServerOptimizerSettings
 
-    optimizer = ServerOptimizerSettings(
-        learning_rate=settings.server_learning_rate, momentum=settings.server_momentum,
-        beta1=settings.server_beta1, beta2=settings.server_beta2, epsilon=settings.server_epsilon)
+    name, optimizer = server_optimizer(settings)
     pipeline = ServerPipeline(PipelineSettings(
-        weighting=settings.weighting, aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
-        max_update_norm=settings.max_update_norm, server_optimizer=settings.server_optimizer,
+        mode=settings.mode, weighting=settings.weighting, aggregation=settings.aggregation,
+        trim_fraction=settings.trim_fraction, max_update_norm=settings.max_update_norm, server_optimizer=name,
         server_optimizer_settings=optimizer))
     pipeline.check_quorum(settings.replicas_to_aggregate or settings.num_workers)
     return pipeline
+
+
+def server_optimizer(settings: PsSettings) -> tuple[str, ServerOptimizerSettings]:
+    """The server optimizer the settings name, and its hyperparameters: those given, else the mode's defaults.
+
+    In distributed mode the defaults are Keras's Adam at the original's learning rate (:mod:`comind.modes`).
+    """
+    from comind.server_optimizers import ServerOptimizerSettings
+
+    if settings.mode == modes.DISTRIBUTED:
+        name = settings.server_optimizer or modes.DISTRIBUTED_SERVER_OPTIMIZER
+        defaults = ServerOptimizerSettings(learning_rate=modes.distributed_learning_rate(settings.num_workers),
+                                           beta1=modes.ADAM_BETA1, beta2=modes.ADAM_BETA2, epsilon=modes.ADAM_EPSILON)
+    else:
+        name, defaults = settings.server_optimizer or modes.FEDERATED_SERVER_OPTIMIZER, ServerOptimizerSettings()
+    given = {"learning_rate": settings.server_learning_rate, "momentum": settings.server_momentum,
+             "beta1": settings.server_beta1, "beta2": settings.server_beta2, "epsilon": settings.server_epsilon}
+    return name, dataclasses.replace(defaults, **{key: value for key, value in given.items() if value is not None})
 
 
 def run_ps(settings: PsSettings) -> int:
@@ -78,8 +97,11 @@ def run_ps(settings: PsSettings) -> int:
         if pipeline.aggregator.holds_updates:
             log.info("Aggregating by the coordinate-wise %s: every update of a round is held in memory.",
                      settings.aggregation)
-        if settings.server_optimizer != "fedavg" or pipeline.optimizer.learning_rate != 1.0:
-            log.info("Server optimizer %s with learning rate %g.", settings.server_optimizer,
+        if settings.mode == modes.DISTRIBUTED:
+            log.info("Distributed mode: every round is one step of every worker, applied by %s at learning rate "
+                     "%g.", pipeline.settings.server_optimizer, pipeline.optimizer.learning_rate)
+        elif pipeline.settings.server_optimizer != "fedavg" or pipeline.optimizer.learning_rate != 1.0:
+            log.info("Server optimizer %s with learning rate %g.", pipeline.settings.server_optimizer,
                      pipeline.optimizer.learning_rate)
         if pipeline.clip:
             log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)

@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from comind import refusals
+from comind import modes, refusals
 from comind.auth import TlsFiles, TokenInterceptor
 from comind.decoding import DecodingInterceptor
 from comind.proto import comind_pb2 as pb
@@ -95,6 +95,7 @@ STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
     refusals.NotServing: grpc.StatusCode.UNAVAILABLE,
 }
 
+MODES = {modes.FEDERATED: pb.TRAINING_MODE_FEDERATED, modes.DISTRIBUTED: pb.TRAINING_MODE_DISTRIBUTED}
 _KINDS = {pb.UPDATE_KIND_DELTA: UpdateKind.DELTA, pb.UPDATE_KIND_INITIAL: UpdateKind.INITIAL}
 _RESULTS = {UpdateResult.ACCEPTED: pb.UPDATE_RESULT_ACCEPTED, UpdateResult.DUPLICATE: pb.UPDATE_RESULT_DUPLICATE,
             UpdateResult.STALE: pb.UPDATE_RESULT_STALE, UpdateResult.EARLY: pb.UPDATE_RESULT_EARLY,
@@ -117,7 +118,7 @@ class Service(pb_grpc.ParameterServerServicer):
                              request.instance)
         return pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
                             total_rounds=info.total_rounds, done=info.done,
-                            replicas_to_aggregate=info.replicas_to_aggregate or 0)
+                            replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode])
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         await _answer(context, self.ps.renew, request.member_id, _peer(context))

@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, overload
 
-from comind import cluster_spec, config, presets
+from comind import cluster_spec, config, modes, presets
 
 PS, WORKER, TRAIN, LOCAL = "ps", "worker", "train", "local"
 #: Workers `comind local` starts unless told otherwise.
@@ -56,7 +56,11 @@ class _Cluster(_Common):
     """Settings of the ps and the workers alike: they must agree on these."""
 
     num_workers: int = _setting(2, "workers expected (quorum, sharding)", config.positive_int)
-    interval_steps: int = _setting(100, "local steps between syncs (1: synchronous data-parallel)",
+    mode: str = _setting(
+        modes.FEDERATED, "federated: workers average weights every interval steps, each with its own optimizer; "
+        "distributed: every step's gradients are averaged and one Adam on the ps applies them (the original's "
+        "SyncReplicasOptimizer)", str, modes.MODES)
+    interval_steps: int = _setting(100, "local steps between syncs in federated mode (1: average after every step)",
                                    config.positive_int)
     #: Unset, the data set's preset for ``interval_steps`` (:func:`comind.presets.default_rounds`).
     rounds: int = _setting(None, "rounds to train; unset: the data set's preset", config.positive_int)
@@ -110,19 +114,23 @@ class PsSettings(_Cluster):
     max_update_norm: float | None = _setting(
         None, "bound on the L2 norm of each update's change from the global model: longer changes are scaled "
         "down to it; unset: no bound", config.positive_float)
-    server_optimizer: str = _setting(
-        "fedavg", "how a round's aggregate D changes the global model: fedavg adds it; fedavgm adds it with "
-        "momentum; fedadam, fedyogi and fedadagrad take adaptive steps along it (Reddi et al. 2021)", str,
-        config.server_optimizers)
+    server_optimizer: str | None = _setting(
+        None, "how a round's aggregate D changes the global model: fedavg adds it; fedavgm adds it with "
+        "momentum; fedadam, fedyogi and fedadagrad take adaptive steps along it (Reddi et al. 2021); unset: fedavg, "
+        "or fedadam in distributed mode", str, config.server_optimizers)
     server_learning_rate: float | None = _setting(
         None, "the server optimizer's learning rate eta; unset: 1.0 for fedavg and fedavgm, 0.1 for fedadam and "
-        "fedadagrad, 0.01 for fedyogi", config.positive_float)
-    server_momentum: float = _setting(0.9, "fedavgm's momentum", config.fraction_below_one)
-    server_beta1: float = _setting(0.9, "decay of the first moment (fedadam, fedyogi, fedadagrad)",
-                                   config.fraction_below_one)
-    server_beta2: float = _setting(0.99, "decay of the second moment (fedadam, fedyogi)", config.fraction_below_one)
-    server_epsilon: float = _setting(1e-3, "tau, added to the square root of the second moment (fedadam, fedyogi, "
-                                     "fedadagrad): it bounds their steps", config.positive_float)
+        "fedadagrad, 0.01 for fedyogi; in distributed mode sqrt(workers) x 0.001, the original's rule",
+        config.positive_float)
+    server_momentum: float | None = _setting(None, "fedavgm's momentum; unset: 0.9", config.fraction_below_one)
+    server_beta1: float | None = _setting(None, "decay of the first moment (fedadam, fedyogi, fedadagrad); unset: 0.9",
+                                          config.fraction_below_one)
+    server_beta2: float | None = _setting(
+        None, "decay of the second moment (fedadam, fedyogi); unset: 0.99, or Keras's 0.999 in distributed mode",
+        config.fraction_below_one)
+    server_epsilon: float | None = _setting(
+        None, "tau, added to the square root of the second moment (fedadam, fedyogi, fedadagrad): it bounds their "
+        "steps; unset: 1e-3, or Keras's 1e-7 in distributed mode", config.positive_float)
     checkpoint_dir: str | None = _setting(None, "directory for durable checkpoints; unset: in memory only")
     keep_checkpoints: int = _setting(3, "checkpoints to keep", config.positive_int)
     max_model_bytes: int = _setting(4 << 30, "largest model the ps accepts", config.positive_int)
@@ -253,7 +261,9 @@ class _Sources:
         fixed = fixed or {}
         values = {o.name: fixed[o.name] if o.name in fixed else self.value(o) for o in options_of(cls)}
         if "rounds" in values and values["rounds"] is None:
-            values["rounds"] = presets.default_rounds(values["dataset"], values["interval_steps"])
+            # In distributed mode a round is one step.
+            interval = 1 if values.get("mode") == modes.DISTRIBUTED else values["interval_steps"]
+            values["rounds"] = presets.default_rounds(values["dataset"], interval)
         if "metrics_port" in values:
             values |= _metrics_defaults(values)
         return cls(**values)

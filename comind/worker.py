@@ -18,15 +18,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import keras
 import numpy as np
+import tensorflow as tf
 from prometheus_client import REGISTRY
 
-from comind import datasets, metrics, models, presets, report, sharding
+from comind import datasets, metrics, models, modes, presets, report, sharding
 from comind.auth import TlsFiles, load_token
 from comind.client import GlobalState, WorkerClient
 from comind.errors import PsRefusal
 from comind.evaluation import evaluate as evaluate_model
 from comind.federated import FederatedAveraging
 from comind.settings import TrainSettings, WorkerSettings
+from comind.sync_replicas import SyncReplicasOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,25 @@ def shard_count(task_index: int, num_workers: int) -> int:
     return task_index + 1
 
 
-def _model(settings: WorkerSettings | TrainSettings, dataset: datasets.Dataset) -> keras.Model:
+def _model(settings: WorkerSettings | TrainSettings, dataset: datasets.Dataset,
+           optimizer: keras.optimizers.Optimizer | None = None) -> keras.Model:
     keras.utils.set_random_seed(settings.seed)
-    return models.build(settings.model, dataset.input_shape, dataset.num_classes, settings.learning_rate)
+    return models.build(settings.model, dataset.input_shape, dataset.num_classes, settings.learning_rate, optimizer)
+
+
+def full_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """The examples in full batches, shuffled anew each epoch, as the original's ``next_batch`` gave them.
+
+    In distributed mode an update weighs its batch's size, and the callback
+    counts ``batch_size`` examples a step: a smaller last batch would be
+    weighed as a full one.
+    """
+    if len(x) < batch_size:
+        raise ValueError(f"Distributed mode trains on full batches, and this worker's shard holds {len(x)} examples, "
+                         f"fewer than one batch: lower COMIND_BATCH_SIZE or use fewer workers. "
+                         f"Received: batch_size={batch_size}")
+    return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size, drop_remainder=True))
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -65,7 +83,8 @@ def run_worker(settings: WorkerSettings) -> int:
     indices = sharding.shard(dataset.y_train, shard_count(task, settings.num_workers), task, settings.shard,
                              settings.dirichlet_alpha, settings.seed)
     x, y = prepare(dataset.x_train[indices]), dataset.y_train[indices]
-    model = _model(settings, dataset)
+    distributed = settings.mode == modes.DISTRIBUTED
+    model = _model(settings, dataset, SyncReplicasOptimizer() if distributed else None)
     worker_metrics = metrics.WorkerMetrics(REGISTRY)
     metrics.serve(settings.metrics_port, REGISTRY, settings.metrics_host)
     client = WorkerClient(
@@ -90,8 +109,12 @@ def run_worker(settings: WorkerSettings) -> int:
         if chief:
             chief.history.start_clock()
         # The ps decides when training ends (its last round); fit runs until then.
-        model.fit(x, y, batch_size=settings.batch_size, epochs=1_000_000, callbacks=[callback], verbose=0,
-                  shuffle=True)
+        if distributed:
+            model.fit(full_batches(x, y, settings.batch_size, settings.seed + task), epochs=1_000_000,
+                      callbacks=[callback], verbose=0)
+        else:
+            model.fit(x, y, batch_size=settings.batch_size, epochs=1_000_000, callbacks=[callback], verbose=0,
+                      shuffle=True)
         if not callback.syncs:  # joined after the last round (a restarted pod): nothing to add
             log.info("Training was already done (round %d); this worker had nothing to do.", client.round)
             return 0
@@ -167,7 +190,12 @@ class _Chief:
         if final is None or final.round != state.round:
             self._record(state, evaluate=True)
             final = self._finish_tests()
-        report.write(self.settings.output_dir, self.model, self.history, self.dataset.x_test[:25],
+        saved = self.model
+        if isinstance(self.model.optimizer, SyncReplicasOptimizer):
+            # It leaves every step to a ps: the saved model is the twin, compiled to train alone, with these weights.
+            saved = self.tester
+            saved.set_weights(state.weights)
+        report.write(self.settings.output_dir, saved, self.history, self.dataset.x_test[:25],
                      self.dataset.y_test[:25], self.dataset.class_names)
 
     def _finish_tests(self) -> report.RoundRecord | None:

@@ -281,21 +281,23 @@ def test_one_value_scales_the_workers_and_the_quorum_follows(helm, workers):
     assert pdb["spec"]["maxUnavailable"] == ("10%" if workers == 64 else 1)
 
 
-def test_the_server_optimizer_and_fedprox_reach_the_ps_and_the_workers_as_their_settings(helm):
-    objects = render(helm, "--set", "ps.serverOptimizer=fedadam,ps.serverLearningRate=0.01,ps.serverBeta2=0.999,"
-                     "training.proximalMu=0.05")
+def test_the_mode_the_server_optimizer_and_fedprox_reach_the_ps_and_the_workers_as_their_settings(helm):
+    objects = render(helm, "--set", "ps.serverOptimizer=fedadam,ps.serverLearningRate=0.01,ps.serverBeta1=0,"
+                     "ps.serverBeta2=0.999,training.proximalMu=0.05,training.mode=distributed")
     statefulsets = named(objects, "StatefulSet")
     [ps] = statefulsets["comind-ps"]["spec"]["template"]["spec"]["containers"]
     [worker] = statefulsets["comind-worker"]["spec"]["template"]["spec"]["containers"]
     variables = {name: entry["value"] for name, entry in env_of(ps).items() if "value" in entry}
-    loaded = load_settings("ps", {}, variables)
-    assert (loaded.server_optimizer, loaded.server_learning_rate, loaded.server_momentum, loaded.server_beta1,
-            loaded.server_beta2, loaded.server_epsilon) == ("fedadam", 0.01, 0.9, 0.9, 0.999, 0.001)
-    assert load_settings("worker", {}, {"COMIND_PROXIMAL_MU": env_of(worker)["COMIND_PROXIMAL_MU"]["value"]}) \
-        .proximal_mu == 0.05
-    # 0, the default, leaves the learning rate to the optimizer.
+    shared = named(objects, "ConfigMap")["comind"]["data"]
+    loaded = load_settings("ps", {}, {**shared, **variables})
+    assert (loaded.mode, loaded.server_optimizer, loaded.server_learning_rate, loaded.server_momentum,
+            loaded.server_beta1, loaded.server_beta2, loaded.server_epsilon) == \
+        ("distributed", "fedadam", 0.01, None, 0.0, 0.999, None)
+    proximal_mu = env_of(worker)["COMIND_PROXIMAL_MU"]["value"]
+    assert load_settings("worker", {}, {**shared, "COMIND_PROXIMAL_MU": proximal_mu}).proximal_mu == 0.05
+    # The defaults leave every choice to the ps, by its mode.
     [ps] = named(render(helm), "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]["containers"]
-    assert "COMIND_SERVER_LEARNING_RATE" not in env_of(ps)
+    assert not {name for name in env_of(ps) if name.startswith("COMIND_SERVER_")}
 
 
 def test_the_ps_keeps_checkpoints_on_a_claim_and_workers_may_have_data_volumes(everything):

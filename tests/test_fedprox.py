@@ -19,6 +19,7 @@ LEARNING_RATE, MU = 0.1, 0.5
 class FakeClient:
     is_chief = True
     replicas_to_aggregate = None
+    mode = "federated"
 
     def __init__(self, global_model: list[np.ndarray]):
         self.global_model = global_model
@@ -27,7 +28,7 @@ class FakeClient:
     def join(self, weights, names=None) -> GlobalState:
         return GlobalState([w.copy() for w in self.global_model], 0, False)
 
-    def sync(self, weights, num_examples, loss=0.0, accuracy=0.0) -> GlobalState:
+    def sync(self, weights, num_examples, loss=0.0, accuracy=0.0, change=None) -> GlobalState:
         self.pushed.append([np.array(w) for w in weights])
         return GlobalState([w.copy() for w in self.global_model], len(self.pushed), False)
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from comind import settings
+from comind import modes, settings
 from comind.aggregators import AGGREGATORS
 from comind.registry import Registry
 from comind.server_optimizers import SERVER_OPTIMIZERS
@@ -21,13 +21,20 @@ CHART = ROOT / "helm" / "comind"
 # setting name (COMIND_*, the ps's dataclass field), chart value under ps, registry
 STAGES = [("weighting", "weighting", WEIGHTINGS), ("aggregation", "aggregation", AGGREGATORS),
           ("server_optimizer", "serverOptimizer", SERVER_OPTIMIZERS)]
+#: Settings left unset by default, whose choice the mode makes (comind.modes); the others default to the first.
+BY_MODE = {"server_optimizer"}
+
+
+def _default(setting: str, registry: Registry) -> str:
+    """What compose and the chart pass when not told: the registry's first choice, or nothing."""
+    return "" if setting in BY_MODE else registry.names()[0]
 
 
 @pytest.mark.parametrize("setting, value, registry", STAGES)
 def test_the_settings_offer_the_registry_and_default_to_its_first_choice(setting, value, registry: Registry):
     [option] = [o for o in settings.OPTIONS if o.name == setting]
     assert option.choices == registry.names()
-    assert option.default == registry.names()[0]
+    assert option.default == (_default(setting, registry) or None)
     with pytest.raises(ValueError, match=rf"COMIND_{setting.upper()} must be one of {', '.join(registry.names())}"):
         option.convert("no-such-choice", f"COMIND_{setting.upper()}")
 
@@ -35,18 +42,27 @@ def test_the_settings_offer_the_registry_and_default_to_its_first_choice(setting
 @pytest.mark.parametrize("setting, value, registry", STAGES)
 def test_the_chart_offers_the_registry(setting, value, registry: Registry):
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["ps"]["properties"][value]
-    assert schema["enum"] == list(registry.names())
+    unset = [""] if setting in BY_MODE else []
+    assert schema["enum"] == unset + list(registry.names())
     values = yaml.safe_load((CHART / "values.yaml").read_text())["ps"]
-    assert values[value] == registry.names()[0]
+    assert values[value] == _default(setting, registry)
     template = (CHART / "templates" / "ps-statefulset.yaml").read_text()
-    assert f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}" in template
+    passed = (f"{{{{- with .Values.ps.{value} }}}}\n            - name: COMIND_{setting.upper()}\n              value: "
+              f"{{{{ . | quote }}}}" if unset else
+              f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}")
+    assert passed in template
 
 
 @pytest.mark.parametrize("setting, value, registry", STAGES)
 def test_compose_passes_the_setting_with_the_registry_default(setting, value, registry: Registry):
     compose = (ROOT / "compose.yaml").read_text()
     variable = f"COMIND_{setting.upper()}"
-    assert re.search(rf"{variable}: \${{{variable}:-{re.escape(registry.names()[0])}}}", compose)
+    assert re.search(rf"{variable}: \${{{variable}:-{re.escape(_default(setting, registry))}}}", compose)
+
+
+def test_federated_mode_defaults_to_the_first_server_optimizer():
+    assert SERVER_OPTIMIZERS.names()[0] == modes.FEDERATED_SERVER_OPTIMIZER
+    assert modes.DISTRIBUTED_SERVER_OPTIMIZER in SERVER_OPTIMIZERS
 
 
 def test_a_registry_refuses_a_second_entry_of_the_same_name():

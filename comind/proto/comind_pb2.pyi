@@ -7,6 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TrainingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_MODE_FEDERATED: _ClassVar[TrainingMode]
+    TRAINING_MODE_DISTRIBUTED: _ClassVar[TrainingMode]
+
 class UpdateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     UPDATE_KIND_UNSPECIFIED: _ClassVar[UpdateKind]
@@ -21,6 +26,8 @@ class UpdateResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_RESULT_STALE: _ClassVar[UpdateResult]
     UPDATE_RESULT_EARLY: _ClassVar[UpdateResult]
     UPDATE_RESULT_NOT_NEEDED: _ClassVar[UpdateResult]
+TRAINING_MODE_FEDERATED: TrainingMode
+TRAINING_MODE_DISTRIBUTED: TrainingMode
 UPDATE_KIND_UNSPECIFIED: UpdateKind
 UPDATE_KIND_DELTA: UpdateKind
 UPDATE_KIND_INITIAL: UpdateKind
@@ -52,20 +59,22 @@ class JoinRequest(_message.Message):
     def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate")
+    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_TO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     lease_seconds: float
     round: int
     total_rounds: int
     done: bool
     replicas_to_aggregate: int
-    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ...) -> None: ...
+    mode: TrainingMode
+    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("member_id", "have_round", "update")
