@@ -47,6 +47,12 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         self._owners = list(variables)
         self._gradients = [self.add_variable_from_reference(variable, "gradient") for variable in variables]
 
+    def apply(self, grads: Any, trainable_variables: Any = None) -> Any:
+        # A variable without a gradient this step must send none, not the last step's.
+        for kept in self._gradients:
+            kept.assign(keras.ops.zeros_like(kept))
+        return super().apply(grads, trainable_variables)
+
     def update_step(self, gradient: Any, variable: keras.Variable, learning_rate: Any) -> None:
         self.assign(self._gradients[self._get_variable_index(variable)], gradient)
 

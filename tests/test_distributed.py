@@ -152,6 +152,17 @@ def test_a_step_sends_minus_its_gradients_exactly_and_other_weights_as_they_chan
             np.testing.assert_allclose(changed, 0.5)
 
 
+def test_a_variable_without_a_gradient_in_a_step_sends_none_not_the_last_steps():
+    optimizer = comind.SyncReplicasOptimizer()
+    first, second = keras.Variable(np.zeros(2, np.float32)), keras.Variable(np.zeros(3, np.float32))
+    optimizer.apply([np.ones(2, np.float32), np.ones(3, np.float32)], [first, second])
+    with pytest.warns(UserWarning, match="Gradients do not exist"):
+        optimizer.apply([np.full(2, 2, np.float32), None], [first, second])
+    kept = optimizer.gradients()
+    assert kept[id(first)].tolist() == [2, 2] and kept[id(second)].tolist() == [0, 0, 0]
+    assert first.numpy().tolist() == [0, 0]  # no step taken here
+
+
 class _Client:
     is_chief, replicas_to_aggregate = True, None
 
