@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from comind import config, settings
+from comind import config, native_output, settings
 from comind.errors import PsRefusal, PsUnreachable
 from comind.settings import LocalSettings, PsSettings, Settings, TrainSettings, WorkerSettings
 
@@ -122,7 +122,8 @@ def _run(flags: argparse.Namespace, loaded: Settings | None) -> int:
     # TensorFlow's start-up chatter (CPU features, oneDNN) says nothing a user can act on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        from comind import worker
+        with native_output.caught(native_output.shown(loaded.log_level)):
+            from comind import worker
     except ImportError as error:
         raise ValueError(_needs_training(flags.command, error)) from None
     if isinstance(loaded, WorkerSettings):

@@ -258,3 +258,32 @@ def test_certificates_are_kept_on_a_second_run_and_missing_ones_are_named(tmp_pa
     more = certificates(3)
     assert more.returncode == 2
     assert "none for worker-1, worker-2, and its CA's key is gone" in more.stderr and "Traceback" not in more.stderr
+
+
+def on_a_terminal(*args: str) -> tuple[int, str]:
+    """Runs ``comind ARGS`` with a pseudo-terminal as its stdout and stderr; returns its status and what it showed."""
+    import pty
+
+    terminal, its_side = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "comind", *args], stdin=subprocess.DEVNULL, stdout=its_side,
+                               stderr=its_side, cwd=ROOT)
+    os.close(its_side)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the process closed its side
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    return process.wait(timeout=120), shown.decode(errors="replace")
+
+
+@pytest.mark.parametrize("log_level", ["info", "debug"])
+def test_tensorflow_start_up_lines_stay_off_the_terminal_unless_debugging(tmp_path, log_level):
+    status, shown = on_a_terminal("train", "--steps", "1", "--output-dir", str(tmp_path), "--log-level", log_level)
+    assert status == 0, shown
+    assert "Final test accuracy" in shown
+    assert ("absl::InitializeLog" in shown and "oneDNN" in shown) == (log_level == "debug"), shown
