@@ -35,6 +35,15 @@ JOIN_REFUSALS = ("rate", "taken", "full")
 class PsMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.round = Gauge("comind_round", "Last completed round.", registry=registry)
+        self.last_round_time = Gauge(
+            "comind_last_round_timestamp_seconds", "When the last round's model was published, or the ps started: Unix "
+            "time.",
+            registry=registry)
+        self.training_done = Gauge("comind_training_done", "1 once the last round is published, else 0.",
+                                   registry=registry)
+        self.quorum = Gauge(
+            "comind_quorum", "Updates a round waits for before its deadline: COMIND_REPLICAS_TO_AGGREGATE, or the "
+            "workers expected (COMIND_NUM_WORKERS).", registry=registry)
         self.rounds_completed = Counter(
             "comind_rounds_completed", "Rounds completed by this ps process.", registry=registry)
         self.round_duration = Histogram(

@@ -127,6 +127,8 @@ class ParameterServer:
         self.metrics = metrics
         self.pipeline = pipeline or ServerPipeline()
         self.pipeline.check_quorum(policy.replicas_to_aggregate or policy.num_workers)
+        metrics.quorum.set(policy.replicas_to_aggregate or policy.num_workers)
+        metrics.last_round_time.set_to_current_time()  # a stall is counted from here until a model exists
         metrics.server_optimizer.info({"name": self.pipeline.settings.server_optimizer})
         metrics.server_learning_rate.set(self.pipeline.optimizer.learning_rate)
         self.store = store
@@ -529,6 +531,8 @@ class ParameterServer:
         total = self.rounds.policy.total_rounds
         self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy)
         self.metrics.round.set(round)
+        self.metrics.last_round_time.set_to_current_time()
+        self.metrics.training_done.set(self.model.done)
         self.metrics.model_bytes.set(layout.nbytes)
 
     async def next_model(self, have_round: int, timeout: float) -> GlobalModel | None:

@@ -37,7 +37,7 @@ TFJOB = ROOT / "examples" / "kubeflow-tfjob.yaml"
 RELEASE, NAMESPACE = "comind", "ml"
 # The chart's kubeVersion floor, and a current release.
 KUBE_VERSIONS = ("1.28.0", "1.33.0")
-CUSTOM_RESOURCES = {"ServiceMonitor", "PodMonitor", "Certificate"}
+CUSTOM_RESOURCES = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate"}
 # @kubernetes-models compiles each CRD's OpenAPI schema into a validator.
 CRD_MODELS = ("@kubernetes-models/prometheus-operator@6.0.0", "@kubernetes-models/cert-manager@6.0.0")
 ROUND = re.compile(r"Round (\d+)/(\d+): \d+ updates")

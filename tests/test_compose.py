@@ -85,6 +85,7 @@ def prometheus(tmp_path):
         for service, port in ports.items():
             config = config.replace(f'"{service}:8000"', f'"127.0.0.1:{port}"')
         (tmp_path / "prometheus.yml").write_text(config)
+        (tmp_path / "alerts.yml").write_bytes((ROOT / "monitoring" / "alerts.yml").read_bytes())
         port = free_port()
         started.append(subprocess.Popen(
             ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -124,6 +125,11 @@ def test_prometheus_scrapes_rounds_and_a_falling_loss(cluster, prometheus):
                    step="1")
     values = [float(v) for _, v in loss["values"] if math.isfinite(float(v))]  # NaN before round 1
     assert len(set(values)) >= 2 and values[-1] < values[0]
+    # The alerts are loaded and, over a run that trained to the end, none fired.
+    with urllib.request.urlopen(f"{address}/api/v1/rules", timeout=10) as response:
+        groups = json.load(response)["data"]["groups"]
+    alerts = {rule["name"]: rule["state"] for group in groups for rule in group["rules"] if rule["type"] == "alerting"}
+    assert "ComindTrainingStalled" in alerts and "firing" not in alerts.values(), alerts
 
 
 def test_training_survives_a_killed_worker_and_a_restarted_ps(cluster):
