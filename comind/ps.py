@@ -385,6 +385,7 @@ class ParameterServer:
             if not await self._publish(0, header.layout, packed, self.pipeline.state()):
                 raise refusals.NotServing(self.failure)
         log.info("Initialized the global model: %d tensors, %d bytes.", len(header.layout), header.layout.nbytes)
+        self._draw()
         return UpdateResult.ACCEPTED
 
     def _verdict(self, member_id: str, round: int) -> UpdateResult | None:
@@ -522,6 +523,7 @@ class ParameterServer:
                 return
             self.last_closed = closed
         self._closed(closed)
+        self._draw()  # the next round's workers, after the line of this one
 
     def _closed(self, closed: RoundClosed) -> None:
         """The round's metrics and its line in the log."""
@@ -596,7 +598,6 @@ class ParameterServer:
         self._round_opened = now
         waiters, self._published = self._published, asyncio.Event()
         waiters.set()
-        self._draw()
         self._poke.set()
         if self.rounds.done:
             self._wake(list(self._held))  # every worker takes the final model

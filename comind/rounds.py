@@ -80,7 +80,7 @@ class RoundPolicy:
     round_timeout: float = 600.0
     total_rounds: int = 20
     max_members: int | None = None  # None: default_max_members(num_workers)
-    sampling: SamplingPolicy = SamplingPolicy()
+    sampling: SamplingPolicy = dataclasses.field(default_factory=SamplingPolicy)
 
     @property
     def member_limit(self) -> int:
