@@ -108,9 +108,10 @@ def _run(flags: argparse.Namespace, loaded: Settings | None) -> int:
     if isinstance(loaded, LocalSettings):
         from comind import datasets
         from comind.local import run_local
-        from comind.ps_main import server_pipeline
+        from comind.ps_main import round_policy, server_pipeline
 
         # Bad settings or data fail here, in one line, rather than in the logs of the ps and of every worker.
+        round_policy(loaded.ps)
         server_pipeline(loaded.ps)
         # The workers train in processes of their own: this one only checks that they can import what they
         # need, and so refuses a setting in a fraction of a second rather than after importing TensorFlow.

@@ -53,7 +53,7 @@ MAX_LEASE_SECONDS = 3 * 3600.0
 
 _RECEIPTS = {pb.UPDATE_RESULT_ACCEPTED: "accepted", pb.UPDATE_RESULT_DUPLICATE: "duplicate",
              pb.UPDATE_RESULT_STALE: "stale", pb.UPDATE_RESULT_EARLY: "early",
-             pb.UPDATE_RESULT_NOT_NEEDED: "not needed"}
+             pb.UPDATE_RESULT_NOT_NEEDED: "not needed", pb.UPDATE_RESULT_NOT_SELECTED: "not selected"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +362,9 @@ class WorkerClient:
                 log.info("The ps already had our update for round %d.", send.round)
             elif send.receipt == "stale":
                 log.info("Our update for round %d came too late; the ps moved on.", send.round)
+            elif send.receipt == "not selected":
+                log.info("The ps did not select this worker for round %d; waiting for a round that does.",
+                         send.round)
             elif send.receipt == "early":
                 log.warning("The ps is behind our update for round %d (it resumed from an older checkpoint).",
                             send.round)

@@ -68,6 +68,13 @@ def fraction_below_one(text: str) -> float:
     return value
 
 
+def fraction_up_to_one(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not 0 <= value < math.inf:
@@ -120,6 +127,7 @@ _TYPE_NAMES: dict[Callable[[str], Any], Callable[[], str]] = {
     positive_float: lambda: "a positive, finite number", address: lambda: "host:port (a port from 0 to 65535)",
     fraction_below_half: lambda: "a number from 0 up to, not including, 0.5",
     fraction_below_one: lambda: "a number from 0 up to, not including, 1",
+    fraction_up_to_one: lambda: "a number more than 0 and at most 1",
     non_negative_float: lambda: "a finite number >= 0",
     dataset_name: lambda: f"one of {', '.join(dataset_names())}, or a path to a .npz file",
     model_spec: lambda: f"one of {', '.join(model_names())}, or module:function for your own",

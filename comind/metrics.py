@@ -25,7 +25,12 @@ CHECKPOINT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 
 #: ``comind_updates_total`` labels: what became of each update. ``early`` is an update for a round the ps has
 #: not reached (it resumed from an older checkpoint); ``busy`` one the ps had no room to receive in time.
-UPDATE_RESULTS = ("accepted", "duplicate", "stale", "early", "rejected", "busy")
+UPDATE_RESULTS = ("accepted", "duplicate", "stale", "early", "not_selected", "rejected", "busy")
+
+#: ``comind_round_workers`` labels, of the last round that closed: the live workers it drew from, those it
+#: selected (every live worker without client sampling), those whose update it aggregated, and those selected
+#: that it closed without (gone, slow, or beyond its quorum).
+ROUND_WORKERS = ("population", "selected", "reported", "dropped")
 
 #: ``comind_joins_refused_total`` labels: registrations faster than the ps takes them, for a task index a live
 #: member of another process holds, or beyond the ps's most members.
@@ -42,8 +47,8 @@ class PsMetrics:
         self.training_done = Gauge("comind_training_done", "1 once the last round is published, else 0.",
                                    registry=registry)
         self.quorum = Gauge(
-            "comind_quorum", "Updates a round waits for before its deadline: COMIND_REPLICAS_TO_AGGREGATE, or the "
-            "workers expected (COMIND_NUM_WORKERS).", registry=registry)
+            "comind_quorum", "Updates a round waits for before its deadline: COMIND_REPLICAS_TO_AGGREGATE, the "
+            "workers expected (COMIND_NUM_WORKERS), or those sampled (COMIND_CLIENTS_PER_ROUND).", registry=registry)
         self.rounds_completed = Counter(
             "comind_rounds_completed", "Rounds completed by this ps process.", registry=registry)
         self.round_duration = Histogram(
@@ -77,6 +82,13 @@ class PsMetrics:
         self.server_learning_rate = Gauge(
             "comind_server_learning_rate", "Learning rate eta of the ps's server optimizer (COMIND_SERVER_OPTIMIZER).",
             registry=registry)
+        self.round_workers = Gauge(
+            "comind_round_workers", "Workers of the last round that closed, by status: live (population), selected "
+            "to train, reported (updates aggregated) and dropped (selected, not aggregated).", ["status"],
+            registry=registry)
+        self.sampling_rate = Gauge(
+            "comind_round_sampling_rate", "q of the last round that closed: selected / live workers (1 without "
+            "client sampling).", registry=registry)
         self.server_optimizer = Info(
             "comind_server_optimizer", "The ps's server optimizer, by name (COMIND_SERVER_OPTIMIZER).",
             registry=registry)
@@ -90,6 +102,8 @@ class PsMetrics:
             self.update_bytes.labels(direction)
         for reason in JOIN_REFUSALS:
             self.joins_refused.labels(reason)
+        for status in ROUND_WORKERS:
+            self.round_workers.labels(status)
 
 
 class WorkerMetrics:

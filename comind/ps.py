@@ -21,7 +21,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -33,6 +33,7 @@ from comind.metrics import JOIN_REFUSALS, PsMetrics
 from comind.pipeline import RoundInProgress, ServerPipeline
 from comind.protocol import MIN_BYTES_PER_SECOND, MIN_TRANSFER_SECONDS, transfer_seconds
 from comind.rounds import RoundPolicy, Rounds, Verdict
+from comind.sampling import Selection
 from comind.tensors import Assembler, Layout
 from comind.transfers import BufferPool, Slots
 
@@ -67,11 +68,12 @@ class UpdateResult(enum.Enum):
     STALE = "stale"
     EARLY = "early"            # for a round past the open one: the ps resumed from an older checkpoint
     NOT_NEEDED = "not_needed"  # an initial model, but the ps holds one
+    NOT_SELECTED = "not_selected"  # client sampling did not select the worker for the round
 
 
 #: What becomes of an update that a round's verdict says not to read (None: read it).
 _UNREAD = {Verdict.ACCEPT: None, Verdict.DUPLICATE: UpdateResult.DUPLICATE, Verdict.STALE: UpdateResult.STALE,
-           Verdict.EARLY: UpdateResult.EARLY}
+           Verdict.EARLY: UpdateResult.EARLY, Verdict.NOT_SELECTED: UpdateResult.NOT_SELECTED}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,32 @@ class GlobalModel:
     train_accuracy: float = math.nan
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundClosed:
+    """What a round that closed was made of: its line in the log, its metrics, and what a privacy accountant
+    needs of it (``sampling_rate``)."""
+
+    round: int
+    updates: int      # aggregated
+    examples: int
+    loss: float
+    accuracy: float
+    #: Workers selected to train in the round (under client sampling, over-selection included; without it,
+    #: every live worker) and the live workers they were drawn from.
+    sampled: int
+    population: int
+
+    @property
+    def sampling_rate(self) -> float:
+        """q: each live worker's chance of being selected in the round (1 without client sampling)."""
+        return self.sampled / self.population if self.population else 1.0
+
+    @property
+    def dropped(self) -> int:
+        """Selected workers whose update the round closed without: gone, slow, or beyond its quorum."""
+        return max(0, self.sampled - self.updates)
+
+
 class ParameterServer:
     """The global model and its rounds.
 
@@ -126,8 +154,8 @@ class ParameterServer:
                  max_concurrent_updates: int = 2, max_examples_per_update: int = 10**7):
         self.metrics = metrics
         self.pipeline = pipeline or ServerPipeline()
-        self.pipeline.check_quorum(policy.replicas_to_aggregate or policy.num_workers)
-        metrics.quorum.set(policy.replicas_to_aggregate or policy.num_workers)
+        self.pipeline.check_quorum(policy.expected_updates)
+        metrics.quorum.set(policy.expected_updates)
         metrics.last_round_time.set_to_current_time()  # a stall is counted from here until a model exists
         metrics.server_optimizer.info({"name": self.pipeline.settings.server_optimizer})
         metrics.server_learning_rate.set(self.pipeline.optimizer.learning_rate)
@@ -151,6 +179,11 @@ class ParameterServer:
         self._join_refusals = {reason: Summary(JOIN_REFUSAL_LOG_SECONDS) for reason in JOIN_REFUSALS}
         self._lock = asyncio.Lock()
         self._published = asyncio.Event()  # replaced at each publish; waiters hold the old one
+        # Under client sampling, the calls of workers not selected wait here, by task index, until a draw
+        # selects them or training ends: a publish wakes only those it concerns.
+        self._held: dict[int, asyncio.Event] = {}
+        #: The last round that closed, once one has.
+        self.last_closed: RoundClosed | None = None
         self._poke = asyncio.Event()        # wakes the timer when leases or deadlines change
         self.training_done = asyncio.Event()
         self.failed = asyncio.Event()       # a checkpoint could not be written: the ps must stop
@@ -252,6 +285,7 @@ class ParameterServer:
         member = self.rounds.leave(member_id)
         if member:
             log.info("Worker %d left; %d live.", member.task_index, len(self.rounds.members))
+            self._wake((member.task_index,))
             self._membership_changed()
 
     def _claim(self, member_id: str, peer: bytes | None) -> None:
@@ -272,7 +306,35 @@ class ParameterServer:
         self.metrics.workers.set(len(self.rounds.members))
         if self.rounds.done and not self.rounds.members:
             self.finished.set()
+        self._draw()  # the first round's workers may all be in now
         self._poke.set()  # the timers close a round that now has every live worker's update
+
+    # Client sampling ----------------------------------------------------------
+
+    def _draw(self) -> None:
+        """Selects the open round's workers, if it may now (:meth:`Rounds.draw`), and wakes them."""
+        self._drawn(self.rounds.draw())
+
+    def _drawn(self, selection: Selection | None) -> None:
+        if selection is None:
+            return
+        log.info("Round %d selects %s.", selection.round, selection.describe())
+        self._wake(selection.selected)
+
+    def _wake(self, tasks: Iterable[int]) -> None:
+        """Wakes the calls of these workers that wait for their turn."""
+        for task in tasks:
+            event = self._held.pop(task, None)
+            if event is not None:
+                event.set()
+
+    def _turn(self, member_id: str) -> asyncio.Event:
+        """What a call waits on for its worker's next model: the next publish, or under client sampling, the
+        draw that selects its worker."""
+        member = self.rounds.members.get(member_id)
+        if not self.rounds.sampling or member is None:
+            return self._published
+        return self._held.setdefault(member.task_index, asyncio.Event())
 
     # Updates ------------------------------------------------------------------
 
@@ -325,6 +387,7 @@ class ParameterServer:
             if not await self._publish(0, header.layout, packed, self.pipeline.state()):
                 raise refusals.NotServing(self.failure)
         log.info("Initialized the global model: %d tensors, %d bytes.", len(header.layout), header.layout.nbytes)
+        self._draw()
         return UpdateResult.ACCEPTED
 
     def _verdict(self, member_id: str, round: int) -> UpdateResult | None:
@@ -343,6 +406,9 @@ class ParameterServer:
             if result is UpdateResult.STALE:
                 log.info("A stale update for round %d came in after the ps moved on to round %d.", header.round,
                          self.rounds.open_round)
+            elif result is UpdateResult.NOT_SELECTED:
+                log.info("An update for round %d came from worker %d, which the round did not select.",
+                         header.round, self.rounds.members[member_id].task_index)
             return result
         self._check_layout(header.layout)
         if not 1 <= header.num_examples <= self.max_examples_per_update:
@@ -449,20 +515,34 @@ class ParameterServer:
             assert self.model is not None and self._round is not None
             self._name_the_silent()
             self.rounds.begin_close()
-            round, count, model = self.rounds.open_round, self._round.count, self.model
-            in_progress, self._round = self._round, None
             examples, loss, accuracy = self._stats
-            loss, accuracy = loss / examples, accuracy / examples
+            closed = RoundClosed(self.rounds.open_round, self._round.count, int(examples), loss / examples,
+                                 accuracy / examples, *self.rounds.population())
+            model, in_progress, self._round = self.model, self._round, None
             self._stats = np.zeros(3)
-            packed, state = await self._next_model(round, in_progress, model)
-            if not await self._publish(round, model.layout, packed, state, loss, accuracy):
+            packed, state = await self._next_model(closed.round, in_progress, model)
+            if not await self._publish(closed.round, model.layout, packed, state, closed.loss, closed.accuracy):
                 return
-        self.metrics.train_loss.set(loss)
-        self.metrics.train_accuracy.set(accuracy)
-        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f.", round,
-                 self.rounds.policy.total_rounds, count, examples, loss, accuracy)
+            self.last_closed = closed
+        self._closed(closed)
+        self._draw()  # the next round's workers, after the line of this one
+
+    def _closed(self, closed: RoundClosed) -> None:
+        """The round's metrics and its line in the log."""
+        metrics = self.metrics
+        metrics.train_loss.set(closed.loss)
+        metrics.train_accuracy.set(closed.accuracy)
+        for status, count in (("population", closed.population), ("selected", closed.sampled),
+                              ("reported", closed.updates), ("dropped", closed.dropped)):
+            metrics.round_workers.labels(status).set(count)
+        metrics.sampling_rate.set(closed.sampling_rate)
+        sampled = (f", {closed.sampled} of {closed.population} live workers selected (q {closed.sampling_rate:.4g})"
+                   if self.rounds.sampling else "")
+        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s.", closed.round,
+                 self.rounds.policy.total_rounds, closed.updates, closed.examples, closed.loss, closed.accuracy,
+                 sampled)
         if self.rounds.done:
-            log.info("Training is done after round %d; waiting for the workers to leave.", round)
+            log.info("Training is done after round %d; waiting for the workers to leave.", closed.round)
 
     def _name_the_silent(self) -> None:
         """Says which live workers a round closes without, when it closes at its deadline: a worker that renews
@@ -522,6 +602,7 @@ class ParameterServer:
         waiters.set()
         self._poke.set()
         if self.rounds.done:
+            self._wake(list(self._held))  # every worker takes the final model
             self.training_done.set()
             self._membership_changed()
         return True
@@ -535,21 +616,25 @@ class ParameterServer:
         self.metrics.training_done.set(self.model.done)
         self.metrics.model_bytes.set(layout.nbytes)
 
-    async def next_model(self, have_round: int, timeout: float) -> GlobalModel | None:
+    async def next_model(self, member_id: str, have_round: int, timeout: float) -> GlobalModel | None:
         """The global model for a worker that holds ``have_round``, waiting at most ``timeout`` seconds
         for one; None if none came in time.
 
         That is the first model newer than ``have_round``, or the final one, or
         at once the ps's own if it is behind ``have_round`` (it resumed from an
-        older checkpoint: the worker continues from it).
+        older checkpoint: the worker continues from it). Under client sampling,
+        a worker gets a model to train only once a round selects it, so that
+        one not selected waits without training: its call stays open, and costs
+        the ps nothing but its renewals until then.
         """
         deadline = time.monotonic() + timeout
         while True:
             model = self.model
-            if model is not None and (model.round != have_round or model.done):
+            if model is not None and (model.done or (model.round != have_round
+                                                     and self.rounds.is_selected(member_id))):
                 return model
             try:
-                await asyncio.wait_for(self._published.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(self._turn(member_id).wait(), deadline - time.monotonic())
             except TimeoutError:
                 return None
 
@@ -602,17 +687,20 @@ class ParameterServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), None if math.isinf(wait) else wait)
         self._end_leases()
+        self._draw()  # the first round's population is in once its wait ends
         if self.rounds.overdue():
             log.warning("Round %d passed its deadline with %d of the %d updates it needs (%d workers live); "
                         "waiting another %.0f s.", self.rounds.open_round, len(self.rounds.contributors),
                         self.rounds.policy.min_updates, len(self.rounds.members), self.rounds.policy.round_timeout)
             self.rounds.extend_deadline()
+            self._drawn(self.rounds.draw_again())
         await self.maybe_close()
 
     def _end_leases(self) -> None:
         for member in self.rounds.expire():
             log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
                         member.description or "no description", len(self.rounds.members))
+            self._wake((member.task_index,))
             self._membership_changed()
 
     async def drain(self) -> None:

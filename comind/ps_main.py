@@ -17,6 +17,7 @@ from comind import modes
 
 if TYPE_CHECKING:
     from comind.pipeline import ServerPipeline
+    from comind.rounds import RoundPolicy
     from comind.server_optimizers import ServerOptimizerSettings
     from comind.settings import PsSettings
 
@@ -34,8 +35,26 @@ def server_pipeline(settings: PsSettings) -> ServerPipeline:
         mode=settings.mode, weighting=settings.weighting, aggregation=settings.aggregation,
         trim_fraction=settings.trim_fraction, max_update_norm=settings.max_update_norm, server_optimizer=name,
         server_optimizer_settings=optimizer))
-    pipeline.check_quorum(settings.replicas_to_aggregate or settings.num_workers)
+    pipeline.check_quorum(round_policy(settings).expected_updates)
     return pipeline
+
+
+def round_policy(settings: PsSettings) -> RoundPolicy:
+    """The ps's round rules from its settings.
+
+    Raises:
+        ValueError: settings that contradict each other (no round could close as they say).
+    """
+    from comind.rounds import RoundPolicy
+    from comind.sampling import SamplingPolicy
+
+    sampling = SamplingPolicy(clients_per_round=settings.clients_per_round,
+                              client_fraction=settings.client_fraction, over_selection=settings.over_selection)
+    return RoundPolicy(
+        num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
+        min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
+        round_timeout=settings.round_timeout, total_rounds=settings.rounds, max_members=settings.max_members,
+        sampling=sampling)
 
 
 def server_optimizer(settings: PsSettings) -> tuple[str, ServerOptimizerSettings]:
@@ -63,13 +82,9 @@ def run_ps(settings: PsSettings) -> int:
     from comind.auth import TlsFiles, load_token
     from comind.checkpoint import CheckpointStore
     from comind.ps import ParameterServer
-    from comind.rounds import RoundPolicy
 
     log = logging.getLogger("comind.ps")
-    policy = RoundPolicy(
-        num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
-        min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
-        round_timeout=settings.round_timeout, total_rounds=settings.rounds, max_members=settings.max_members)
+    policy = round_policy(settings)
     token = load_token(settings.token, settings.token_file)
     tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
     store = CheckpointStore(settings.checkpoint_dir, settings.keep_checkpoints) \
@@ -94,6 +109,12 @@ def run_ps(settings: PsSettings) -> int:
                         "deadline (%.0f s) unless more workers join. Lower COMIND_REPLICAS_TO_AGGREGATE or raise "
                         "COMIND_NUM_WORKERS.", settings.replicas_to_aggregate, settings.num_workers,
                         settings.round_timeout)
+        if policy.sampling.enabled:
+            sampling = policy.sampling
+            log.info("Client sampling: each round selects %s of the live workers (over-selection %g) and closes at "
+                     "%d updates with the %d workers expected; the seed of each draw is logged.",
+                     sampling.clients_per_round or f"a fraction {sampling.client_fraction}", sampling.over_selection,
+                     policy.expected_updates, policy.num_workers)
         if pipeline.aggregator.holds_updates:
             log.info("Aggregating by the coordinate-wise %s: every update of a round is held in memory.",
                      settings.aggregation)

@@ -18,6 +18,15 @@ Rules (docs/design.md, decision 4):
   time live workers take to register again (a dead one will not).
 * It also closes when its deadline passes with at least ``min_updates``
   updates; with fewer, the deadline is extended and the wait is reported.
+* With client sampling (``policy.sampling``, decision 15), a round draws the
+  workers that train in it once it is open and its population is in (at
+  once after the first round; the first waits as above, or its deadline):
+  ``ceil(K (1 + x))`` of the live workers, by task index. Only their updates
+  count (others are ``NOT_SELECTED``), and the quorum is K updates
+  (``replicas_to_aggregate`` if that is smaller), or an update from every
+  selected worker still live. A round past its deadline without
+  ``min_updates`` draws as many again from the live workers not yet
+  selected.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import secrets
 import time
 from collections.abc import Callable
 
+from comind.sampling import SamplingPolicy, Selection, draw_seed
+
 
 class Verdict(enum.Enum):
     ACCEPT = "accept"
@@ -36,6 +47,7 @@ class Verdict(enum.Enum):
     EARLY = "early"          # for a round that is not open yet
     UNKNOWN_WORKER = "unknown_worker"
     NO_MODEL = "no_model"    # nothing to train from yet
+    NOT_SELECTED = "not_selected"  # client sampling did not select the worker for this round
 
 
 @dataclasses.dataclass
@@ -68,10 +80,19 @@ class RoundPolicy:
     round_timeout: float = 600.0
     total_rounds: int = 20
     max_members: int | None = None  # None: default_max_members(num_workers)
+    sampling: SamplingPolicy = dataclasses.field(default_factory=SamplingPolicy)
 
     @property
     def member_limit(self) -> int:
         return self.max_members or default_max_members(self.num_workers)
+
+    @property
+    def expected_updates(self) -> int:
+        """The updates a round of the expected workers closes with: for checks at start."""
+        if not self.sampling.enabled:
+            return self.replicas_to_aggregate or self.num_workers
+        k = self.sampling.quorum(self.num_workers)
+        return min(k, self.replicas_to_aggregate or k)
 
     def __post_init__(self) -> None:
         checks = {
@@ -93,18 +114,39 @@ class RoundPolicy:
             if (getattr(self, name) or 0) > self.member_limit:
                 raise ValueError(f"{name} must not exceed max_members ({self.member_limit}): no round could "
                                  f"reach it. Received: {name}={getattr(self, name)!r}")
+        self._check_sampling()
+
+    def _check_sampling(self) -> None:
+        """Refuses sampling settings that contradict the others: no round could close as they say."""
+        k = self.sampling.clients_per_round
+        if k is None:
+            return
+        if k > self.member_limit:
+            raise ValueError(f"clients_per_round must not exceed max_members ({self.member_limit}): no round could "
+                             f"select that many. Received: clients_per_round={k}")
+        for name in ("replicas_to_aggregate", "min_updates"):
+            if (getattr(self, name) or 0) > k:
+                raise ValueError(f"{name} must not exceed clients_per_round ({k}): only the selected workers "
+                                 f"update, and a round closes at {k} of them. Received: {name}={getattr(self, name)}")
 
 
 class Rounds:
     """Who is live, which round is open, and whether it may close."""
 
-    def __init__(self, policy: RoundPolicy, round: int = -1, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, policy: RoundPolicy, round: int = -1, clock: Callable[[], float] = time.monotonic,
+                 seeds: Callable[[], int] = draw_seed):
         self.policy = policy
         self.round = round  # last completed round; -1 until the first model exists
         self.members: dict[str, Member] = {}
         self.contributors: set[str] = set()
         self.closing = False
         self._clock = clock
+        self._seeds = seeds
+        self._by_task: dict[int, str] = {}  # the member id that holds each task index
+        #: The open round's draws under client sampling: the first, then any after its deadline.
+        self.draws: list[Selection] = []
+        self.selected: set[int] = set()  # the task indices the draws selected
+        self._quorum = 0
         self._seen_tasks: set[int] = set()
         self._warmed_up = False
         self.deadline = clock() + policy.round_timeout
@@ -122,17 +164,22 @@ class Rounds:
     def has_model(self) -> bool:
         return self.round >= 0
 
+    @property
+    def sampling(self) -> bool:
+        return self.policy.sampling.enabled
+
     def register(self, task_index: int, description: str = "", peer: bytes | None = None,
                  instance: str = "") -> str:
         member_id = secrets.token_hex(16)
         self.members[member_id] = Member(task_index, description, self._clock() + self.policy.lease_seconds, peer,
                                          instance)
         self._seen_tasks.add(task_index)
+        self._by_task[task_index] = member_id
         return member_id
 
     def holder(self, task_index: int) -> str | None:
         """The member id that holds ``task_index``, if a member does."""
-        return next((mid for mid, m in self.members.items() if m.task_index == task_index), None)
+        return self._by_task.get(task_index)
 
     def seconds_left(self, member_id: str) -> float:
         """Until the member's lease ends, unless renewed."""
@@ -146,13 +193,16 @@ class Rounds:
         return True
 
     def leave(self, member_id: str) -> Member | None:
-        return self.members.pop(member_id, None)
+        member = self.members.pop(member_id, None)
+        if member is not None and self._by_task.get(member.task_index) == member_id:
+            del self._by_task[member.task_index]
+        return member
 
     def expire(self) -> list[Member]:
         """Drops the members whose lease has ended, and returns them."""
         now = self._clock()
         gone = [mid for mid, m in self.members.items() if m.expires_at <= now]
-        return [self.members.pop(mid) for mid in gone]
+        return [member for member in map(self.leave, gone) if member is not None]
 
     def check(self, member_id: str, round: int) -> Verdict:
         """Whether an update from this member for this round may be aggregated."""
@@ -164,6 +214,8 @@ class Rounds:
             return Verdict.STALE
         if round > self.open_round:
             return Verdict.EARLY
+        if not self.is_selected(member_id):
+            return Verdict.NOT_SELECTED
         if member_id in self.contributors:
             return Verdict.DUPLICATE
         return Verdict.ACCEPT
@@ -171,14 +223,67 @@ class Rounds:
     def record(self, member_id: str) -> None:
         self.contributors.add(member_id)
 
+    def is_selected(self, member_id: str) -> bool:
+        """Whether the member may train in the open round: always without client sampling."""
+        if not self.sampling:
+            return True
+        member = self.members.get(member_id)
+        return member is not None and member.task_index in self.selected
+
+    def _population_in(self) -> bool:
+        """Whether the workers a round waits for are in: those expected, for the first round; those live before
+        a restart, for the first after it (one lease); anyone, later."""
+        return (self._warmed_up or len(self._seen_tasks) >= self.policy.num_workers
+                or self._clock() >= self._warm_up_ends)
+
+    def draw(self) -> Selection | None:
+        """Under client sampling, selects the workers of the open round if it has none yet and may draw now
+        (see the module's docstring); returns the draw, or None."""
+        if (not self.sampling or self.draws or not self.has_model or self.done or self.closing or not self.members
+                or not (self._population_in() or self._clock() >= self.deadline)):
+            return None
+        live = len(self.members)
+        sampling = self.policy.sampling
+        self._quorum = min(sampling.quorum(live), self.policy.replicas_to_aggregate or live)
+        return self._add_draw(self.members, sampling.size(live))
+
+    def draw_again(self) -> Selection | None:
+        """Selects as many workers again from those live and not yet selected: for a round past its deadline
+        without ``min_updates``. None if there are none."""
+        if not self.draws or self.closing:
+            return None
+        candidates = {mid: m for mid, m in self.members.items() if m.task_index not in self.selected}
+        return self._add_draw(candidates, len(self.draws[0].selected)) if candidates else None
+
+    def _add_draw(self, candidates: dict[str, Member], size: int) -> Selection:
+        selection = Selection.draw(self.open_round, (m.task_index for m in candidates.values()), size, self._seeds())
+        self.draws.append(selection)
+        self.selected |= selection.selected
+        return selection
+
+    def population(self) -> tuple[int, int]:
+        """The open round's ``(sampled, population)``: how many workers it selected of how many live (those of
+        its first draw); without client sampling, every live worker and every contributor, both times."""
+        if self.draws:
+            return len(self.selected), len(self.draws[0].population)
+        everyone = len(self.contributors.union(self.members))
+        return everyone, everyone
+
+    def _live_selected(self) -> list[str]:
+        return [mid for mid in map(self._by_task.get, self.selected) if mid is not None]
+
     def ready_to_close(self) -> bool:
         if not self.has_model or self.closing or self.done or not self.contributors:
             return False
         policy = self.policy
-        if policy.replicas_to_aggregate is not None:
+        if self.sampling:
+            if len(self.contributors) >= self._quorum or (
+                    policy.replicas_to_aggregate is None and self.contributors.issuperset(self._live_selected())):
+                return True
+        elif policy.replicas_to_aggregate is not None:
             if len(self.contributors) >= policy.replicas_to_aggregate:
                 return True
-        elif ((self._warmed_up or len(self._seen_tasks) >= policy.num_workers or self._clock() >= self._warm_up_ends)
+        elif (self._population_in()
               # Sizes first: this runs after every update, and comparing the sets
               # each time would cost O(workers^2) per round.
               and len(self.contributors) >= len(self.members) and self.contributors.issuperset(self.members)):
@@ -188,10 +293,11 @@ class Rounds:
     def silent_members(self) -> list[int]:
         """The task indices of live members without an update in a round that is closing for its deadline
         (not for its quorum: backup workers left out by ``replicas_to_aggregate`` are not silent)."""
-        quorum = self.policy.replicas_to_aggregate
+        quorum = self._quorum if self.sampling else self.policy.replicas_to_aggregate
         if (quorum is not None and len(self.contributors) >= quorum) or self._clock() < self.deadline:
             return []
-        return [m.task_index for mid, m in self.members.items() if mid not in self.contributors]
+        expected = self._live_selected() if self.sampling else self.members
+        return [self.members[mid].task_index for mid in expected if mid not in self.contributors]
 
     def overdue(self) -> bool:
         """The deadline passed without the minimum number of updates."""
@@ -210,6 +316,8 @@ class Rounds:
             self._warmed_up = True
         self.round = round
         self.contributors.clear()
+        self.draws = []
+        self.selected = set()
         self.closing = False
         self.deadline = self._clock() + self.policy.round_timeout
 

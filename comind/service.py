@@ -29,6 +29,8 @@ stale round           OK, receipt ``STALE``  unchanged; the newest model
                                              follows
 duplicate             OK, receipt            unchanged (idempotent)
                       ``DUPLICATE``
+from a worker the     OK, receipt            unchanged; the worker's next
+round did not select  ``NOT_SELECTED``       model follows once selected
 ====================  =====================  ===========================
 
 A worker's part in a round is one ``Round`` call: a hello (with its update's
@@ -99,7 +101,8 @@ MODES = {modes.FEDERATED: pb.TRAINING_MODE_FEDERATED, modes.DISTRIBUTED: pb.TRAI
 _KINDS = {pb.UPDATE_KIND_DELTA: UpdateKind.DELTA, pb.UPDATE_KIND_INITIAL: UpdateKind.INITIAL}
 _RESULTS = {UpdateResult.ACCEPTED: pb.UPDATE_RESULT_ACCEPTED, UpdateResult.DUPLICATE: pb.UPDATE_RESULT_DUPLICATE,
             UpdateResult.STALE: pb.UPDATE_RESULT_STALE, UpdateResult.EARLY: pb.UPDATE_RESULT_EARLY,
-            UpdateResult.NOT_NEEDED: pb.UPDATE_RESULT_NOT_NEEDED}
+            UpdateResult.NOT_NEEDED: pb.UPDATE_RESULT_NOT_NEEDED,
+            UpdateResult.NOT_SELECTED: pb.UPDATE_RESULT_NOT_SELECTED}
 
 
 class Service(pb_grpc.ParameterServerServicer):
@@ -182,7 +185,7 @@ class Service(pb_grpc.ParameterServerServicer):
         model_bytes = self.ps.model.layout.nbytes if self.ps.model else 0
         wait = LONG_POLL_SECONDS if remaining is None else \
             max(0.0, min(LONG_POLL_SECONDS, remaining - transfer_seconds(model_bytes)))
-        model = await _unless_refused(renewals, self.ps.next_model(hello.have_round, wait))
+        model = await _unless_refused(renewals, self.ps.next_model(hello.member_id, hello.have_round, wait))
         if model is None:
             await context.write(not_ready(self.ps.round))
             return

@@ -99,6 +99,16 @@ class PsSettings(_Cluster):
         None, "updates that close a round (fewer than the workers leaves backups); unset: all live workers",
         config.positive_int)
     min_updates: int = _setting(1, "updates a round needs to close at its deadline", config.positive_int)
+    # Client sampling (comind/sampling.py).
+    clients_per_round: int | None = _setting(
+        None, "client sampling: each round selects this many of the live workers at random (K) and closes at K "
+        "updates; the others wait without training. Unset: every live worker", config.positive_int)
+    client_fraction: float | None = _setting(
+        None, "client sampling by fraction: K is this fraction of the live workers (rounded down, at least 1), "
+        "instead of --clients-per-round", config.fraction_up_to_one)
+    over_selection: float = _setting(
+        0.0, "with client sampling, each round selects ceil(K (1 + this)) workers and still closes at K updates, "
+        "so slow or vanished workers cost no round", config.non_negative_float)
     round_timeout: float = _setting(600.0, "seconds a round waits for stragglers", config.positive_float)
     lease_seconds: float = _setting(10.0, "seconds a worker stays live without a heartbeat", config.positive_float)
     weighting: str = _setting("examples", "how updates are weighted in the average (the mean only)", str,

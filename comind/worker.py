@@ -153,6 +153,7 @@ class _Chief:
         self.tester = _model(settings, dataset)
         self._tests = ThreadPoolExecutor(1, thread_name_prefix="comind-test")
         self._pending: list[Future] = []
+        self._last_round = 0  # of the last global model received
 
     def _eval_every(self) -> int:
         total = self.client.total_rounds or self.settings.rounds
@@ -160,7 +161,11 @@ class _Chief:
 
     def on_round(self, state: GlobalState) -> None:
         if state.round > 0:
-            self._record(state, evaluate=state.done or state.round % self._eval_every() == 0)
+            # Every round with eval_every 1; else the first model past each multiple of it: under client
+            # sampling the chief receives only the rounds it trains in (and the final model).
+            every = self._eval_every()
+            self._record(state, evaluate=state.done or state.round // every > self._last_round // every)
+            self._last_round = state.round
 
     def _record(self, state: GlobalState, evaluate: bool) -> None:
         # The round's figures over every worker's update, as the ps's round line has them: this model's own

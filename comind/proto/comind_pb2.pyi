@@ -26,6 +26,7 @@ class UpdateResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_RESULT_STALE: _ClassVar[UpdateResult]
     UPDATE_RESULT_EARLY: _ClassVar[UpdateResult]
     UPDATE_RESULT_NOT_NEEDED: _ClassVar[UpdateResult]
+    UPDATE_RESULT_NOT_SELECTED: _ClassVar[UpdateResult]
 TRAINING_MODE_FEDERATED: TrainingMode
 TRAINING_MODE_DISTRIBUTED: TrainingMode
 UPDATE_KIND_UNSPECIFIED: UpdateKind
@@ -37,6 +38,7 @@ UPDATE_RESULT_DUPLICATE: UpdateResult
 UPDATE_RESULT_STALE: UpdateResult
 UPDATE_RESULT_EARLY: UpdateResult
 UPDATE_RESULT_NOT_NEEDED: UpdateResult
+UPDATE_RESULT_NOT_SELECTED: UpdateResult
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
