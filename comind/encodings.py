@@ -223,7 +223,8 @@ class Int8:
             if _floating(spec):
                 # The scale of each value: that of its block in the vector of every floating-point value.
                 blocks = np.arange(offset, offset + spec.size, dtype=np.int64) // self.block
-                target.reshape(-1)[...] = part * scales[blocks]
+                with np.errstate(over="ignore"):  # a hostile scale: Inf, which the ps's finite check refuses
+                    target.reshape(-1)[...] = part * scales[blocks]
                 offset += spec.size
             else:
                 target[...] = part
