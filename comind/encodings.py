@@ -118,10 +118,11 @@ class _PerTensor:
     def decode(self, layout: Layout, wire: np.ndarray, out: np.ndarray) -> None:
         parts = iter(self.wire_layout(layout).views(wire))
         for spec, target in zip(layout.specs, layout.views(out), strict=True):
-            if _floating(spec):
-                self.decode_tensor([next(parts) for _ in self.parts(spec)], target.reshape(-1))
-            else:
+            if not _floating(spec):
                 target[...] = next(parts)
+                continue
+            with np.errstate(over="ignore"):  # a value beyond a float16 tensor's range: Inf, which the ps refuses
+                self.decode_tensor([next(parts) for _ in self.parts(spec)], target.reshape(-1))
 
 
 class Float32(_PerTensor):

@@ -7,17 +7,21 @@ the digits trains through each encoding in a second.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from comind import encodings, refusals, settings
+from comind.client import WorkerClient
 from comind.datasets import load
 from comind.encodings import Encoder, EncodingError
+from comind.errors import PsRefusal
 from comind.pipeline import PipelineSettings, ServerPipeline
 from comind.ps import UpdateHeader, UpdateKind, UpdateResult
 from comind.tensors import Layout, chunks
+from test_cluster import run_clients
 from test_ps import INITIAL, LAYOUT, make_ps, model_values, never_read
 
 #: The basic model on the digits (Dense 64 -> 128 -> 10), the model the accuracy figures are for.
@@ -308,3 +312,32 @@ def test_training_through_16_bit_and_int8_encodings_reaches_float32s_accuracy_wi
     for name in ("float16", "bfloat16", "int8"):
         assert federated_softmax_regression(name) >= reference - 0.005, name
     assert federated_softmax_regression("topk:0.1") > reference - 0.03  # error feedback keeps top-k close
+
+
+# --- Over gRPC: a ps process and WorkerClients -----------------------------------------------------------
+
+
+def test_workers_send_what_the_ps_announces_and_decode_a_float16_model(start_ps):
+    ps = start_ps("--num-workers", "2", "--rounds", "3", "--exit-grace", "5", "--update-encoding", "topk:0.5",
+                  "--model-encoding", "float16")
+    histories = run_clients(ps.address, [50, 150])
+    assert ps.wait() == 0
+    assert "Updates come in as topk:0.5; the model goes down as float16." in ps.log()
+    for task in histories:
+        for round, weights in histories[task]["received"].items():
+            for w in weights:
+                assert w.dtype == np.float32
+                if round > 0:  # the chief's initial model went up as it is; every later one came down as float16
+                    np.testing.assert_array_equal(w.astype(np.float16).astype(np.float32), w)
+    assert len(re.findall(r"Round \d+/3: 2 updates", ps.log())) == 3
+
+
+def test_a_worker_that_sends_another_encoding_than_announced_is_refused_with_invalid_argument(start_ps):
+    ps = start_ps("--num-workers", "1", "--rounds", "3", "--update-encoding", "int8")
+    with WorkerClient(ps.address, task_index=0) as client:
+        state = client.join([np.zeros((4, 3), np.float32)])
+        assert client.encoder.encoding.name == "int8"
+        client.encoder = Encoder(encodings.Float16())
+        with pytest.raises(PsRefusal, match=r"This ps takes updates encoded as int8 .* Received: "
+                                            r"encoding='float16' \(status INVALID_ARGUMENT\)"):
+            client.sync([w + 1 for w in state.weights], num_examples=10)
