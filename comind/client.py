@@ -33,7 +33,7 @@ from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, RETRY_AFTER_KEY, round_call_seconds
 from comind.rounds import MIN_LEASE_SECONDS
-from comind.tensors import Assembler, Layout, LayoutError, StreamError, chunks
+from comind.tensors import Assembler, Layout, StreamError, chunks
 
 log = logging.getLogger(__name__)
 

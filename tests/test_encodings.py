@@ -201,6 +201,7 @@ def test_the_ps_decodes_each_encoding_and_counts_the_encoded_bytes(name):
     ps = asyncio.run(scenario())
     kernel, bias, counter = model_values(ps)
     np.testing.assert_allclose(kernel, 2.0, rtol=1e-6)
+    np.testing.assert_allclose(bias, 2.0, rtol=1e-6)
     assert counter[0] == 5
     received = registry.get_sample_value("comind_update_bytes_total", {"direction": "received"})
     assert received == LAYOUT.nbytes + 2 * ps.pipeline.update_encoding.wire_layout(ps.model.layout).nbytes

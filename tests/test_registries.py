@@ -101,7 +101,8 @@ def test_the_chart_offers_the_encodings():
     template = (CHART / "templates" / "ps-statefulset.yaml").read_text()
     for setting, value in ENCODING_SETTINGS:
         assert values[value] == encodings.FLOAT32
-        assert f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}" in template
+        passed = f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}"
+        assert passed in template
 
 
 @pytest.mark.parametrize("setting, value", ENCODING_SETTINGS)
