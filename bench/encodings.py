@@ -51,9 +51,9 @@ def accuracy(update: str, model: str, output: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
-    lines = [f"# bench/encodings.py --repeats {args.repeats}: {platform.machine()}, {os.cpu_count()} CPUs, "
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each encoding, their accuracy averaged")
+    repeats = parser.parse_args().repeats
+    lines = [f"# bench/encodings.py --repeats {repeats}: {platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}",
              f"{'update':>10} {'model':>8} {'up bytes':>9} {'ratio':>7} {'down bytes':>10} {'accuracy':>9} "
              f"{'vs float32':>10}"]
@@ -62,7 +62,7 @@ def main() -> None:
     figures = []
     with tempfile.TemporaryDirectory() as scratch:
         for i, (update, model) in enumerate(RUNS):
-            runs = [accuracy(update, model, Path(scratch) / f"{i}-{r}") for r in range(args.repeats)]
+            runs = [accuracy(update, model, Path(scratch) / f"{i}-{r}") for r in range(repeats)]
             mean = statistics.fmean(runs)
             reference = mean if reference is None else reference
             up = encodings.parse(update).wire_layout(DIGITS_MODEL).nbytes
