@@ -14,11 +14,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from comind import encodings, refusals, settings
-from comind.client import WorkerClient
+from comind.client import Update, WorkerClient
 from comind.datasets import load
 from comind.encodings import Encoder, EncodingError
 from comind.errors import PsRefusal
 from comind.pipeline import PipelineSettings, ServerPipeline
+from comind.proto import comind_pb2 as pb
 from comind.ps import UpdateHeader, UpdateKind, UpdateResult
 from comind.tensors import Layout, chunks
 from test_cluster import run_clients
@@ -342,3 +343,17 @@ def test_a_worker_that_sends_another_encoding_than_announced_is_refused_with_inv
         with pytest.raises(PsRefusal, match=r"This ps takes updates encoded as int8 .* Received: "
                                             r"encoding='float16' \(status INVALID_ARGUMENT\)"):
             client.sync([w + 1 for w in state.weights], num_examples=10)
+
+
+def test_an_update_is_encoded_once_for_every_attempt_and_again_only_for_another_encoding():
+    """Retries send the same bytes (a stochastic rounding drawn again, or error feedback counted twice, would not
+    be the update the worker meant); a ps restarted with another encoding gets the update in that one."""
+    update = Update(pb.UPDATE_KIND_DELTA, 1, LAYOUT.pack([np.full((4, 3), 0.3, np.float32), np.ones(3, np.float32),
+                                                          np.array([1], np.int64)]))
+    int8 = Encoder(encodings.Int8(), seed=0)
+    first = update.encoded(LAYOUT, int8)
+    assert update.encoded(LAYOUT, int8) is first and update.header(LAYOUT).encoding == "int8"
+    again = update.encoded(LAYOUT, Encoder(encodings.Float16()))
+    assert again.nbytes == encodings.Float16().wire_layout(LAYOUT).nbytes and update.encoding == "float16"
+    initial = Update(pb.UPDATE_KIND_INITIAL, 0, update.packed)
+    assert initial.encoded(LAYOUT, int8) is update.packed and initial.header(LAYOUT).encoding == "float32"
