@@ -222,9 +222,10 @@ class Int8:
         for spec, part, target in zip(layout.specs, parts, layout.views(out), strict=True):
             if _floating(spec):
                 # The scale of each value: that of its block in the vector of every floating-point value.
-                blocks = np.arange(offset, offset + spec.size, dtype=np.int64) // self.block
+                first, stop = offset // self.block, -(-(offset + spec.size) // self.block)
+                edges = np.clip(np.arange(first, stop + 1, dtype=np.int64) * self.block, offset, offset + spec.size)
                 with np.errstate(over="ignore"):  # a hostile scale: Inf, which the ps's finite check refuses
-                    target.reshape(-1)[...] = part * scales[blocks]
+                    target.reshape(-1)[...] = part * np.repeat(scales[first:stop], np.diff(edges))
                 offset += spec.size
             else:
                 target[...] = part
