@@ -24,7 +24,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from comind import handshakes, modes
+from comind import encodings, handshakes, modes
 from comind.auth import TlsFiles, call_metadata
 from comind.backoff import Backoff
 from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
@@ -33,7 +33,7 @@ from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, RETRY_AFTER_KEY, round_call_seconds
 from comind.rounds import MIN_LEASE_SECONDS
-from comind.tensors import Assembler, Layout, LayoutError, StreamError, chunks
+from comind.tensors import Assembler, Layout, StreamError, chunks
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,22 @@ class Update:
     loss: float = 0.0
     accuracy: float = 0.0
     receipt: str | None = None  # what the ps made of it, once it said
+    #: ``packed`` as it goes on the wire, and its encoding (:mod:`comind.encodings`); an initial model as it is.
+    encoding: str = encodings.FLOAT32
+    wire: np.ndarray | None = None
 
     def header(self, layout: Layout) -> pb.UpdateHeader:
         return pb.UpdateHeader(kind=self.kind, round=self.round, num_examples=self.num_examples, loss=self.loss,
-                               accuracy=self.accuracy, tensors=layout.to_proto())
+                               accuracy=self.accuracy, tensors=layout.to_proto(), encoding=self.encoding)
+
+    def encoded(self, layout: Layout, encoder: encodings.Encoder) -> np.ndarray:
+        """The bytes to send: a delta encoded as the ps said once (the same on every attempt), or again should
+        the ps now say otherwise (it restarted with another encoding); an initial model as it is."""
+        if self.kind == pb.UPDATE_KIND_INITIAL:
+            return self.packed
+        if self.wire is None or self.encoding != encoder.encoding.name:
+            self.wire, self.encoding = encoder.encode(layout, self.packed), encoder.encoding.name
+        return self.wire
 
 
 def delta(layout: Layout, weights: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -131,14 +143,16 @@ def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
         return None
     try:
         layout = Layout.from_proto(header.tensors, max_bytes=1 << 62)
-    except LayoutError as error:
+        encoding = encodings.parse(header.encoding)
+    except ValueError as error:
         raise ProtocolError(f"The ps sent a model header this worker cannot read: {error}") from None
     problem = layout.mismatch(expected)
     if problem:
         raise ModelMismatch(f"This worker's model does not match the ps's global model: {problem} (as "
                             "the ps has it). Every worker must train the architecture the ps holds: "
                             "check COMIND_MODEL, COMIND_DATASET and the ps's checkpoint directory.")
-    assembler = Assembler(layout)
+    # The bytes follow from the worker's own layout (which the header's matches) and the encoding.
+    assembler = Assembler(encoding.wire_layout(expected))
     try:
         assembler.feed(first.data)
         for message in messages:
@@ -148,6 +162,12 @@ def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
         packed = assembler.finish()
     except StreamError as error:
         raise ProtocolError(f"The ps sent a broken model: the {error}.") from None
+    if not encoding.identity:
+        encoded, packed = packed, np.empty(layout.nbytes, np.uint8)
+        try:
+            encoding.decode(expected, encoded, packed)
+        except encodings.EncodingError as error:
+            raise ProtocolError(f"The ps sent a model that does not decode as {encoding.name}: {error}.") from None
     return GlobalState(layout.views(packed), header.round, header.done, header.train_loss,
                        header.train_accuracy), packed
 
@@ -177,6 +197,8 @@ class WorkerClient:
         self.total_rounds: int | None = None
         self.replicas_to_aggregate: int | None = None  # None: every live worker
         self.mode = modes.FEDERATED  # what an update is: the ps's mode, known once joined (comind.modes)
+        #: How updates go to the ps, as it said at join; its error feedback, if any, lives in this process only.
+        self.encoder = encodings.Encoder(encodings.Float32())
         self._metadata = call_metadata(token)
         options = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000),
                    # gRPC's own reconnect back-off grows to 2 minutes; a ps back from an outage waits one lease
@@ -309,6 +331,14 @@ class WorkerClient:
                     raise ProtocolError(f"The ps trains in a mode this worker does not know ({reply.mode}); run the "
                                         "same coMind version on the ps and the workers.")
                 self.mode = _MODES[reply.mode]
+                try:
+                    encoding = encodings.parse(reply.update_encoding)
+                except ValueError as error:
+                    raise ProtocolError(f"The ps wants updates encoded in a way this worker does not know ({error}); "
+                                        "run the same coMind version on the ps and the workers.") from None
+                if encoding.name != self.encoder.encoding.name:
+                    log.info("The ps takes updates encoded as %s.", encoding.name)
+                    self.encoder = encodings.Encoder(encoding)
                 log.info("Joined the ps at %s (its round %d).", self.address, reply.round)
             return Membership(self._member_id, self._known_round)
 
@@ -332,6 +362,7 @@ class WorkerClient:
         elif send is not None and send.kind == pb.UPDATE_KIND_INITIAL:
             send = None  # the ps has a model already
         hello = pb.Hello(member_id=member.id, have_round=self.round)
+        wire = send.encoded(layout, self.encoder) if send is not None else None
         if send is not None:
             hello.update.CopyFrom(send.header(layout))
         finished = threading.Event()  # the call is over: stop renewing
@@ -341,8 +372,8 @@ class WorkerClient:
             # flow control holds them here, not in the ps's memory. (The hello and a 0.4 MB update in one
             # message raised the ps's peak memory with 250 workers from 400 to 500 MB: tests/test_load.py.)
             yield pb.WorkerMessage(hello=hello)
-            if send is not None:
-                for data in chunks(send.packed):
+            if send is not None and wire is not None:
+                for data in chunks(wire):
                     if send.receipt is not None:  # the ps has said what it made of it: the rest is not needed
                         break
                     yield pb.WorkerMessage(data=data)
@@ -369,7 +400,7 @@ class WorkerClient:
                 log.warning("The ps is behind our update for round %d (it resumed from an older checkpoint).",
                             send.round)
 
-        timeout = round_call_seconds(send.packed.nbytes if send else 0, layout.nbytes)
+        timeout = round_call_seconds(wire.nbytes if wire is not None else 0, layout.nbytes)
         self._call_opened()
         responses = self._stub.Round(requests(), timeout=timeout, metadata=self._metadata)
         try:

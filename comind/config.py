@@ -106,6 +106,12 @@ shard_methods = owned_names("comind.sharding", "METHODS")
 aggregation_rules = owned_names("comind.aggregators", "AGGREGATORS")
 weightings = owned_names("comind.weighting", "WEIGHTINGS")
 server_optimizers = owned_names("comind.server_optimizers", "SERVER_OPTIMIZERS")
+model_encodings = owned_names("comind.encodings", "MODEL_ENCODINGS")
+
+
+def update_encoding(text: str) -> str:
+    """An update encoding of ``comind.encodings.ENCODINGS`` by its canonical name (``topk:0.01``)."""
+    return str(importlib.import_module("comind.encodings").parse(text).name)
 
 
 def dataset_name(text: str) -> str:
@@ -131,6 +137,8 @@ _TYPE_NAMES: dict[Callable[[str], Any], Callable[[], str]] = {
     non_negative_float: lambda: "a finite number >= 0",
     dataset_name: lambda: f"one of {', '.join(dataset_names())}, or a path to a .npz file",
     model_spec: lambda: f"one of {', '.join(model_names())}, or module:function for your own",
+    update_encoding: lambda: f"one of {importlib.import_module('comind.encodings').DESCRIPTION}, FRACTION above 0 "
+                             f"and at most 1",
     str: lambda: "text"}
 
 #: What an option's choices may be: the names themselves, or the function of their owner that gives them.

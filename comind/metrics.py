@@ -67,7 +67,8 @@ class PsMetrics:
         self.updates = Counter(
             "comind_updates", "Updates received, by result.", ["result"], registry=registry)
         self.update_bytes = Counter(
-            "comind_update_bytes", "Model bytes streamed, by direction.", ["direction"], registry=registry)
+            "comind_update_bytes", "Model and update bytes streamed, as encoded on the wire, by direction.",
+            ["direction"], registry=registry)
         self.auth_failures = Counter(
             "comind_auth_failures", "Calls refused for a missing or wrong token.", registry=registry)
         self.checkpoint_seconds = Histogram(

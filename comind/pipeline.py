@@ -1,7 +1,7 @@
 """The ps's side of a round, as a pipeline of named stages.
 
-After an update is decoded and validated (``service.py``, ``ps.py``) it
-passes, in order:
+After an update is decoded (``encodings.py``: the encoding the ps
+announced) and validated (``service.py``, ``ps.py``) it passes, in order:
 
 1. **weighting** (``weighting.py``): what it counts for in the mean;
 2. **per-update transforms** (``clipping.py``): the norm bound;
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from comind import modes
+from comind import encodings, modes
 from comind.aggregators import AGGREGATORS, AggregatorSettings, RoundAggregate
 from comind.clipping import NormClip
 from comind.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
@@ -45,9 +45,16 @@ class PipelineSettings:
     server_optimizer: str = "fedavg"
     #: The server optimizer's hyperparameters (each optimizer reads those it has).
     server_optimizer_settings: ServerOptimizerSettings = dataclasses.field(default_factory=ServerOptimizerSettings)
+    #: How updates come in, and how the model goes down (:mod:`comind.encodings`).
+    update_encoding: str = encodings.FLOAT32
+    model_encoding: str = encodings.FLOAT32
 
     def __post_init__(self) -> None:
         WEIGHTINGS[self.weighting], AGGREGATORS[self.aggregation], SERVER_OPTIMIZERS[self.server_optimizer]
+        encodings.parse(self.update_encoding)
+        if self.model_encoding not in encodings.MODEL_ENCODINGS:
+            raise ValueError(f"model_encoding must be one of {', '.join(encodings.MODEL_ENCODINGS)}. Received: "
+                             f"model_encoding={self.model_encoding!r}")
         if self.mode not in modes.MODES:
             raise ValueError(f"mode must be one of {', '.join(modes.MODES)}. Received: mode={self.mode!r}")
 
@@ -86,6 +93,9 @@ class ServerPipeline:
         self.aggregator = AGGREGATORS[settings.aggregation](AggregatorSettings(settings.trim_fraction))
         self.clip = NormClip(settings.max_update_norm) if settings.max_update_norm is not None else None
         self.optimizer = SERVER_OPTIMIZERS[settings.server_optimizer](settings.server_optimizer_settings)
+        #: The decode stage: what every update's bytes are, and what the model's are on their way down.
+        self.update_encoding = encodings.parse(settings.update_encoding)
+        self.model_encoding = encodings.parse(settings.model_encoding)
         self._optimizer_state: dict[str, np.ndarray] | None = None
         # Named by the optimizer: another optimizer's state in a checkpoint is not taken for this one's.
         self._state_prefix = f"server_optimizer/{settings.server_optimizer}/"

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from comind import refusals, tensors
+from comind import encodings, refusals, tensors
 from comind.admission import Summary, TokenBucket
 from comind.checkpoint import CheckpointStore
 from comind.metrics import JOIN_REFUSALS, PsMetrics
@@ -84,6 +84,8 @@ class UpdateHeader:
     num_examples: int = 0
     loss: float = 0.0
     accuracy: float = 0.0
+    #: How its bytes encode ``layout`` (:mod:`comind.encodings`); an initial model is always ``float32``.
+    encoding: str = encodings.FLOAT32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,7 @@ class JoinInfo:
     done: bool
     replicas_to_aggregate: int | None
     mode: str
+    update_encoding: str = encodings.FLOAT32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +237,7 @@ class ParameterServer:
             self._membership_changed()
         policy = self.rounds.policy
         return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
-                        policy.replicas_to_aggregate, self.pipeline.settings.mode)
+                        policy.replicas_to_aggregate, self.pipeline.settings.mode, self.pipeline.update_encoding.name)
 
     def _admit(self, task_index: int, peer: bytes | None, instance: str) -> str | None:
         """Whether a registration may go ahead: None if so, the member id to give back if the same worker
@@ -374,6 +377,9 @@ class ParameterServer:
         if self.model is not None:
             self._check_layout(header.layout)
             return UpdateResult.NOT_NEEDED
+        if header.encoding != encodings.FLOAT32:
+            raise refusals.InvalidRequest(f"An initial model travels as it is, encoded as {encodings.FLOAT32}. "
+                                          f"Received: encoding={header.encoding[:40]!r}")
         nbytes = header.layout.nbytes
         # In a receive slot, as an update: a few at a time, each by its deadline.
         async with self._receiving.hold(nbytes) as deadline:
@@ -420,15 +426,44 @@ class ParameterServer:
         if not (math.isfinite(header.loss) and math.isfinite(header.accuracy)):
             raise refusals.NotFinite(f"Loss and accuracy must be finite numbers. Received: loss={header.loss}, "
                                      f"accuracy={header.accuracy}")
+        encoding = self.pipeline.update_encoding
+        if header.encoding != encoding.name:
+            raise refusals.InvalidRequest(
+                f"This ps takes updates encoded as {encoding.name} (COMIND_UPDATE_ENCODING), as it said when the "
+                f"worker joined; run the same coMind version on the ps and the workers. Received: "
+                f"encoding={header.encoding[:40]!r}")
+        assert self.model is not None  # _check_layout needs one
+        # From the ps's own layout, which the header's matches: the bytes to read follow from it and the encoding.
+        wire = encoding.wire_layout(self.model.layout)
         nbytes = header.layout.nbytes
-        async with self._receiving.hold(nbytes) as deadline:
+        async with self._receiving.hold(wire.nbytes) as deadline:
             buffer = self._buffers.take(nbytes)
             try:
                 async with asyncio.timeout_at(deadline):
-                    packed = await self._read(header.layout, data, buffer, member_id)
+                    if encoding.identity:
+                        packed = await self._read(header.layout, data, buffer, member_id)
+                    else:
+                        encoded = await self._read(wire, data, np.empty(wire.nbytes, np.uint8), member_id)
+                        packed = await self._offload(nbytes, self._decode, encoding, encoded, buffer)
+                        del encoded
                 return await self._commit(member_id, header, packed)
             finally:
                 self._buffers.give_back(buffer)
+
+    def _decode(self, encoding: encodings.Encoding, encoded: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """An update's encoded bytes decoded into ``out``, and checked as the bytes of one sent as it is are."""
+        assert self.model is not None
+        layout = self.model.layout
+        try:
+            encoding.decode(layout, encoded, out)
+        except encodings.EncodingError as error:
+            raise refusals.InvalidRequest(f"The update does not decode as {encoding.name}: {error}.") from None
+        for i, (spec, view) in enumerate(zip(layout.specs, layout.views(out), strict=True)):
+            if spec.dtype.kind == "f" and not np.isfinite(view).all():
+                raise refusals.NotFinite(f"The model is not finite: tensor {i} ({spec.describe()}) holds NaN or Inf "
+                                         f"once decoded from {encoding.name}. Training diverged; lower the learning "
+                                         f"rate or clip gradients.")
+        return out
 
     async def _read(self, layout: Layout, data: AsyncIterator[bytes], buffer: np.ndarray,
                     member_id: str) -> np.ndarray:

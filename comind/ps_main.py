@@ -34,7 +34,8 @@ def server_pipeline(settings: PsSettings) -> ServerPipeline:
     pipeline = ServerPipeline(PipelineSettings(
         mode=settings.mode, weighting=settings.weighting, aggregation=settings.aggregation,
         trim_fraction=settings.trim_fraction, max_update_norm=settings.max_update_norm, server_optimizer=name,
-        server_optimizer_settings=optimizer))
+        server_optimizer_settings=optimizer, update_encoding=settings.update_encoding,
+        model_encoding=settings.model_encoding))
     pipeline.check_quorum(round_policy(settings).expected_updates)
     return pipeline
 
@@ -124,6 +125,9 @@ def run_ps(settings: PsSettings) -> int:
         elif pipeline.settings.server_optimizer != "fedavg" or pipeline.optimizer.learning_rate != 1.0:
             log.info("Server optimizer %s with learning rate %g.", pipeline.settings.server_optimizer,
                      pipeline.optimizer.learning_rate)
+        if not (pipeline.update_encoding.identity and pipeline.model_encoding.identity):
+            log.info("Updates come in as %s; the model goes down as %s.", pipeline.update_encoding.name,
+                     pipeline.model_encoding.name)
         if pipeline.clip:
             log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
         return await service.run(ps, server, settings.exit_grace)

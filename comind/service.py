@@ -52,8 +52,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
-from comind import modes, refusals
+from comind import encodings, modes, refusals
 from comind.auth import TlsFiles, TokenInterceptor
 from comind.decoding import DecodingInterceptor
 from comind.proto import comind_pb2 as pb
@@ -114,14 +115,15 @@ class Service(pb_grpc.ParameterServerServicer):
         # workers of a 0.4 MB model, and let all their next updates arrive
         # together, buffered by gRPC: up to 250 MB more; bench/load.py.)
         self._sending = Slots(2, "sending")
-        self._messages = ModelMessages()
+        self._messages = ModelMessages(ps.pipeline.model_encoding)
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         info = await _answer(context, self.ps.join, request.task_index, request.description, _peer(context),
                              request.instance)
         return pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
                             total_rounds=info.total_rounds, done=info.done,
-                            replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode])
+                            replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode],
+                            update_encoding=info.update_encoding)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         await _answer(context, self.ps.renew, request.member_id, _peer(context))
@@ -207,7 +209,8 @@ class Service(pb_grpc.ParameterServerServicer):
             raise refusals.ModelTooLarge(str(error)) from None
         except LayoutError as error:
             raise refusals.InvalidRequest(str(error)) from None
-        return UpdateHeader(kind, message.round, layout, message.num_examples, message.loss, message.accuracy)
+        return UpdateHeader(kind, message.round, layout, message.num_examples, message.loss, message.accuracy,
+                            message.encoding or encodings.FLOAT32)
 
     async def _renewals(self, requests: _Requests, member_id: str, peer: bytes | None, unread: bool) -> None:
         while (message := await requests.next()) is not None:
@@ -280,19 +283,26 @@ class ModelMessages:
     """
 
     #: Models up to this size are serialized once per round; a larger one,
-    #: chunk by chunk for each call, so that the ps never holds a second copy of it.
+    #: chunk by chunk for each call, so that the ps never holds a second copy of it
+    #: (but for its encoded bytes, when it goes down encoded).
     SHARED_MAX_BYTES = 64 << 20
 
-    def __init__(self) -> None:
+    def __init__(self, encoding: encodings.Encoding | None = None) -> None:
+        self._encoding = encoding or encodings.Float32()
         self._model: GlobalModel | None = None
+        self._encoded: np.ndarray | None = None
         self._messages: list[tuple[bytes, int]] = []
+        self._rng = np.random.default_rng()
 
     def of(self, model: GlobalModel) -> Iterable[tuple[bytes, int]]:
-        """Each message of ``model``, serialized, with the model bytes it carries."""
+        """Each message of ``model``, serialized, with the (encoded) model bytes it carries."""
+        if model is not self._model or self._encoded is None:
+            self._model, self._messages = model, []
+            self._encoded = self._encoding.encode(model.layout, model.packed, self._rng)
         if model.layout.nbytes > self.SHARED_MAX_BYTES:
-            return _serialize(model)
-        if model is not self._model:
-            self._model, self._messages = model, list(_serialize(model))
+            return _serialize(model, self._encoded, self._encoding)
+        if not self._messages:
+            self._messages = list(_serialize(model, self._encoded, self._encoding))
         return self._messages
 
 
@@ -301,12 +311,12 @@ def not_ready(round: int) -> bytes:
     return pb.PsMessage(model=pb.ModelHeader(ready=False, round=round)).SerializeToString()
 
 
-def _serialize(model: GlobalModel) -> Iterator[tuple[bytes, int]]:
+def _serialize(model: GlobalModel, encoded: np.ndarray, encoding: encodings.Encoding) -> Iterator[tuple[bytes, int]]:
     """The header with the first chunk, then the other chunks: a model of one chunk is one message."""
     header = pb.ModelHeader(ready=True, round=model.round, done=model.done, total_rounds=model.total_rounds,
                             tensors=model.layout.to_proto(), train_loss=model.train_loss,
-                            train_accuracy=model.train_accuracy)
-    parts = chunks(model.packed)
+                            train_accuracy=model.train_accuracy, encoding="" if encoding.identity else encoding.name)
+    parts = chunks(encoded)
     first = next(parts, b"")
     yield pb.PsMessage(model=header, data=first).SerializeToString(), len(first)
     for data in parts:

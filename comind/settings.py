@@ -141,6 +141,15 @@ class PsSettings(_Cluster):
     server_epsilon: float | None = _setting(
         None, "tau, added to the square root of the second moment (fedadam, fedyogi, fedadagrad): it bounds their "
         "steps; unset: 1e-3, or Keras's 1e-7 in distributed mode", config.positive_float)
+    # The encode stage (comind/encodings.py).
+    update_encoding: str = _setting(
+        "float32", "how workers send their updates' floating-point values, announced when they join: float32 (as "
+        "they are), float16 or bfloat16 (half the bytes), int8 (a quarter, plus one float32 scale per 8192 values; "
+        "stochastic rounding, unbiased), or topk:FRACTION (each tensor's largest FRACTION of values with their "
+        "indices; the worker adds what it did not send to its next update)", config.update_encoding)
+    model_encoding: str = _setting(
+        "float32", "how the global model goes down to the workers: float32 (at the model's dtype) or float16 (half "
+        "the bytes; workers decode it back to the model's dtype)", str, config.model_encodings)
     checkpoint_dir: str | None = _setting(None, "directory for durable checkpoints; unset: in memory only")
     keep_checkpoints: int = _setting(3, "checkpoints to keep", config.positive_int)
     max_model_bytes: int = _setting(4 << 30, "largest model the ps accepts", config.positive_int)

@@ -219,6 +219,8 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("ps.serverOptimizer=adam", "/ps/serverOptimizer"),
     ("ps.serverMomentum=1", "/ps/serverMomentum"),
     ("ps.serverEpsilon=0", "/ps/serverEpsilon"),
+    ("ps.updateEncoding=int4", "/ps/updateEncoding"),
+    ("ps.modelEncoding=int8", "/ps/modelEncoding"),
     ("training.proximalMu=-1", "/training/proximalMu"),
 ])
 def test_bad_values_fail_with_a_message_that_names_them(helm, setting, message):

@@ -31,9 +31,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
 from numpy.lib import format as npy
 
-from comind import auth, cli, cluster_spec, config, datasets, settings
+from comind import auth, cli, cluster_spec, config, datasets, encodings, settings
 from comind.checkpoint import CheckpointStore
 from comind.client import WorkerClient, read_model
+from comind.encodings import EncodingError
 from comind.errors import ModelMismatch, ProtocolError
 from comind.npz import NpzError, NpzFile
 from comind.proto import comind_pb2 as pb
@@ -224,6 +225,67 @@ def test_a_round_call_answered_by_a_hostile_ps_decodes_or_is_refused(messages):
     assert (state.round, state.done) == (messages[header].model.round, messages[header].model.done)
     assert EXPECTED.mismatch(Layout.of(state.weights)) is None
     assert packed.tobytes() == EXPECTED.pack(state.weights).tobytes() == b"".join(m.data for m in messages[header:])
+
+
+#: Encodings the ps may announce or a peer may claim: every one, and names that are none.
+ENCODING_NAMES = st.one_of(st.sampled_from(["float32", "float16", "bfloat16", "int8", "topk:0.5", "topk:0.01",
+                                            "topk:1"]),
+                           st.sampled_from(["", "int4", "topk", "topk:0", "topk:nan", "topk:-1", "float16:2"]),
+                           st.text(max_size=12))
+
+
+def encoded_bytes(layout: Layout, encoding: encodings.Encoding, data) -> bytes:
+    """An update of ``layout`` encoded as ``encoding``: its bytes as a worker makes them, mutated, or any bytes of
+    the right count."""
+    size = encoding.wire_layout(layout).nbytes
+    honest = encoding.encode(layout, np.zeros(layout.nbytes, np.uint8), np.random.default_rng(0)).tobytes()
+    return data.draw(st.one_of(
+        st.binary(min_size=size, max_size=size),
+        st.builds(lambda mutations: bytes(_mutated(honest, mutations)) if honest else honest,
+                  st.lists(st.tuples(st.integers(0, max(size - 1, 0)), st.integers(0, 255)), max_size=4))))
+
+
+@given(ARRAYS, ENCODING_NAMES, st.data())
+def test_every_decoder_decodes_any_bytes_of_its_size_or_raises_encoding_error(arrays, name, data):
+    """What the ps reads of an update is exactly the count the layout and the encoding give; whatever those bytes
+    hold, the decoder gives an update of the layout (the ps then checks it is finite) or an EncodingError."""
+    try:
+        encoding = encodings.parse(name)
+    except ValueError as error:
+        assert "Received" in str(error) or "must be one of" in str(error)
+        return
+    layout = Layout.of(arrays)
+    assert encoding.wire_layout(layout).nbytes <= 3 * layout.nbytes + 4 * (1 + len(layout))
+    wire = np.frombuffer(encoded_bytes(layout, encoding, data), np.uint8)
+    out = np.empty(layout.nbytes, np.uint8)
+    try:
+        encoding.decode(layout, wire, out)
+    except EncodingError as error:
+        assert name.startswith("topk") and len(str(error)) < MAX_MESSAGE_CHARS
+        return
+    for spec, view in zip(layout.specs, layout.views(out), strict=True):
+        assert view.shape == spec.shape and view.dtype == spec.dtype
+
+
+@given(ENCODING_NAMES, st.lists(st.binary(max_size=80), max_size=3), st.booleans())
+def test_an_encoded_model_from_a_hostile_ps_decodes_or_is_refused(name, data, right_size):
+    """A model header may name any encoding, and carry any bytes under it."""
+    try:
+        size = encodings.parse(name).wire_layout(EXPECTED).nbytes
+    except ValueError:
+        size = EXPECTED.nbytes
+    if right_size:
+        data = [bytes(size)] if not data else [b"".join(data).ljust(size, b"\1")[:size]]
+    messages = [pb.PsMessage(model=pb.ModelHeader(ready=True, tensors=EXPECTED.to_proto(), encoding=name)),
+                *(pb.PsMessage(data=chunk) for chunk in data)]
+    try:
+        received = read_model(iter(messages), EXPECTED)
+    except ProtocolError as error:
+        assert len(str(error)) < MAX_MESSAGE_CHARS
+        return
+    assert received is not None
+    state, packed = received
+    assert packed.nbytes == EXPECTED.nbytes and EXPECTED.mismatch(Layout.of(state.weights)) is None
 
 
 class HostilePs:

@@ -9,8 +9,9 @@ import re
 import pytest
 import yaml
 
-from comind import modes, settings
+from comind import encodings, modes, settings
 from comind.aggregators import AGGREGATORS
+from comind.encodings import ENCODINGS, PARAMETERS
 from comind.registry import Registry
 from comind.server_optimizers import SERVER_OPTIMIZERS
 from comind.weighting import WEIGHTINGS
@@ -71,3 +72,40 @@ def test_a_registry_refuses_a_second_entry_of_the_same_name():
     with pytest.raises(ValueError, match="already has a choice named 'one'"):
         registry.register("one")(2)
     assert registry["one"] == 1 and "one" in registry and registry.names() == ("one",)
+
+
+# The encode stage: `--update-encoding` takes the registry's names, `topk` with a fraction; `--model-encoding` the
+# deterministic ones the model may go down as.
+ENCODING_SETTINGS = [("update_encoding", "updateEncoding"), ("model_encoding", "modelEncoding")]
+
+
+def test_the_update_encoding_setting_takes_exactly_the_registrys_encodings():
+    [option] = [o for o in settings.OPTIONS if o.name == "update_encoding"]
+    for name in ENCODINGS.names():
+        given = f"{name}:0.5" if name in PARAMETERS else name
+        assert option.convert(given, "COMIND_UPDATE_ENCODING") == encodings.parse(given).name
+    assert option.default == ENCODINGS.names()[0] == encodings.FLOAT32
+    [model] = [o for o in settings.OPTIONS if o.name == "model_encoding"]
+    assert model.choices == encodings.MODEL_ENCODINGS and model.default == encodings.MODEL_ENCODINGS[0]
+
+
+def test_the_chart_offers_the_encodings():
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["ps"]["properties"]
+    pattern = re.compile(schema["updateEncoding"]["pattern"])
+    for name in ENCODINGS.names():
+        assert pattern.match(f"{name}:0.01" if name in PARAMETERS else name)
+        assert not pattern.match(name if name in PARAMETERS else f"{name}:0.01")
+    assert not pattern.match("int4")
+    assert schema["modelEncoding"]["enum"] == list(encodings.MODEL_ENCODINGS)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["ps"]
+    template = (CHART / "templates" / "ps-statefulset.yaml").read_text()
+    for setting, value in ENCODING_SETTINGS:
+        assert values[value] == encodings.FLOAT32
+        passed = f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}"
+        assert passed in template
+
+
+@pytest.mark.parametrize("setting, value", ENCODING_SETTINGS)
+def test_compose_passes_the_encodings(setting, value):
+    variable = f"COMIND_{setting.upper()}"
+    assert re.search(rf"{variable}: \${{{variable}:-{encodings.FLOAT32}}}", (ROOT / "compose.yaml").read_text())

@@ -61,7 +61,7 @@ class JoinRequest(_message.Message):
     def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode")
+    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class JoinReply(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_TO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     lease_seconds: float
     round: int
@@ -76,7 +77,8 @@ class JoinReply(_message.Message):
     done: bool
     replicas_to_aggregate: int
     mode: TrainingMode
-    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ...) -> None: ...
+    update_encoding: str
+    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("member_id", "have_round", "update")
@@ -89,20 +91,22 @@ class Hello(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., have_round: _Optional[int] = ..., update: _Optional[_Union[UpdateHeader, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors")
+    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors", "encoding")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     kind: UpdateKind
     round: int
     num_examples: int
     loss: float
     accuracy: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    encoding: str
+    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "data", "end", "renewal")
@@ -125,7 +129,7 @@ class Receipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., result: _Optional[_Union[UpdateResult, str]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy")
+    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy", "encoding")
     READY_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +137,7 @@ class ModelHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     round: int
     done: bool
@@ -140,7 +145,8 @@ class ModelHeader(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     train_loss: float
     train_accuracy: float
-    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ...) -> None: ...
+    encoding: str
+    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class PsMessage(_message.Message):
     __slots__ = ("receipt", "model", "data")
