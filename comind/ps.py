@@ -106,6 +106,8 @@ class GlobalModel:
     #: NaN for a model no round of this process made (the initial one, or one resumed from a checkpoint).
     train_loss: float = math.nan
     train_accuracy: float = math.nan
+    #: Worker-level DP's epsilon at its delta after this model's round (the ledger's); NaN without DP.
+    epsilon: float = math.nan
 
 
 class ParameterServer:
@@ -136,9 +138,12 @@ class ParameterServer:
         checkpoint = store.latest() if store else None
         self.rounds = Rounds(policy, round=checkpoint.round if checkpoint else -1)
         if checkpoint and store:
-            self._set_model(checkpoint.round, checkpoint.layout, checkpoint.packed)
             self.pipeline.restore(checkpoint.state)
+            self._start_privacy(checkpoint.round)
+            self._set_model(checkpoint.round, checkpoint.layout, checkpoint.packed)
             log.info("Resumed from %s at round %d.", store.path(checkpoint.round), checkpoint.round)
+        else:
+            self._start_privacy(-1)
         self._round: RoundInProgress | None = None
         self._stats = np.zeros(3)  # examples, examples * loss, examples * accuracy
         self._round_opened = time.monotonic()
@@ -168,6 +173,52 @@ class ParameterServer:
     @property
     def done(self) -> bool:
         return self.rounds.done
+
+    # Privacy ------------------------------------------------------------------
+
+    def sampled_fraction(self) -> float:
+        """q: the fraction of the population the open round samples, for the privacy ledger.
+
+        Every live worker takes part in every round, so 1; client sampling
+        gives its fraction here, the one place the ledger takes it from.
+        """
+        return 1.0
+
+    def _start_privacy(self, round: int) -> None:
+        """Says what worker-level DP's ledger holds at start, and ends training if its budget is spent."""
+        privacy = self.pipeline.privacy
+        if privacy is None:
+            return
+        self.metrics.dp_noise_multiplier.set(privacy.settings.noise_multiplier)
+        ledger = privacy.ledger
+        if round > 0 and not ledger.rounds:
+            log.warning("The checkpoint of round %d holds no privacy ledger: its %d rounds had no differential "
+                        "privacy, and the model reveals what they did. Epsilon counts the rounds from here only.",
+                        round, round)
+        elif ledger.rounds:
+            log.info("The privacy ledger holds %d rounds: epsilon %.4g at delta %g.", ledger.rounds, ledger.epsilon,
+                     ledger.delta)
+        target = privacy.settings.target_epsilon
+        if round < 1 and target is not None and not privacy.affordable(self.sampled_fraction()):
+            raise ValueError(f"One round already spends more than COMIND_DP_TARGET_EPSILON={target:g} (epsilon "
+                             f"{privacy.ledger.epsilon_after(self.sampled_fraction()):.4g} at delta {ledger.delta:g}): "
+                             f"raise the noise multiplier or the target. Received: target_epsilon={target!r}")
+        if round >= 0:
+            self._end_within_budget(round)
+
+    def _end_within_budget(self, round: int) -> None:
+        """Makes ``round`` the last if one more would spend more than the target epsilon."""
+        privacy = self.pipeline.privacy
+        target = privacy.settings.target_epsilon if privacy else None
+        if privacy is None or target is None or round >= self.rounds.policy.total_rounds:
+            return
+        if privacy.affordable(self.sampled_fraction()):
+            return
+        log.warning("The privacy budget is spent: round %d would take epsilon to %.4g, past COMIND_DP_TARGET_EPSILON"
+                    "=%g, so training ends at round %d, with epsilon %.4g at delta %g.", round + 1,
+                    privacy.ledger.epsilon_after(self.sampled_fraction()), target, round, privacy.ledger.epsilon,
+                    privacy.ledger.delta)
+        self.rounds.policy = dataclasses.replace(self.rounds.policy, total_rounds=max(round, 1))
 
     # Membership -------------------------------------------------------------
 
@@ -457,8 +508,10 @@ class ParameterServer:
                 return
         self.metrics.train_loss.set(loss)
         self.metrics.train_accuracy.set(accuracy)
-        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f.", round,
-                 self.rounds.policy.total_rounds, count, examples, loss, accuracy)
+        privacy = self.pipeline.privacy
+        spent = f", epsilon {privacy.ledger.epsilon:.4g} at delta {privacy.ledger.delta:g}" if privacy else ""
+        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s.", round,
+                 self.rounds.policy.total_rounds, count, examples, loss, accuracy, spent)
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", round)
 
@@ -475,7 +528,7 @@ class ParameterServer:
                           model: GlobalModel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The round's new model and stage state; the previous ones if the round's result cannot stand."""
         try:
-            aggregate = await self._offload(model.layout.nbytes, in_progress.result)
+            aggregate = await self._offload(model.layout.nbytes, in_progress.result, self.sampled_fraction())
             packed, state = await self._offload(model.layout.nbytes, self.pipeline.step, model.layout,
                                                 model.packed, aggregate)
         except Exception:
@@ -509,6 +562,7 @@ class ParameterServer:
                 self.failed.set()
                 return False
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        self._end_within_budget(round)
         self._set_model(round, layout, packed, train_loss, train_accuracy)
         self.rounds.complete(round)
         now = time.monotonic()
@@ -527,7 +581,12 @@ class ParameterServer:
     def _set_model(self, round: int, layout: Layout, packed: np.ndarray, train_loss: float = math.nan,
                    train_accuracy: float = math.nan) -> None:
         total = self.rounds.policy.total_rounds
-        self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy)
+        privacy = self.pipeline.privacy
+        epsilon = privacy.ledger.epsilon if privacy else math.nan
+        self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy, epsilon)
+        if privacy:
+            self.metrics.dp_epsilon.set(epsilon)
+            self.metrics.dp_clip.set(privacy.clip)
         self.metrics.round.set(round)
         self.metrics.model_bytes.set(layout.nbytes)
 
