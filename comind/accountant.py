@@ -19,6 +19,7 @@ et al. 2022 (privacy loss distributions).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -26,6 +27,8 @@ import numpy as np
 
 ACCOUNTANTS = ("rdp", "pld")
 
+#: dp-accounting's default RDP orders (RdpAccountant's).
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
 #: PLD's discretisation: dp-accounting's default, a pessimistic estimate.
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
 
@@ -45,11 +48,26 @@ def compose(events: Mapping[tuple[float, float], int], delta: float, accountant:
     import dp_accounting
     from dp_accounting import pld, rdp
 
-    ledger: dp_accounting.PrivacyAccountant = rdp.RdpAccountant() if accountant == "rdp" else \
-        pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
+    if accountant == "rdp":
+        # RDP composes by adding each event's curve over the orders: one curve per kind of round, scaled by its
+        # count, summed in a fixed order, so the same events give the same epsilon to the bit, live or restored.
+        total = sum(count * _rdp_curve(q, z) for (q, z), count in sorted(events.items()))
+        return float(rdp.compute_epsilon(RDP_ORDERS, total, delta)[0])
+    ledger = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
     for (q, z), rounds in sorted(events.items()):
         ledger.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
     return float(ledger.get_epsilon(delta))
+
+
+@functools.cache
+def _rdp_curve(q: float, z: float) -> np.ndarray:
+    """The RDP of one round at each of :data:`RDP_ORDERS` (tens of ms to compute: kept)."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    one = rdp.RdpAccountant(list(RDP_ORDERS))
+    one.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    return np.asarray(one.rdp, np.float64)
 
 
 class Ledger:
