@@ -218,7 +218,7 @@ class DpFedAvg:
     def state(self) -> dict[str, np.ndarray]:
         state = {f"ledger/{k}": v for k, v in self.ledger.state().items()}
         if self.settings.adaptive:
-            state["clip"] = np.float64(self.clip)
+            state["clip"] = np.array(self.clip, np.float64)
         return state
 
     def restore(self, state: Mapping[str, np.ndarray]) -> None:

@@ -138,16 +138,17 @@ def run_ps(settings: PsSettings) -> int:
             log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
         if pipeline.privacy:
             dp = pipeline.privacy.settings
-            log.info("Worker-level differential privacy: each update clipped to %s, counted once (uniform weighting%s), "
-                     "noise multiplier %g, sum over %d expected updates; epsilon at delta %g by the %s accountant%s.",
+            log.info("Worker-level differential privacy: each update clipped to %s, counted once (uniform "
+                     "weighting%s), noise multiplier %g, sum over %d expected updates; epsilon at delta %g by the %s "
+                     "accountant%s.",
                      f"norm {dp.clip:g}" if dp.clip else f"an adaptive norm from {dp.initial_clip:g}",
                      "" if settings.weighting else ", set by DP", dp.noise_multiplier, dp.expected_updates, dp.delta,
                      dp.accountant.upper(), f", within {dp.target_epsilon:g}" if dp.target_epsilon else "")
             if dp.expected_updates < 100:
                 log.warning("Worker-level DP over %d workers a round gives no meaningful epsilon: every worker is in "
                             "every round, and hiding one of a handful takes noise that swamps the model. It is for "
-                            "large populations, sampled; with a few data holders use example-level DP on each "
-                            "(COMIND_DP_EXAMPLE_NOISE_MULTIPLIER on the workers).", dp.expected_updates)
+                            "large populations, sampled; a few data holders need example-level DP on each instead "
+                            "(README, \"Differential privacy\").", dp.expected_updates)
         return await service.run(ps, server, settings.exit_grace)
 
     return asyncio.run(serve())

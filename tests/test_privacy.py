@@ -3,6 +3,7 @@ SIGKILLed and restarted that never forgets spent budget."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -45,7 +46,7 @@ def test_the_ledger_gives_the_reference_epsilon_through_the_ps_pipeline():
         one_round(pipeline, SMALL, [[np.ones(4, np.float32)]], sampled_fraction=0.01)
         epsilons.append(pipeline.privacy.ledger.epsilon)
     assert epsilons[-1] == pytest.approx(2.1014, abs=1e-3)
-    assert all(b > a for a, b in zip(epsilons, epsilons[1:], strict=False))  # every round spends
+    assert all(b > a for a, b in itertools.pairwise(epsilons))  # every round spends
     # Saved and restored, the same epsilon to the bit.
     restored = pipeline_for(dp_noise_multiplier=1.0, dp_clip=1.0, num_workers=2)
     restored.restore(pipeline.state())
