@@ -6,7 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from comind.privacy import DpFedAvg, DpSettings, secure_normal
 from comind.ps_main import server_pipeline
 from comind.tensors import Layout
 from numpy_cluster import assert_finishes, read_history, start_worker
+from processes import ROOT
 
 
 def pipeline_for(**flags: object) -> ServerPipeline:
@@ -168,3 +172,9 @@ def test_a_ps_sigkilled_and_restarted_continues_the_ledger(start_ps, tmp_path):
     # The chief's view: every model carries the ledger's epsilon.
     seen = {h["round"]: h["epsilon"] for h in read_history(outs[0]) if h["round"] > 0}
     assert seen == pytest.approx({r: epsilons[r] for r in seen}, rel=1e-3) and json.dumps(seen)
+
+
+def test_the_accountant_brings_no_tensorflow_into_the_ps():
+    code = ("import sys; from comind.accountant import Ledger; ledger = Ledger(1.0, 1e-5); ledger.record_round(1.0); "
+            "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
