@@ -178,3 +178,19 @@ def test_the_accountant_brings_no_tensorflow_into_the_ps():
     code = ("import sys; from comind.accountant import Ledger; ledger = Ledger(1.0, 1e-5); ledger.record_round(1.0); "
             "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_the_target_epsilon_ends_training_at_the_last_round_within_it(start_ps, tmp_path):
+    """z 0.5 over 2 workers in every round: epsilon 10.7, 16.5, 21.4, 25.8 after rounds 1 to 4."""
+    ps = start_ps("--num-workers", "2", "--rounds", "10", "--exit-grace", "5", "--lease-seconds", "2",
+                  "--dp-noise-multiplier", "0.5", "--dp-clip", "1", "--dp-target-epsilon", "24")
+    outs = [tmp_path / f"worker-{task}.jsonl" for task in range(2)]
+    workers = [start_worker(ps.address, task, outs[task], delta=0.01) for task in range(2)]
+    for worker in workers:
+        assert_finishes(worker, ps)
+    assert ps.wait(timeout=60) == 0
+    assert re.search(r"The privacy budget is spent: round 4 would take epsilon to 25\.\d+, past "
+                     r"COMIND_DP_TARGET_EPSILON=24, so training ends at round 3, with epsilon 21\.4", ps.log())
+    history = read_history(outs[0])
+    assert history[-1]["round"] == 3 and history[-1]["done"]
+    assert history[-1]["epsilon"] == pytest.approx(21.44, abs=0.01)
