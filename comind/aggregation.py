@@ -50,6 +50,12 @@ class RunningWeightedSum:
         self.total_weight += weight
         self.count += 1
 
+    def sums(self) -> list[np.ndarray]:
+        """The running sums, one per tensor (the weighted mean is each over ``total_weight``); not reset."""
+        if self._sums is None:
+            raise ValueError("No update was added, so there is no sum to take.")
+        return self._sums
+
     def result(self) -> np.ndarray:
         """The weighted mean, packed into a new buffer of the layout; resets the sum."""
         if self._sums is None:

@@ -70,6 +70,8 @@ class GlobalState:
     #: The round's example-weighted training figures, as the ps's round log line gives them; NaN where it has none.
     train_loss: float = math.nan
     train_accuracy: float = math.nan
+    #: Worker-level DP's epsilon after the round, as the ps's ledger has it; NaN when the ps runs without DP.
+    epsilon: float = math.nan
 
 
 @dataclasses.dataclass
@@ -168,8 +170,9 @@ def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
             encoding.decode(expected, encoded, packed)
         except encodings.EncodingError as error:
             raise ProtocolError(f"The ps sent a model that does not decode as {encoding.name}: {error}.") from None
+    epsilon = header.epsilon if header.HasField("epsilon") else math.nan
     return GlobalState(layout.views(packed), header.round, header.done, header.train_loss,
-                       header.train_accuracy), packed
+                       header.train_accuracy, epsilon), packed
 
 
 class WorkerClient:

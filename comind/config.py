@@ -82,6 +82,18 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def clip_bound(text: str) -> float | str:
+    """A positive, finite number, or ``adaptive`` (worker-level DP's clip)."""
+    return "adaptive" if text == "adaptive" else positive_float(text)
+
+
+def fraction_between(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise ValueError
+    return value
+
+
 def address(text: str) -> str:
     host, _, port = text.rpartition(":")
     # isascii(): isdigit() admits other scripts' digits ("٢٢٢٢"), which int() reads but gRPC does not.
@@ -112,6 +124,7 @@ model_encodings = owned_names("comind.encodings", "MODEL_ENCODINGS")
 def update_encoding(text: str) -> str:
     """An update encoding of ``comind.encodings.ENCODINGS`` by its canonical name (``topk:0.01``)."""
     return str(importlib.import_module("comind.encodings").parse(text).name)
+accountants = owned_names("comind.accountant", "ACCOUNTANTS")
 
 
 def dataset_name(text: str) -> str:
@@ -135,6 +148,8 @@ _TYPE_NAMES: dict[Callable[[str], Any], Callable[[], str]] = {
     fraction_below_one: lambda: "a number from 0 up to, not including, 1",
     fraction_up_to_one: lambda: "a number more than 0 and at most 1",
     non_negative_float: lambda: "a finite number >= 0",
+    clip_bound: lambda: "a positive, finite number, or adaptive",
+    fraction_between: lambda: "a number between 0 and 1, both excluded",
     dataset_name: lambda: f"one of {', '.join(dataset_names())}, or a path to a .npz file",
     model_spec: lambda: f"one of {', '.join(model_names())}, or module:function for your own",
     update_encoding: lambda: f"one of {importlib.import_module('comind.encodings').DESCRIPTION}, FRACTION above 0 "

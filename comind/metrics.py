@@ -93,8 +93,18 @@ class PsMetrics:
         self.server_optimizer = Info(
             "comind_server_optimizer", "The ps's server optimizer, by name (COMIND_SERVER_OPTIMIZER).",
             registry=registry)
+        self.dp_epsilon = Gauge(
+            "comind_dp_epsilon", "Worker-level differential privacy's epsilon, at COMIND_DP_DELTA, spent by the "
+            "rounds so far (the privacy ledger's); NaN without DP.", registry=registry)
+        self.dp_clip = Gauge(
+            "comind_dp_clip", "The clip C of worker-level DP's next round (COMIND_DP_CLIP; adaptive, it moves).",
+            registry=registry)
+        self.dp_noise_multiplier = Gauge(
+            "comind_dp_noise_multiplier", "Worker-level DP's noise multiplier z (COMIND_DP_NOISE_MULTIPLIER).",
+            registry=registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
-        for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy):
+        for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy, self.dp_epsilon,
+                      self.dp_clip, self.dp_noise_multiplier):
             gauge.set(math.nan)
         # Pre-create labelled series so that they read 0 rather than being absent.
         for result in UPDATE_RESULTS:

@@ -6,7 +6,10 @@ announced) and validated (``service.py``, ``ps.py``) it passes, in order:
 1. **weighting** (``weighting.py``): what it counts for in the mean;
 2. **per-update transforms** (``clipping.py``): the norm bound;
 3. the **aggregator** (``aggregators.py``): mean, median or trimmed mean,
-   into one aggregate update for the round;
+   into one aggregate update for the round; or, with worker-level
+   differential privacy (``privacy.py``), the DP clip of each update, their
+   sum, Gaussian noise and a fixed denominator, each round entered in the
+   privacy ledger (``accountant.py``);
 4. the **server optimizer** (``server_optimizers.py``): the aggregate
    changes the global model;
 
@@ -27,11 +30,15 @@ import numpy as np
 from comind import encodings, modes
 from comind.aggregators import AGGREGATORS, AggregatorSettings, RoundAggregate
 from comind.clipping import NormClip
+from comind.privacy import DpFedAvg, DpRound, DpSettings
 from comind.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
 from comind.tensors import Layout
 from comind.weighting import WEIGHTINGS
 
 log = logging.getLogger(__name__)
+
+#: Where the DP stage's state (its clip and the privacy ledger) lies in the checkpoint.
+DP_PREFIX = "dp/"
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
@@ -48,6 +55,8 @@ class PipelineSettings:
     #: How updates come in, and how the model goes down (:mod:`comind.encodings`).
     update_encoding: str = encodings.FLOAT32
     model_encoding: str = encodings.FLOAT32
+    #: Worker-level differential privacy; None: off.
+    privacy: DpSettings | None = None
 
     def __post_init__(self) -> None:
         WEIGHTINGS[self.weighting], AGGREGATORS[self.aggregation], SERVER_OPTIMIZERS[self.server_optimizer]
@@ -57,14 +66,33 @@ class PipelineSettings:
                              f"model_encoding={self.model_encoding!r}")
         if self.mode not in modes.MODES:
             raise ValueError(f"mode must be one of {', '.join(modes.MODES)}. Received: mode={self.mode!r}")
+        if self.privacy is None:
+            return
+        # DP bounds each worker's influence on a sum: C, if every update counts once and is clipped to C.
+        if self.weighting != "uniform":
+            raise ValueError(f"Worker-level differential privacy counts every update once (a weight by examples "
+                             f"would let one worker's claim scale its influence past the clip); leave "
+                             f"COMIND_WEIGHTING unset or set it to uniform. Received: weighting={self.weighting!r}")
+        if self.aggregation != "mean":
+            # One update moves a coordinate's median or trimmed mean by up to the gap between its neighbours,
+            # in every coordinate at once: the sensitivity is not C, and noise calibrated to C would claim
+            # an epsilon the release does not have.
+            raise ValueError(f"Worker-level differential privacy adds noise to the sum of clipped updates, so it "
+                             f"works with COMIND_AGGREGATION=mean only: a median's or trimmed mean's sensitivity to "
+                             f"one worker is not bounded by the clip. Received: aggregation={self.aggregation!r}")
+        if self.max_update_norm is not None:
+            raise ValueError(f"Worker-level differential privacy clips each update to COMIND_DP_CLIP; unset "
+                             f"COMIND_MAX_UPDATE_NORM, a second bound. Received: "
+                             f"max_update_norm={self.max_update_norm!r}")
 
 
 class RoundInProgress:
     """One round's updates, transformed and folded into its aggregate as they arrive."""
 
-    def __init__(self, aggregate: RoundAggregate, clip: NormClip | None):
+    def __init__(self, aggregate: RoundAggregate | DpRound, clip: NormClip | None, privacy: DpFedAvg | None = None):
         self._aggregate = aggregate
         self._clip = clip
+        self._privacy = privacy
 
     @property
     def count(self) -> int:
@@ -76,7 +104,15 @@ class RoundInProgress:
         self._aggregate.add(update, weight)
         return norm
 
-    def result(self) -> np.ndarray:
+    def result(self, sampled_fraction: float = 1.0) -> np.ndarray:
+        """The round's aggregate update; with DP, noised, and the round entered in the ledger.
+
+        Args:
+            sampled_fraction: q, the fraction of the population this round sampled (the privacy ledger's).
+        """
+        if isinstance(self._aggregate, DpRound):
+            assert self._privacy is not None
+            return self._privacy.release(self._aggregate, sampled_fraction)
         return self._aggregate.result()
 
 
@@ -96,7 +132,10 @@ class ServerPipeline:
         #: The decode stage: what every update's bytes are, and what the model's are on their way down.
         self.update_encoding = encodings.parse(settings.update_encoding)
         self.model_encoding = encodings.parse(settings.model_encoding)
+        self.privacy = DpFedAvg(settings.privacy) if settings.privacy else None
         self._optimizer_state: dict[str, np.ndarray] | None = None
+        # A privacy ledger in the checkpoint while DP is off: saved again, so that a budget once spent stays spent.
+        self._kept_ledger: dict[str, np.ndarray] = {}
         # Named by the optimizer: another optimizer's state in a checkpoint is not taken for this one's.
         self._state_prefix = f"server_optimizer/{settings.server_optimizer}/"
 
@@ -104,6 +143,8 @@ class ServerPipeline:
         self.aggregator.check_quorum(num_updates)
 
     def start_round(self, layout: Layout) -> RoundInProgress:
+        if self.privacy:
+            return RoundInProgress(self.privacy.start(layout), None, self.privacy)
         return RoundInProgress(self.aggregator.start(layout), self.clip)
 
     def step(self, layout: Layout, model: np.ndarray,
@@ -118,10 +159,19 @@ class ServerPipeline:
 
     def state(self) -> dict[str, np.ndarray]:
         """Every stage's state, by checkpoint key."""
-        return {self._state_prefix + k: v for k, v in (self._optimizer_state or {}).items()}
+        privacy = {DP_PREFIX + k: v for k, v in self.privacy.state().items()} if self.privacy else self._kept_ledger
+        return {self._state_prefix + k: v for k, v in (self._optimizer_state or {}).items()} | privacy
 
     def restore(self, saved: Mapping[str, np.ndarray]) -> None:
         """Takes the state saved in a checkpoint."""
+        privacy = {key.removeprefix(DP_PREFIX): v for key, v in saved.items() if key.startswith(DP_PREFIX)}
+        if self.privacy:
+            self.privacy.restore(privacy)
+        elif privacy:
+            log.warning("The checkpoint holds a privacy ledger, and differential privacy is now off: the rounds from "
+                        "here have no privacy guarantee. The ledger is kept in each checkpoint.")
+            self._kept_ledger = {DP_PREFIX + k: v for k, v in privacy.items() if k.startswith("ledger/")}
+        saved = {key: v for key, v in saved.items() if not key.startswith(DP_PREFIX)}
         prefix = self._state_prefix
         unknown = [key for key in saved if not key.startswith(prefix)]
         if unknown:

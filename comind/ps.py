@@ -111,6 +111,8 @@ class GlobalModel:
     #: NaN for a model no round of this process made (the initial one, or one resumed from a checkpoint).
     train_loss: float = math.nan
     train_accuracy: float = math.nan
+    #: Worker-level DP's epsilon at its delta after this model's round (the ledger's); NaN without DP.
+    epsilon: float = math.nan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +171,12 @@ class ParameterServer:
         checkpoint = store.latest() if store else None
         self.rounds = Rounds(policy, round=checkpoint.round if checkpoint else -1)
         if checkpoint and store:
-            self._set_model(checkpoint.round, checkpoint.layout, checkpoint.packed)
             self.pipeline.restore(checkpoint.state)
+            self._start_privacy(checkpoint.round)
+            self._set_model(checkpoint.round, checkpoint.layout, checkpoint.packed)
             log.info("Resumed from %s at round %d.", store.path(checkpoint.round), checkpoint.round)
+        else:
+            self._start_privacy(-1)
         self._round: RoundInProgress | None = None
         self._stats = np.zeros(3)  # examples, examples * loss, examples * accuracy
         self._round_opened = time.monotonic()
@@ -206,6 +211,56 @@ class ParameterServer:
     @property
     def done(self) -> bool:
         return self.rounds.done
+
+    # Privacy ------------------------------------------------------------------
+
+    def sampled_fraction(self) -> float:
+        """The q a round is expected to sample, for planning the privacy budget.
+
+        Under client sampling, the workers a draw selects over the workers
+        expected (COMIND_NUM_WORKERS); 1 without it. The ledger records each
+        round with the q it had (:attr:`RoundClosed.sampling_rate`).
+        """
+        policy = self.rounds.policy
+        if not policy.sampling.enabled:
+            return 1.0
+        return min(1.0, policy.sampling.size(policy.num_workers) / policy.num_workers)
+
+    def _start_privacy(self, round: int) -> None:
+        """Says what worker-level DP's ledger holds at start, and ends training if its budget is spent."""
+        privacy = self.pipeline.privacy
+        if privacy is None:
+            return
+        self.metrics.dp_noise_multiplier.set(privacy.settings.noise_multiplier)
+        ledger = privacy.ledger
+        if round > 0 and not ledger.rounds:
+            log.warning("The checkpoint of round %d holds no privacy ledger: its %d rounds had no differential "
+                        "privacy, and the model reveals what they did. Epsilon counts the rounds from here only.",
+                        round, round)
+        elif ledger.rounds:
+            log.info("The privacy ledger holds %d rounds: epsilon %.4g at delta %g.", ledger.rounds, ledger.epsilon,
+                     ledger.delta)
+        target = privacy.settings.target_epsilon
+        if round < 1 and target is not None and not privacy.affordable(self.sampled_fraction()):
+            raise ValueError(f"One round already spends more than COMIND_DP_TARGET_EPSILON={target:g} (epsilon "
+                             f"{privacy.ledger.epsilon_after(self.sampled_fraction()):.4g} at delta {ledger.delta:g}): "
+                             f"raise the noise multiplier or the target. Received: target_epsilon={target!r}")
+        if round >= 0:
+            self._end_within_budget(round)
+
+    def _end_within_budget(self, round: int) -> None:
+        """Makes ``round`` the last if one more would spend more than the target epsilon."""
+        privacy = self.pipeline.privacy
+        target = privacy.settings.target_epsilon if privacy else None
+        if privacy is None or target is None or round >= self.rounds.policy.total_rounds:
+            return
+        if privacy.affordable(self.sampled_fraction()):
+            return
+        log.warning("The privacy budget is spent: round %d would take epsilon to %.4g, past COMIND_DP_TARGET_EPSILON"
+                    "=%g, so training ends at round %d, with epsilon %.4g at delta %g.", round + 1,
+                    privacy.ledger.epsilon_after(self.sampled_fraction()), target, round, privacy.ledger.epsilon,
+                    privacy.ledger.delta)
+        self.rounds.policy = dataclasses.replace(self.rounds.policy, total_rounds=max(round, 1))
 
     # Membership -------------------------------------------------------------
 
@@ -555,7 +610,7 @@ class ParameterServer:
                                  accuracy / examples, *self.rounds.population())
             model, in_progress, self._round = self.model, self._round, None
             self._stats = np.zeros(3)
-            packed, state = await self._next_model(closed.round, in_progress, model)
+            packed, state = await self._next_model(closed, in_progress, model)
             if not await self._publish(closed.round, model.layout, packed, state, closed.loss, closed.accuracy):
                 return
             self.last_closed = closed
@@ -573,9 +628,11 @@ class ParameterServer:
         metrics.sampling_rate.set(closed.sampling_rate)
         sampled = (f", {closed.sampled} of {closed.population} live workers selected (q {closed.sampling_rate:.4g})"
                    if self.rounds.sampling else "")
-        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s.", closed.round,
+        privacy = self.pipeline.privacy
+        spent = f", epsilon {privacy.ledger.epsilon:.4g} at delta {privacy.ledger.delta:g}" if privacy else ""
+        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s%s.", closed.round,
                  self.rounds.policy.total_rounds, closed.updates, closed.examples, closed.loss, closed.accuracy,
-                 sampled)
+                 sampled, spent)
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", closed.round)
 
@@ -588,11 +645,12 @@ class ParameterServer:
                         "%.0f s. Their logs say why; COMIND_ROUND_TIMEOUT bounds the wait.", self.rounds.open_round,
                         ", ".join(str(t) for t in sorted(silent)), self.rounds.policy.round_timeout)
 
-    async def _next_model(self, round: int, in_progress: RoundInProgress,
+    async def _next_model(self, closed: RoundClosed, in_progress: RoundInProgress,
                           model: GlobalModel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The round's new model and stage state; the previous ones if the round's result cannot stand."""
+        round = closed.round
         try:
-            aggregate = await self._offload(model.layout.nbytes, in_progress.result)
+            aggregate = await self._offload(model.layout.nbytes, in_progress.result, closed.sampling_rate)
             packed, state = await self._offload(model.layout.nbytes, self.pipeline.step, model.layout,
                                                 model.packed, aggregate)
         except Exception:
@@ -626,6 +684,7 @@ class ParameterServer:
                 self.failed.set()
                 return False
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        self._end_within_budget(round)
         self._set_model(round, layout, packed, train_loss, train_accuracy)
         self.rounds.complete(round)
         now = time.monotonic()
@@ -645,7 +704,12 @@ class ParameterServer:
     def _set_model(self, round: int, layout: Layout, packed: np.ndarray, train_loss: float = math.nan,
                    train_accuracy: float = math.nan) -> None:
         total = self.rounds.policy.total_rounds
-        self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy)
+        privacy = self.pipeline.privacy
+        epsilon = privacy.ledger.epsilon if privacy else math.nan
+        self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy, epsilon)
+        if privacy:
+            self.metrics.dp_epsilon.set(epsilon)
+            self.metrics.dp_clip.set(privacy.clip)
         self.metrics.round.set(round)
         self.metrics.last_round_time.set_to_current_time()
         self.metrics.training_done.set(self.model.done)

@@ -17,6 +17,7 @@ from comind import modes
 
 if TYPE_CHECKING:
     from comind.pipeline import ServerPipeline
+    from comind.privacy import DpSettings
     from comind.rounds import RoundPolicy
     from comind.server_optimizers import ServerOptimizerSettings
     from comind.settings import PsSettings
@@ -31,11 +32,12 @@ def server_pipeline(settings: PsSettings) -> ServerPipeline:
     from comind.pipeline import PipelineSettings, ServerPipeline
 
     name, optimizer = server_optimizer(settings)
+    privacy = dp_settings(settings)
     pipeline = ServerPipeline(PipelineSettings(
-        mode=settings.mode, weighting=settings.weighting, aggregation=settings.aggregation,
-        trim_fraction=settings.trim_fraction, max_update_norm=settings.max_update_norm, server_optimizer=name,
-        server_optimizer_settings=optimizer, update_encoding=settings.update_encoding,
-        model_encoding=settings.model_encoding))
+        mode=settings.mode, weighting=settings.weighting or ("uniform" if privacy else "examples"),
+        aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
+        max_update_norm=settings.max_update_norm, server_optimizer=name, server_optimizer_settings=optimizer,
+        update_encoding=settings.update_encoding, model_encoding=settings.model_encoding, privacy=privacy))
     pipeline.check_quorum(round_policy(settings).expected_updates)
     return pipeline
 
@@ -56,6 +58,34 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
         round_timeout=settings.round_timeout, total_rounds=settings.rounds, max_members=settings.max_members,
         sampling=sampling)
+
+
+def dp_settings(settings: PsSettings) -> DpSettings | None:
+    """Worker-level DP's settings, or None when it is off.
+
+    Raises:
+        ValueError: noise without a clip, a clip without noise, or explicit weighting by examples.
+    """
+    from comind.privacy import ADAPTIVE, DpSettings
+
+    z, clip = settings.dp_noise_multiplier, settings.dp_clip
+    if z is None and clip is None:
+        return None
+    if clip is None:
+        raise ValueError(f"Noise without a clip protects no one: each worker's influence on the sum, which the noise "
+                         f"must cover, is unbounded. Set COMIND_DP_CLIP (a norm, or adaptive) with "
+                         f"COMIND_DP_NOISE_MULTIPLIER. Received: dp_noise_multiplier={z!r}, dp_clip=None")
+    if z is None:
+        raise ValueError(f"COMIND_DP_CLIP without COMIND_DP_NOISE_MULTIPLIER is a clip, not privacy; set the noise "
+                         f"multiplier, or bound updates with COMIND_MAX_UPDATE_NORM instead. Received: "
+                         f"dp_clip={clip!r}, dp_noise_multiplier=None")
+    return DpSettings(
+        noise_multiplier=z, clip=None if clip == ADAPTIVE else float(clip),
+        # The fixed denominator: the updates a round takes.
+        expected_updates=round_policy(settings).expected_updates,
+        initial_clip=settings.dp_initial_clip, target_quantile=settings.dp_target_quantile,
+        clip_learning_rate=settings.dp_clip_learning_rate, delta=settings.dp_delta,
+        accountant=settings.dp_accountant, target_epsilon=settings.dp_target_epsilon)
 
 
 def server_optimizer(settings: PsSettings) -> tuple[str, ServerOptimizerSettings]:
@@ -130,6 +160,19 @@ def run_ps(settings: PsSettings) -> int:
                      pipeline.model_encoding.name)
         if pipeline.clip:
             log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
+        if pipeline.privacy:
+            dp = pipeline.privacy.settings
+            log.info("Worker-level differential privacy: each update clipped to %s, counted once (uniform "
+                     "weighting%s), noise multiplier %g, sum over %d expected updates; epsilon at delta %g by the %s "
+                     "accountant%s.",
+                     f"norm {dp.clip:g}" if dp.clip else f"an adaptive norm from {dp.initial_clip:g}",
+                     "" if settings.weighting else ", set by DP", dp.noise_multiplier, dp.expected_updates, dp.delta,
+                     dp.accountant.upper(), f", within {dp.target_epsilon:g}" if dp.target_epsilon else "")
+            if dp.expected_updates < 100:
+                log.warning("Worker-level DP over %d workers a round gives no meaningful epsilon: every worker is in "
+                            "every round, and hiding one of a handful takes noise that swamps the model. It is for "
+                            "large populations, sampled; a few data holders need example-level DP on each instead "
+                            "(README, \"Differential privacy\").", dp.expected_updates)
         return await service.run(ps, server, settings.exit_grace)
 
     return asyncio.run(serve())

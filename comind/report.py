@@ -3,7 +3,8 @@
 * ``model.keras``: the final global model.
 * ``metrics.json``: loss and accuracy per round (training: the ps's figures for
   the round, the example-weighted mean over its updates; test: the chief's
-  evaluation of the global model), and the final evaluation.
+  evaluation of the global model), worker-level DP's ``epsilon`` after each
+  round (the ps's ledger; null without DP), and the final evaluation.
 * ``predictions.png``: 25 test images with predicted and true labels, green
   when right and red when wrong, as in the original tutorials.
 * ``history.png``: loss and accuracy per round.
@@ -39,6 +40,8 @@ class RoundRecord:
     train_accuracy: float
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+    #: Worker-level DP's epsilon after the round, from the ps's ledger; None without DP.
+    epsilon: float | None = None
     elapsed_seconds: float = 0.0  # since training started, when this record was made
 
 

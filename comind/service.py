@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -316,6 +317,8 @@ def _serialize(model: GlobalModel, encoded: np.ndarray, encoding: encodings.Enco
     header = pb.ModelHeader(ready=True, round=model.round, done=model.done, total_rounds=model.total_rounds,
                             tensors=model.layout.to_proto(), train_loss=model.train_loss,
                             train_accuracy=model.train_accuracy, encoding="" if encoding.identity else encoding.name)
+    if not math.isnan(model.epsilon):
+        header.epsilon = model.epsilon
     parts = chunks(encoded)
     first = next(parts, b"")
     yield pb.PsMessage(model=header, data=first).SerializeToString(), len(first)

@@ -111,8 +111,10 @@ class PsSettings(_Cluster):
         "so slow or vanished workers cost no round", config.non_negative_float)
     round_timeout: float = _setting(600.0, "seconds a round waits for stragglers", config.positive_float)
     lease_seconds: float = _setting(10.0, "seconds a worker stays live without a heartbeat", config.positive_float)
-    weighting: str = _setting("examples", "how updates are weighted in the average (the mean only)", str,
-                              config.weightings)
+    #: Unset, ``examples``; with worker-level DP, ``uniform`` (``ps_main.server_pipeline``).
+    weighting: str | None = _setting(None, "how updates are weighted in the average (the mean only); unset: "
+                                     "examples, or uniform with worker-level DP (which refuses examples)", str,
+                                     config.weightings)
     # The round pipeline's stages (comind/pipeline.py).
     aggregation: str = _setting(
         "mean", "how a round's updates are combined: mean (streamed, memory for one model), or median or "
@@ -150,6 +152,25 @@ class PsSettings(_Cluster):
     model_encoding: str = _setting(
         "float32", "how the global model goes down to the workers: float32 (at the model's dtype) or float16 (half "
         "the bytes; workers decode it back to the model's dtype)", str, config.model_encodings)
+    # Worker-level differential privacy (comind/privacy.py, comind/accountant.py).
+    dp_noise_multiplier: float | None = _setting(
+        None, "worker-level differential privacy (DP-FedAvg): z, the std of the Gaussian noise added to each round's "
+        "sum of clipped updates, over the clip C; needs --dp-clip; unset: no DP", config.non_negative_float)
+    dp_clip: float | str | None = _setting(
+        None, "worker-level DP's clip C on each update's L2 norm, or adaptive: C follows the --dp-target-quantile of "
+        "the norms (Andrew et al. 2021)", config.clip_bound)
+    dp_initial_clip: float = _setting(0.1, "adaptive clipping's C in the first round", config.positive_float)
+    dp_target_quantile: float = _setting(0.5, "adaptive clipping's gamma: the fraction of updates left unclipped",
+                                         config.fraction_between)
+    dp_clip_learning_rate: float = _setting(0.2, "adaptive clipping's eta_C: C <- C exp(-eta_C (b - gamma))",
+                                            config.positive_float)
+    dp_delta: float = _setting(1e-5, "the delta at which epsilon is given; below 1 / the population",
+                               config.fraction_between)
+    dp_accountant: str = _setting("rdp", "how rounds compose into epsilon: rdp (Renyi DP) or pld (privacy loss "
+                                  "distributions, tighter)", str, config.accountants)
+    dp_target_epsilon: float | None = _setting(
+        None, "the privacy budget: training ends at the last round whose epsilon stays within it; unset: no end "
+        "but --rounds", config.positive_float)
     checkpoint_dir: str | None = _setting(None, "directory for durable checkpoints; unset: in memory only")
     keep_checkpoints: int = _setting(3, "checkpoints to keep", config.positive_int)
     max_model_bytes: int = _setting(4 << 30, "largest model the ps accepts", config.positive_int)

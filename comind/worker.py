@@ -170,7 +170,8 @@ class _Chief:
     def _record(self, state: GlobalState, evaluate: bool) -> None:
         # The round's figures over every worker's update, as the ps's round line has them: this model's own
         # metrics are one worker's, and a running mean since the epoch began.
-        record = report.RoundRecord(state.round, state.train_loss, state.train_accuracy)
+        record = report.RoundRecord(state.round, state.train_loss, state.train_accuracy,
+                                    epsilon=None if math.isnan(state.epsilon) else state.epsilon)
         for done in [f for f in self._pending if f.done()]:
             done.result()  # a test that failed stops training here
             self._pending.remove(done)

@@ -13,6 +13,7 @@ server optimizer's moments see a different aggregate every round.
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ def main() -> None:
         while True:
             out.write(json.dumps({"round": state.round, "done": state.done,
                                   "values": [float(w.ravel()[0]) for w in state.weights],
-                                  "uniform": all(bool((w == w.ravel()[0]).all()) for w in state.weights)}) + "\n")
+                                  "uniform": all(bool((w == w.ravel()[0]).all()) for w in state.weights),
+                                  "epsilon": None if math.isnan(state.epsilon) else state.epsilon}) + "\n")
             if state.done:
                 break
             time.sleep(args.pause)  # stands in for local training

@@ -22,8 +22,9 @@ CHART = ROOT / "helm" / "comind"
 # setting name (COMIND_*, the ps's dataclass field), chart value under ps, registry
 STAGES = [("weighting", "weighting", WEIGHTINGS), ("aggregation", "aggregation", AGGREGATORS),
           ("server_optimizer", "serverOptimizer", SERVER_OPTIMIZERS)]
-#: Settings left unset by default, whose choice the mode makes (comind.modes); the others default to the first.
-BY_MODE = {"server_optimizer"}
+#: Settings left unset by default, whose choice the mode (comind.modes) or worker-level DP (uniform weighting)
+#: makes; the others default to the first.
+BY_MODE = {"server_optimizer", "weighting"}
 
 
 def _default(setting: str, registry: Registry) -> str:

@@ -129,7 +129,7 @@ class Receipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., result: _Optional[_Union[UpdateResult, str]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy", "encoding")
+    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy", "encoding", "epsilon")
     READY_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class ModelHeader(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     round: int
     done: bool
@@ -146,7 +147,8 @@ class ModelHeader(_message.Message):
     train_loss: float
     train_accuracy: float
     encoding: str
-    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., encoding: _Optional[str] = ...) -> None: ...
+    epsilon: float
+    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., encoding: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class PsMessage(_message.Message):
     __slots__ = ("receipt", "model", "data")
