@@ -37,9 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("address")
     parser.add_argument("task_index", type=int)
-    parser.add_argument("--workers", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
+    for count in ("--workers", "--batch-size", "--steps"):
+        parser.add_argument(count, type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     x, y = combined_batches(args.steps, args.workers, args.batch_size)
