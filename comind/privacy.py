@@ -10,7 +10,9 @@ Language Models"):
    (:func:`secure_normal`);
 3. it is divided by m, the number of updates a round expects, fixed by the
    settings rather than the count received (which would itself depend on
-   who took part).
+   who took part): with client sampling, q N, q the Poisson sampling rate and
+   N the workers expected; a round whose draw selected no one releases the
+   noise alone over m.
 
 With ``--dp-clip adaptive`` C follows a quantile of the update norms
 (Andrew et al. 2021, "Differentially Private Learning with Adaptive
@@ -79,7 +81,8 @@ class DpSettings:
     Args:
         noise_multiplier: z: the noise's std over the clip, for the round as a whole.
         clip: C, fixed; None for adaptive clipping from ``initial_clip``.
-        expected_updates: m, the fixed denominator: the updates a round expects.
+        expected_updates: m, the fixed denominator: the updates a round expects (q N under Poisson sampling,
+            not necessarily a whole number).
         delta: the delta epsilon is given at.
         accountant: ``rdp`` or ``pld``.
         target_epsilon: the budget: training ends at the last round within it; None for no end but the rounds.
@@ -87,7 +90,7 @@ class DpSettings:
 
     noise_multiplier: float
     clip: float | None
-    expected_updates: int
+    expected_updates: float
     initial_clip: float = INITIAL_CLIP
     target_quantile: float = TARGET_QUANTILE
     clip_learning_rate: float = CLIP_LEARNING_RATE
@@ -103,7 +106,7 @@ class DpSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive, finite number. Received: {name}={value!r}")
-        if self.expected_updates < 1:
+        if not (math.isfinite(self.expected_updates) and self.expected_updates > 0):
             raise ValueError(f"expected_updates must be positive. Received: expected_updates={self.expected_updates}")
         if not 0 < self.target_quantile < 1:
             raise ValueError(f"target_quantile must be between 0 and 1. Received: {self.target_quantile!r}")
@@ -156,6 +159,9 @@ class DpRound:
         self._sum.add(update, 1.0)
 
     def sums(self) -> list[np.ndarray]:
+        """The clipped updates' sums; zeros for a round without updates (a Poisson draw that selected no one)."""
+        if not self.count:
+            return [np.zeros(spec.shape, np.float64) for spec in self.layout.specs]
         return self._sum.sums()
 
 
@@ -191,9 +197,9 @@ class DpFedAvg:
         """
         self.ledger.record_round(sampled_fraction)  # before any noised value exists: spent even if it is discarded
         m, clip = self.settings.expected_updates, round.clip
-        if round.count > m:
-            log.warning("This round has %d updates, more than the %d expected (the fixed denominator): the "
-                        "aggregate is their sum over %d. Set COMIND_REPLICAS_TO_AGGREGATE to the updates a round "
+        if round.count > m and sampled_fraction == 1:  # a Poisson sample (q < 1) is larger than q N half the time
+            log.warning("This round has %d updates, more than the %g expected (the fixed denominator): the "
+                        "aggregate is their sum over %g. Set COMIND_REPLICAS_TO_AGGREGATE to the updates a round "
                         "takes.", round.count, m, m)
         std = self.z_update * clip
         packed = np.empty(round.layout.nbytes, np.uint8)

@@ -129,10 +129,16 @@ class RoundClosed:
     #: every live worker) and the live workers they were drawn from.
     sampled: int
     population: int
+    #: q of a Poisson draw (worker-level DP with client sampling): each live worker's probability of being
+    #: selected, fixed for the run; None for a draw of fixed size, or none.
+    poisson_rate: float | None = None
 
     @property
     def sampling_rate(self) -> float:
-        """q: each live worker's chance of being selected in the round (1 without client sampling)."""
+        """q: each live worker's chance of being selected in the round: a Poisson draw's q (not the fraction it
+        happened to select), else ``sampled / population`` (1 without client sampling)."""
+        if self.poisson_rate is not None:
+            return self.poisson_rate
         return self.sampled / self.population if self.population else 1.0
 
     @property
@@ -215,16 +221,17 @@ class ParameterServer:
     # Privacy ------------------------------------------------------------------
 
     def sampled_fraction(self) -> float:
-        """The q a round is expected to sample, for planning the privacy budget.
-
-        Under client sampling, the workers a draw selects over the workers
-        expected (COMIND_NUM_WORKERS); 1 without it. The ledger records each
-        round with the q it had (:attr:`RoundClosed.sampling_rate`).
+        """The q a round samples, for planning the privacy budget: the Poisson q of client sampling with
+        worker-level DP (which the ledger records for every round, :attr:`RoundClosed.sampling_rate`); 1 without
+        client sampling; without DP, the workers a fixed-size draw selects over those expected
+        (COMIND_NUM_WORKERS).
         """
-        policy = self.rounds.policy
-        if not policy.sampling.enabled:
+        sampling, num_workers = self.rounds.policy.sampling, self.rounds.policy.num_workers
+        if sampling.poisson_rate is not None:
+            return sampling.poisson_rate
+        if not sampling.enabled:
             return 1.0
-        return min(1.0, policy.sampling.size(policy.num_workers) / policy.num_workers)
+        return min(1.0, sampling.size(num_workers) / num_workers)
 
     def _start_privacy(self, round: int) -> None:
         """Says what worker-level DP's ledger holds at start, and ends training if its budget is spent."""
@@ -449,6 +456,7 @@ class ParameterServer:
                 raise refusals.NotServing(self.failure)
         log.info("Initialized the global model: %d tensors, %d bytes.", len(header.layout), header.layout.nbytes)
         self._draw()
+        await self.maybe_close()  # a Poisson draw may select no one: its round closes at once
         return UpdateResult.ACCEPTED
 
     def _verdict(self, member_id: str, round: int) -> UpdateResult | None:
@@ -599,23 +607,34 @@ class ParameterServer:
     # Rounds -------------------------------------------------------------------
 
     async def maybe_close(self) -> None:
+        """Closes the open round if it may close, and the next while it may too: under Poisson sampling a draw
+        that selects no one closes its round at once."""
+        while await self._close():
+            pass
+
+    async def _close(self) -> bool:
+        """Closes the open round if it may; whether it did."""
         async with self._lock:
             if not self.rounds.ready_to_close():
-                return
-            assert self.model is not None and self._round is not None
+                return False
+            assert self.model is not None
+            # None for a Poisson round without updates: its release is the noise alone.
+            in_progress = self._round or self.pipeline.start_round(self.model.layout)
             self._name_the_silent()
             self.rounds.begin_close()
             examples, loss, accuracy = self._stats
-            closed = RoundClosed(self.rounds.open_round, self._round.count, int(examples), loss / examples,
-                                 accuracy / examples, *self.rounds.population())
-            model, in_progress, self._round = self.model, self._round, None
+            per_example = (loss / examples, accuracy / examples) if examples else (math.nan, math.nan)
+            closed = RoundClosed(self.rounds.open_round, in_progress.count, int(examples), *per_example,
+                                 *self.rounds.population(), self.rounds.policy.sampling.poisson_rate)
+            model, self._round = self.model, None
             self._stats = np.zeros(3)
             packed, state = await self._next_model(closed, in_progress, model)
             if not await self._publish(closed.round, model.layout, packed, state, closed.loss, closed.accuracy):
-                return
+                return False
             self.last_closed = closed
         self._closed(closed)
         self._draw()  # the next round's workers, after the line of this one
+        return not self.done
 
     def _closed(self, closed: RoundClosed) -> None:
         """The round's metrics and its line in the log."""

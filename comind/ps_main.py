@@ -45,14 +45,21 @@ def server_pipeline(settings: PsSettings) -> ServerPipeline:
 def round_policy(settings: PsSettings) -> RoundPolicy:
     """The ps's round rules from its settings.
 
+    With worker-level DP, client sampling draws Poisson samples, q fixed for
+    the run (:meth:`SamplingPolicy.poisson`): the sampling DP-FedAvg's
+    accountant counts (docs/design.md, decision 15).
+
     Raises:
-        ValueError: settings that contradict each other (no round could close as they say).
+        ValueError: settings that contradict each other (no round could close as they say, or the privacy
+            ledger would not account the rounds as they are).
     """
     from comind.rounds import RoundPolicy
     from comind.sampling import SamplingPolicy
 
     sampling = SamplingPolicy(clients_per_round=settings.clients_per_round,
                               client_fraction=settings.client_fraction, over_selection=settings.over_selection)
+    if sampling.enabled and (settings.dp_noise_multiplier is not None or settings.dp_clip is not None):
+        sampling = sampling.poisson(settings.num_workers)
     return RoundPolicy(
         num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
@@ -79,10 +86,12 @@ def dp_settings(settings: PsSettings) -> DpSettings | None:
         raise ValueError(f"COMIND_DP_CLIP without COMIND_DP_NOISE_MULTIPLIER is a clip, not privacy; set the noise "
                          f"multiplier, or bound updates with COMIND_MAX_UPDATE_NORM instead. Received: "
                          f"dp_clip={clip!r}, dp_noise_multiplier=None")
+    policy = round_policy(settings)
+    q = policy.sampling.poisson_rate
     return DpSettings(
         noise_multiplier=z, clip=None if clip == ADAPTIVE else float(clip),
-        # The fixed denominator: the updates a round takes.
-        expected_updates=round_policy(settings).expected_updates,
+        # The fixed denominator: the updates a round takes; under Poisson sampling, the expected sample q N.
+        expected_updates=policy.expected_updates if q is None else q * policy.num_workers,
         initial_clip=settings.dp_initial_clip, target_quantile=settings.dp_target_quantile,
         clip_learning_rate=settings.dp_clip_learning_rate, delta=settings.dp_delta,
         accountant=settings.dp_accountant, target_epsilon=settings.dp_target_epsilon)
@@ -140,8 +149,13 @@ def run_ps(settings: PsSettings) -> int:
                         "deadline (%.0f s) unless more workers join. Lower COMIND_REPLICAS_TO_AGGREGATE or raise "
                         "COMIND_NUM_WORKERS.", settings.replicas_to_aggregate, settings.num_workers,
                         settings.round_timeout)
-        if policy.sampling.enabled:
-            sampling = policy.sampling
+        sampling = policy.sampling
+        if sampling.poisson_rate is not None:
+            log.info("Client sampling with worker-level differential privacy: each round selects each live worker "
+                     "independently with probability q %r (Poisson sampling, as the privacy ledger counts) and closes "
+                     "once every selected worker still live has sent its update, or at its deadline with those in; "
+                     "the seed of each draw is logged.", sampling.poisson_rate)
+        elif sampling.enabled:
             log.info("Client sampling: each round selects %s of the live workers (over-selection %g) and closes at "
                      "%d updates with the %d workers expected; the seed of each draw is logged.",
                      sampling.clients_per_round or f"a fraction {sampling.client_fraction}", sampling.over_selection,
@@ -163,12 +177,12 @@ def run_ps(settings: PsSettings) -> int:
         if pipeline.privacy:
             dp = pipeline.privacy.settings
             log.info("Worker-level differential privacy: each update clipped to %s, counted once (uniform "
-                     "weighting%s), noise multiplier %g, sum over %d expected updates; epsilon at delta %g by the %s "
+                     "weighting%s), noise multiplier %g, sum over %g expected updates; epsilon at delta %g by the %s "
                      "accountant%s.",
                      f"norm {dp.clip:g}" if dp.clip else f"an adaptive norm from {dp.initial_clip:g}",
                      "" if settings.weighting else ", set by DP", dp.noise_multiplier, dp.expected_updates, dp.delta,
                      dp.accountant.upper(), f", within {dp.target_epsilon:g}" if dp.target_epsilon else "")
-            if dp.expected_updates < 100:
+            if dp.expected_updates < 100 and not sampling.enabled:
                 log.warning("Worker-level DP over %d workers a round gives no meaningful epsilon: every worker is in "
                             "every round, and hiding one of a handful takes noise that swamps the model. It is for "
                             "large populations, sampled; a few data holders need example-level DP on each instead "

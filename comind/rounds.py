@@ -27,6 +27,15 @@ Rules (docs/design.md, decision 4):
   selected worker still live. A round past its deadline without
   ``min_updates`` draws as many again from the live workers not yet
   selected.
+* With Poisson sampling (``sampling.poisson_rate``: worker-level DP with client
+  sampling), the draw selects each live worker independently with
+  probability q, possibly none. The round closes once every selected worker
+  still live has reported (at once for an empty draw: its release is the
+  noise alone), or at its deadline with the updates it has, none included;
+  it never draws again, and takes no ``replicas_to_aggregate`` and no
+  ``min_updates`` above 1: each would make whether one worker's update
+  counts depend on whether another's came, a change to the sum of up to 2C
+  that the noise does not cover (docs/design.md, decision 15).
 """
 
 from __future__ import annotations
@@ -119,13 +128,19 @@ class RoundPolicy:
     def _check_sampling(self) -> None:
         """Refuses sampling settings that contradict the others: no round could close as they say."""
         k = self.sampling.clients_per_round
-        if k is None:
-            return
-        if k > self.member_limit:
+        if self.sampling.poisson_rate is not None and (self.replicas_to_aggregate is not None or self.min_updates > 1):
+            raise ValueError(
+                f"With worker-level differential privacy, client sampling draws a Poisson sample, and a round takes "
+                f"the update of every selected worker that sends one by its deadline, none included: "
+                f"--replicas-to-aggregate (close at the first updates in) and --min-updates above 1 (wait past the "
+                f"deadline for more) would make whether one worker's update counts depend on whether another's "
+                f"came, which the noise does not cover. Unset them. Received: "
+                f"replicas_to_aggregate={self.replicas_to_aggregate}, min_updates={self.min_updates}")
+        if k is not None and k > self.member_limit:
             raise ValueError(f"clients_per_round must not exceed max_members ({self.member_limit}): no round could "
                              f"select that many. Received: clients_per_round={k}")
         for name in ("replicas_to_aggregate", "min_updates"):
-            if (getattr(self, name) or 0) > k:
+            if k is not None and (getattr(self, name) or 0) > k:
                 raise ValueError(f"{name} must not exceed clients_per_round ({k}): only the selected workers "
                                  f"update, and a round closes at {k} of them. Received: {name}={getattr(self, name)}")
 
@@ -167,6 +182,11 @@ class Rounds:
     @property
     def sampling(self) -> bool:
         return self.policy.sampling.enabled
+
+    @property
+    def poisson(self) -> bool:
+        """Whether draws are Poisson samples (worker-level DP with client sampling)."""
+        return self.policy.sampling.poisson_rate is not None
 
     def register(self, task_index: int, description: str = "", peer: bytes | None = None,
                  instance: str = "") -> str:
@@ -244,19 +264,28 @@ class Rounds:
             return None
         live = len(self.members)
         sampling = self.policy.sampling
+        if sampling.poisson_rate is not None:
+            selection = Selection.draw_poisson(self.open_round, (m.task_index for m in self.members.values()),
+                                               sampling.poisson_rate, self._seeds())
+            self._quorum = len(selection.selected)  # every one of them: the round takes them all
+            self.deadline = self._clock() + self.policy.round_timeout  # from the draw: the first may come at it
+            return self._add_draw(selection)
         self._quorum = min(sampling.quorum(live), self.policy.replicas_to_aggregate or live)
-        return self._add_draw(self.members, sampling.size(live))
+        return self._add_draw(self._draw_from(self.members, sampling.size(live)))
 
     def draw_again(self) -> Selection | None:
         """Selects as many workers again from those live and not yet selected: for a round past its deadline
-        without ``min_updates``. None if there are none."""
-        if not self.draws or self.closing:
+        without ``min_updates``. None if there are none, or under Poisson sampling (a second chance would select
+        a worker with a probability above q)."""
+        if not self.draws or self.closing or self.poisson:
             return None
         candidates = {mid: m for mid, m in self.members.items() if m.task_index not in self.selected}
-        return self._add_draw(candidates, len(self.draws[0].selected)) if candidates else None
+        return self._add_draw(self._draw_from(candidates, len(self.draws[0].selected))) if candidates else None
 
-    def _add_draw(self, candidates: dict[str, Member], size: int) -> Selection:
-        selection = Selection.draw(self.open_round, (m.task_index for m in candidates.values()), size, self._seeds())
+    def _draw_from(self, candidates: dict[str, Member], size: int) -> Selection:
+        return Selection.draw(self.open_round, (m.task_index for m in candidates.values()), size, self._seeds())
+
+    def _add_draw(self, selection: Selection) -> Selection:
         self.draws.append(selection)
         self.selected |= selection.selected
         return selection
@@ -273,7 +302,12 @@ class Rounds:
         return [mid for mid in map(self._by_task.get, self.selected) if mid is not None]
 
     def ready_to_close(self) -> bool:
-        if not self.has_model or self.closing or self.done or not self.contributors:
+        if not self.has_model or self.closing or self.done:
+            return False
+        if self.poisson:  # with none, too: an empty draw, or selected workers all gone, is noise alone
+            return bool(self.draws) and (self._clock() >= self.deadline
+                                         or self.contributors.issuperset(self._live_selected()))
+        if not self.contributors:
             return False
         policy = self.policy
         if self.sampling:
@@ -300,8 +334,8 @@ class Rounds:
         return [self.members[mid].task_index for mid in expected if mid not in self.contributors]
 
     def overdue(self) -> bool:
-        """The deadline passed without the minimum number of updates."""
-        return (self.has_model and not self.done and not self.closing
+        """The deadline passed without the minimum number of updates (never under Poisson sampling)."""
+        return (self.has_model and not self.done and not self.closing and not self.poisson
                 and self._clock() >= self.deadline and len(self.contributors) < self.policy.min_updates)
 
     def begin_close(self) -> None:

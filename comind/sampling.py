@@ -2,12 +2,17 @@
 
 Each round the ps draws ``k`` of its live workers uniformly at random,
 without replacement, as cross-device federated learning does (McMahan et al.
-2017, the fraction C; Bonawitz et al. 2019, over-selection). The draw is
-reproducible from what the ps logs: the round's seed (128 bits from the
+2017, the fraction C; Bonawitz et al. 2019, over-selection). With
+worker-level differential privacy it draws a Poisson sample instead: each
+live worker independently with a probability ``q`` fixed for the run, the
+sampling DP-FedAvg's accountant counts on (McMahan et al. 2018). Either draw
+is reproducible from what the ps logs: the round's seed (128 bits from the
 operating system's CSPRNG, :mod:`secrets`), the task indices of the live
-workers, and ``k``. An auditor calls :func:`select` with them::
+workers, and ``k`` or ``q``. An auditor calls :func:`select` or
+:func:`select_poisson` with them::
 
-    select(range(20), 5, 0x3f2a...)  # the task indices the round's line names
+    select(range(20), 5, 0x3f2a...)                # the task indices the round's line names
+    select_poisson(range(20), 0.25, 0x3f2a...)     # q as the line writes it
 
 Pure functions and a frozen policy: no clock, no I/O.
 """
@@ -45,9 +50,7 @@ def select(members_sorted: Sequence[int], k: int, seed: int) -> list[int]:
     reproducible with the NumPy version the ps ran (NumPy keeps a Generator's streams across versions unless
     its release notes say otherwise).
     """
-    if list(members_sorted) != sorted(members_sorted):
-        raise ValueError(f"select() takes the members in ascending order, as the ps logs them. "
-                         f"Received: members_sorted={list(members_sorted)[:10]}...")
+    _check_ascending(members_sorted)
     if k < 0:
         raise ValueError(f"k must be at least 0. Received: k={k}")
     if k >= len(members_sorted):
@@ -55,6 +58,33 @@ def select(members_sorted: Sequence[int], k: int, seed: int) -> list[int]:
     generator = np.random.Generator(np.random.PCG64(seed))
     picked = generator.choice(len(members_sorted), size=k, replace=False)
     return sorted(members_sorted[int(i)] for i in picked)
+
+
+def select_poisson(members_sorted: Sequence[int], q: float, seed: int) -> list[int]:
+    """The members a Poisson draw with this seed selects: each independently with probability ``q``, ascending.
+
+    Args:
+        members_sorted: the task indices of the live workers when the round drew, ascending (as logged).
+        q: each member's probability of being selected, as logged (its ``repr``: the comparison below is exact).
+        seed: the round's seed, as logged.
+
+    Returns:
+        The selected task indices, ascending; possibly none (with probability ``(1 - q) ** len(members_sorted)``).
+
+    The draw is ``Generator(PCG64(seed)).random(len(members_sorted)) < q``: member ``i`` is selected when the
+    ``i``-th uniform of the round's stream is below ``q``.
+    """
+    _check_ascending(members_sorted)
+    if not 0 < q <= 1:
+        raise ValueError(f"q must be more than 0 and at most 1. Received: q={q!r}")
+    uniforms = np.random.Generator(np.random.PCG64(seed)).random(len(members_sorted))
+    return [member for member, u in zip(members_sorted, uniforms, strict=True) if u < q]
+
+
+def _check_ascending(members_sorted: Sequence[int]) -> None:
+    if list(members_sorted) != sorted(members_sorted):
+        raise ValueError(f"A draw takes the members in ascending order, as the ps logs them. "
+                         f"Received: members_sorted={list(members_sorted)[:10]}...")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +96,14 @@ class SamplingPolicy:
         client_fraction: K as a fraction of the live workers (rounded down, at least 1), instead of a number.
         over_selection: x: each round selects ``ceil(K (1 + x))`` and closes at K updates, so that workers
             that are slow or gone cost no round.
+        poisson_rate: q: each round selects each live worker independently with this probability instead
+            (Poisson sampling, for worker-level DP: :meth:`poisson`); None: ``size()`` of them, uniformly.
     """
 
     clients_per_round: int | None = None
     client_fraction: float | None = None
     over_selection: float = 0.0
+    poisson_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.clients_per_round is not None and self.client_fraction is not None:
@@ -89,6 +122,25 @@ class SamplingPolicy:
         if self.over_selection and not self.enabled:
             raise ValueError(f"Over-selection needs client sampling: set the clients per round or the client "
                              f"fraction as well. Received: over_selection={self.over_selection}")
+        if self.poisson_rate is None:
+            return
+        if not (self.enabled and 0 < self.poisson_rate <= 1):
+            raise ValueError(f"Poisson sampling's rate is a probability in (0, 1], with client sampling on. "
+                             f"Received: poisson_rate={self.poisson_rate!r}, enabled={self.enabled}")
+        if self.over_selection:
+            raise ValueError(f"With worker-level differential privacy, client sampling draws a Poisson sample (each "
+                             f"live worker with probability q, the sampling the privacy accountant counts), and a "
+                             f"round takes every selected worker's update: there is no K to select more than, and "
+                             f"closing at the first updates in would make who contributes depend on who else did. "
+                             f"Unset --over-selection. Received: over_selection={self.over_selection}")
+
+    def poisson(self, num_workers: int) -> SamplingPolicy:
+        """This policy drawing Poisson samples, q fixed for the run: the client fraction F if given, else
+        K / ``num_workers`` (at most 1)."""
+        if self.clients_per_round is None:
+            assert self.client_fraction is not None, "Poisson sampling needs client sampling on"
+            return dataclasses.replace(self, poisson_rate=self.client_fraction)
+        return dataclasses.replace(self, poisson_rate=min(1.0, self.clients_per_round / num_workers))
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +168,8 @@ class Selection:
     seed: int
     population: tuple[int, ...]  # the live workers' task indices, ascending
     selected: frozenset[int]
+    #: q, for a Poisson draw (:func:`select_poisson`); None for one of fixed size (:func:`select`).
+    poisson_rate: float | None = None
 
     @classmethod
     def draw(cls, round: int, population: Iterable[int], size: int, seed: int) -> Selection:
@@ -123,9 +177,16 @@ class Selection:
         members = tuple(sorted(population))
         return cls(round, seed, members, frozenset(select(members, size, seed)))
 
+    @classmethod
+    def draw_poisson(cls, round: int, population: Iterable[int], q: float, seed: int) -> Selection:
+        """Selects each of ``population`` (task indices, in any order) with probability ``q``, with ``seed``."""
+        members = tuple(sorted(population))
+        return cls(round, seed, members, frozenset(select_poisson(members, q, seed)), q)
+
     def describe(self) -> str:
-        """What the ps logs: enough to call :func:`select` again and compare."""
-        return (f"seed {self.seed:#x}, {len(self.selected)} of {len(self.population)} live (tasks "
+        """What the ps logs: enough to call :func:`select` (or :func:`select_poisson`) again and compare."""
+        how = "" if self.poisson_rate is None else f"Poisson q {self.poisson_rate!r}, "
+        return (f"seed {self.seed:#x}, {how}{len(self.selected)} of {len(self.population)} live (tasks "
                 f"{ranges(self.population)}): tasks {ranges(sorted(self.selected))}")
 
 
