@@ -88,8 +88,8 @@ class PsMetrics:
             "to train, reported (updates aggregated) and dropped (selected, not aggregated).", ["status"],
             registry=registry)
         self.sampling_rate = Gauge(
-            "comind_round_sampling_rate", "q of the last round that closed: selected / live workers (1 without "
-            "client sampling).", registry=registry)
+            "comind_round_sampling_rate", "q of the last round that closed: selected / live workers, or the "
+            "Poisson rate with worker-level DP (1 without client sampling).", registry=registry)
         self.server_optimizer = Info(
             "comind_server_optimizer", "The ps's server optimizer, by name (COMIND_SERVER_OPTIMIZER).",
             registry=registry)

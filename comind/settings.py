@@ -102,7 +102,8 @@ class PsSettings(_Cluster):
     # Client sampling (comind/sampling.py).
     clients_per_round: int | None = _setting(
         None, "client sampling: each round selects this many of the live workers at random (K) and closes at K "
-        "updates; the others wait without training. Unset: every live worker", config.positive_int)
+        "updates; the others wait without training. With worker-level DP, each live worker is selected with "
+        "probability K / --num-workers instead (Poisson sampling). Unset: every live worker", config.positive_int)
     client_fraction: float | None = _setting(
         None, "client sampling by fraction: K is this fraction of the live workers (rounded down, at least 1), "
         "instead of --clients-per-round", config.fraction_up_to_one)

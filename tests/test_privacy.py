@@ -3,8 +3,10 @@ SIGKILLed and restarted that never forgets spent budget."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -13,20 +15,32 @@ import sys
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from comind import settings
 from comind.accountant import Ledger
+from comind.metrics import PsMetrics
 from comind.pipeline import PipelineSettings, ServerPipeline
 from comind.privacy import DpFedAvg, DpSettings, secure_normal
-from comind.ps_main import server_pipeline
+from comind.ps import ParameterServer, UpdateResult
+from comind.ps_main import round_policy, server_pipeline
+from comind.sampling import parse_ranges, select_poisson
 from comind.tensors import Layout
 from numpy_cluster import assert_finishes, read_history, start_worker
 from processes import ROOT
+from test_ps import data, delta, initialized, model_values
+from test_sampling import fixed_seeds
 
 
 def pipeline_for(**flags: object) -> ServerPipeline:
     """The ps's own pipeline, from its settings as `comind ps` takes them."""
     return server_pipeline(settings.load("ps", {k: str(v) for k, v in flags.items()}))
+
+
+def ps_for(**flags: object) -> ParameterServer:
+    """The ps as `comind ps` builds it from these settings: its round rules and its pipeline."""
+    loaded = settings.load("ps", {k: str(v) for k, v in flags.items()})
+    return ParameterServer(round_policy(loaded), PsMetrics(CollectorRegistry()), pipeline=server_pipeline(loaded))
 
 
 def one_round(pipeline: ServerPipeline, layout: Layout, updates: list[list[np.ndarray]],
@@ -55,6 +69,82 @@ def test_the_ledger_gives_the_reference_epsilon_through_the_ps_pipeline():
     restored = pipeline_for(dp_noise_multiplier=1.0, dp_clip=1.0, num_workers=2)
     restored.restore(pipeline.state())
     assert restored.privacy is not None and restored.privacy.ledger.epsilon == epsilons[-1]
+
+
+#: ``Round R selects seed 0x..., Poisson q Q, S of N live (tasks POPULATION): tasks SELECTED.``, as the ps logs it.
+POISSON_DRAW = re.compile(r"Round (\d+) selects seed (0x[0-9a-f]+), Poisson q (\S+), (\d+) of (\d+) live \(tasks "
+                          r"([0-9.,]+)\): tasks ([0-9.,]+|none)\.")
+
+
+def test_client_sampling_with_dp_draws_poisson_samples_and_the_ps_ledger_gives_the_reference_epsilon(caplog):
+    """ALGORITHMS.md's reference, q = 0.01, z = 1.0, 1000 rounds, delta 1e-5 (RDP epsilon 2.1014), through the ps:
+    its draws, its rounds (most of them, (0.99)^20 = 82 %, select no one and release noise alone), its ledger."""
+    workers, total = 20, 1000
+
+    async def scenario() -> tuple[ParameterServer, list[int]]:
+        ps = ps_for(num_workers=workers, client_fraction=0.01, dp_noise_multiplier=1.0, dp_clip=1.0, rounds=total,
+                    lease_seconds=3600, round_timeout=3600)
+        assert ps.pipeline.privacy is not None and ps.pipeline.privacy.settings.expected_updates == pytest.approx(0.2)
+        assert ps.sampled_fraction() == 0.01
+        ps.rounds._seeds = fixed_seeds()
+        members = await initialized(ps, workers)  # the chief's initial model: round 1 draws
+        updates = []
+        while not ps.done:
+            round = ps.round + 1
+            chosen = [m for m in members if ps.rounds.is_selected(m)]
+            assert chosen  # a round that selected no one closed at once
+            for member in chosen:
+                header, arrays = delta(0.5, round=round)
+                assert await ps.receive(member, header, data(arrays)) is UpdateResult.ACCEPTED
+            assert ps.round >= round
+            updates.append(len(chosen))
+        return ps, updates
+
+    with caplog.at_level(logging.INFO, logger="comind.ps"):
+        ps, updates = asyncio.run(scenario())
+    privacy = ps.pipeline.privacy
+    assert privacy is not None and ps.round == total
+    assert privacy.ledger.events == {(0.01, 1.0): total}  # the configured q, every round, the empty ones too
+    assert privacy.ledger.epsilon == pytest.approx(2.1014, abs=1e-3)
+    assert ps.model is not None and ps.model.epsilon == privacy.ledger.epsilon
+    assert ps.last_closed is not None and ps.last_closed.sampling_rate == 0.01
+    # Each draw, replayed from its line as an auditor would: the same workers, and Poisson's sizes.
+    draws = [m for r in caplog.records if (m := POISSON_DRAW.search(r.getMessage()))]
+    assert [int(d.group(1)) for d in draws] == list(range(1, total + 1))
+    sizes = []
+    for draw in draws:
+        q, population, chosen = float(draw.group(3)), parse_ranges(draw.group(6)), parse_ranges(draw.group(7))
+        assert q == 0.01 and population == list(range(workers))
+        assert select_poisson(population, q, int(draw.group(2), 16)) == chosen
+        sizes.append(len(chosen))
+    assert sorted(s for s in sizes if s) == sorted(updates) and sum(updates) == sum(sizes)
+    # Rounds with no one: Binomial(1000, 0.99^20 = 0.818), std 12.2.
+    assert sizes.count(0) == pytest.approx(total * 0.99**workers, abs=4.5 * math.sqrt(total * 0.818 * 0.182))
+    lines = [r.getMessage() for r in caplog.records if re.match(r"Round \d+/1000: 0 updates", r.getMessage())]
+    assert len(lines) == sizes.count(0) and "0 of 20 live workers selected (q 0.01), epsilon" in lines[0]
+
+
+def test_a_round_whose_poisson_draw_selects_no_one_releases_the_noise_alone_over_q_n():
+    """4 workers at q 1/4: the fixed denominator is q N = 1; with every normal draw at +1 std, the aggregate of a
+    round without updates is z C / (q N) in every floating-point coordinate, and the round is in the ledger."""
+    ps = ps_for(num_workers=4, clients_per_round=1, dp_noise_multiplier=2.0, dp_clip=0.5, rounds=3)
+    privacy = ps.pipeline.privacy
+    assert privacy is not None and privacy.settings.expected_updates == 1.0
+    privacy._normal = lambda std, count: np.full(count, std)
+    ps.rounds._seeds = lambda: next(seed for seed in itertools.count() if not select_poisson(range(4), 0.25, seed))
+
+    async def scenario() -> None:
+        await initialized(ps, 4)
+        # The initial model's round drew no one, and closed at once; the next draws too (the same empty seeds).
+
+    asyncio.run(scenario())
+    assert ps.done and ps.round == 3 and ps.last_closed is not None
+    assert (ps.last_closed.updates, ps.last_closed.sampled, ps.last_closed.population) == (0, 0, 4)
+    assert math.isnan(ps.last_closed.loss) and ps.last_closed.sampling_rate == 0.25
+    weights, bias, _ = model_values(ps)
+    np.testing.assert_allclose(weights, 3 * 2.0 * 0.5 / 1.0)  # three rounds of noise alone, each z C / (q N)
+    np.testing.assert_allclose(bias, 3.0)
+    assert privacy.ledger.events == {(0.25, 2.0): 3}
 
 
 def test_the_pld_accountant_gives_its_reference_epsilon():

@@ -19,7 +19,7 @@ from comind.checkpoint import CheckpointStore
 from comind.ps import ParameterServer, UpdateResult
 from comind.ps_main import round_policy
 from comind.rounds import RoundPolicy, Rounds, Verdict
-from comind.sampling import SamplingPolicy, parse_ranges, ranges, select
+from comind.sampling import SamplingPolicy, Selection, parse_ranges, ranges, select, select_poisson
 from numpy_cluster import assert_finishes, read_history, start_worker
 from test_ps import data, delta, initialized, make_ps
 from test_rounds import Clock
@@ -27,6 +27,10 @@ from test_rounds import Clock
 #: ``Round R selects seed 0x..., S of N live (tasks POPULATION): tasks SELECTED.``, as the ps logs each draw.
 DRAW = re.compile(r"Round (\d+) selects seed (0x[0-9a-f]+), (\d+) of (\d+) live \(tasks ([0-9.,]+)\): "
                   r"tasks ([0-9.,]+|none)\.")
+
+
+#: Worker-level DP's flags.
+DP = ["--dp-noise-multiplier", "1", "--dp-clip", "1"]
 
 
 def fixed_seeds(seed: int = 17):
@@ -45,6 +49,44 @@ def test_select_is_a_reproducible_uniform_subset():
     assert len({tuple(select(members, 3, seed)) for seed in range(200)}) == 20  # every 3-subset of 6 drawn
     with pytest.raises(ValueError, match="ascending"):
         select([3, 1], 1, 0)
+
+
+def test_a_poisson_draw_reproduces_from_its_seed_and_selects_each_worker_with_probability_q():
+    members, q, draws = list(range(0, 40, 2)), 0.25, 2000
+    assert select_poisson(members, q, 42) == select_poisson(members, q, 42) == sorted(select_poisson(members, q, 42))
+    assert select_poisson(range(20), 1.0, 7) == list(range(20))
+    selection = Selection.draw_poisson(3, reversed(members), q, 42)  # what the ps logs, and an auditor replays
+    assert selection.population == tuple(members) and sorted(selection.selected) == select_poisson(members, q, 42)
+    assert f"Poisson q {q!r}, " in selection.describe()
+    with pytest.raises(ValueError, match="ascending"):
+        select_poisson([3, 1], q, 0)
+    seeds = fixed_seeds()
+    chosen = [select_poisson(members, q, seeds()) for _ in range(draws)]
+    # Each worker's count O_i is Binomial(n = 2000, q = 1/4), independently of the others' (Poisson sampling has
+    # no fixed size), so X^2 = sum_i (O_i - nq)^2 / (nq(1 - q)) is chi-square with 20 degrees of freedom: its
+    # 0.999 quantile is 45.31. With fixed seeds the test has one outcome.
+    observed = np.array([sum(member in c for c in chosen) for member in members], float)
+    expected, variance = draws * q, draws * q * (1 - q)
+    assert ((observed - expected) ** 2 / variance).sum() < 45.31, observed
+    # The sample's size is Binomial(20, 1/4), not fixed: mean 5, variance 3.75.
+    sizes = np.array([len(c) for c in chosen])
+    assert sizes.mean() == pytest.approx(5, abs=0.15) and sizes.var() == pytest.approx(3.75, rel=0.15)
+    # A draw from 3 selects no one with probability (3/4)^3 = 0.42.
+    empty = sum(not select_poisson([0, 1, 2], q, seeds()) for _ in range(draws))
+    assert empty / draws == pytest.approx(0.75**3, abs=4.5 * np.sqrt(0.42 * 0.58 / draws))
+
+
+def test_client_sampling_is_poisson_with_worker_level_dp_and_of_fixed_size_without():
+    def policy(**flags: object) -> SamplingPolicy:
+        loaded = settings.load("ps", {"num_workers": "20", **{k: str(v) for k, v in flags.items()}})
+        return round_policy(loaded).sampling
+
+    dp = {"dp_noise_multiplier": 1.0, "dp_clip": 1.0}
+    assert policy(clients_per_round=5).poisson_rate is None  # no DP: K of them, steadier rounds
+    assert policy(clients_per_round=5, **dp).poisson_rate == 0.25  # K / --num-workers
+    assert policy(client_fraction=0.1, **dp).poisson_rate == 0.1  # F
+    assert policy(clients_per_round=30, max_members=40, **dp).poisson_rate == 1.0
+    assert policy(**dp).poisson_rate is None  # DP without sampling: q = 1, every live worker
 
 
 @pytest.mark.parametrize("numbers", [[], [4], [0, 1, 2, 3], [0, 2, 3, 4, 9, 11, 12], [-3, -2, 0]])
@@ -69,6 +111,10 @@ def test_the_quorum_and_the_draw_size():
     (["--clients-per-round", "5", "--replicas-to-aggregate", "6"], "replicas_to_aggregate must not exceed"),
     (["--clients-per-round", "5", "--min-updates", "6"], "min_updates must not exceed"),
     (["--clients-per-round", "50", "--max-members", "8"], "clients_per_round must not exceed max_members"),
+    # With worker-level DP, sampling is Poisson: nothing may close a round on who else reported.
+    (["--clients-per-round", "2", "--over-selection", "0.5", *DP], "Unset --over-selection"),
+    (["--client-fraction", "0.5", "--replicas-to-aggregate", "1", *DP], "close at the first updates in"),
+    (["--clients-per-round", "2", "--min-updates", "2", *DP], "--min-updates above 1"),
 ])
 def test_contradictory_settings_are_refused_at_start_with_exit_2(flags, message, capsys):
     options = dict(zip([f[2:].replace("-", "_") for f in flags[::2]], flags[1::2], strict=True))
@@ -143,6 +189,39 @@ def test_the_first_round_draws_once_the_expected_workers_are_in_or_at_its_deadli
     clock.now = 60
     selection = rounds.draw()
     assert selection is not None and selection.population == (0,)
+
+
+def test_a_poisson_round_takes_every_selected_worker_closes_at_once_on_an_empty_draw_and_never_draws_again():
+    clock = Clock()
+    rounds, ids = sampled(clock, members=8, client_fraction=0.5, poisson_rate=0.5)
+    selection = rounds.draw()
+    assert selection is not None and selection.poisson_rate == 0.5
+    assert sorted(selection.selected) == select_poisson(range(8), 0.5, selection.seed)
+    chosen = [mid for mid in ids if rounds.is_selected(mid)]
+    assert len(chosen) >= 2  # the fixed seeds' draw
+    for mid in chosen[:-1]:
+        rounds.record(mid)
+        assert not rounds.ready_to_close()  # no K: it takes them all
+    rounds.leave(chosen[-1])
+    assert rounds.ready_to_close()  # every selected worker still live has reported
+    assert rounds.population() == (len(chosen), 8)
+    rounds.begin_close()
+    rounds.complete(1)
+
+    # A draw that selects no one: the round may close at once, with no update.
+    rounds._seeds = lambda: next(seed for seed in range(1000) if not select_poisson(range(7), 0.5, seed))
+    empty = rounds.draw()
+    assert empty is not None and not empty.selected and rounds.ready_to_close()
+    rounds.begin_close()
+    rounds.complete(2)
+
+    # Selected workers that stay silent: at the deadline the round closes with what it has, none included, and
+    # draws no one else (a second chance would select a worker with a probability above q).
+    rounds._seeds = fixed_seeds()
+    assert rounds.draw() is not None and not rounds.ready_to_close()
+    clock.now += 60
+    assert not rounds.overdue() and rounds.draw_again() is None and rounds.ready_to_close()
+    assert sorted(rounds.silent_members()) == sorted(rounds.selected & {m.task_index for m in rounds.members.values()})
 
 
 # The ps in-process -------------------------------------------------------------
