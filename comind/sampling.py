@@ -128,11 +128,10 @@ class SamplingPolicy:
             raise ValueError(f"Poisson sampling's rate is a probability in (0, 1], with client sampling on. "
                              f"Received: poisson_rate={self.poisson_rate!r}, enabled={self.enabled}")
         if self.over_selection:
-            raise ValueError(f"With worker-level differential privacy, client sampling draws a Poisson sample (each "
-                             f"live worker with probability q, the sampling the privacy accountant counts), and a "
-                             f"round takes every selected worker's update: there is no K to select more than, and "
-                             f"closing at the first updates in would make who contributes depend on who else did. "
-                             f"Unset --over-selection. Received: over_selection={self.over_selection}")
+            raise ValueError(f"With worker-level differential privacy, client sampling draws a Poisson sample, each "
+                             f"live worker with probability q, and takes every selected worker's update: there is "
+                             f"no K to select more than. Unset --over-selection. "
+                             f"Received: over_selection={self.over_selection}")
 
     def poisson(self, num_workers: int) -> SamplingPolicy:
         """This policy drawing Poisson samples, q fixed for the run: the client fraction F if given, else
