@@ -34,7 +34,7 @@ def round_seconds(pipeline: ServerPipeline, layout: Layout, updates: list[list[n
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        round = pipeline.start_round(layout)
+        round = pipeline.start_round(layout, np.zeros(layout.nbytes, np.uint8))
         for update in updates:
             round.add([u.copy() for u in update], 1.0)
         round.result(1.0)

@@ -142,9 +142,10 @@ class ServerPipeline:
     def check_quorum(self, num_updates: int) -> None:
         self.aggregator.check_quorum(num_updates)
 
-    def start_round(self, layout: Layout) -> RoundInProgress:
+    def start_round(self, layout: Layout, model: np.ndarray) -> RoundInProgress:
+        """A round of updates trained from ``model``, the global model, packed in ``layout``."""
         if self.privacy:
-            return RoundInProgress(self.privacy.start(layout), None, self.privacy)
+            return RoundInProgress(self.privacy.start(layout, model), None, self.privacy)
         return RoundInProgress(self.aggregator.start(layout), self.clip)
 
     def step(self, layout: Layout, model: np.ndarray,

@@ -142,9 +142,10 @@ class DpSettings:
 class DpRound:
     """One round's updates: each clipped to the round's C and summed unweighted; the count of those within C."""
 
-    def __init__(self, layout: Layout, clip: float):
+    def __init__(self, layout: Layout, clip: float, model: np.ndarray):
         self.layout = layout
         self.clip = clip
+        self.model = model  # the global model the updates were trained from: its integer tensors stand
         self.unclipped = 0
         self._sum = RunningWeightedSum(layout)
 
@@ -180,8 +181,8 @@ class DpFedAvg:
         self.ledger = Ledger(settings.noise_multiplier, settings.delta, settings.accountant)
         self._normal = normal
 
-    def start(self, layout: Layout) -> DpRound:
-        return DpRound(layout, self.clip)
+    def start(self, layout: Layout, model: np.ndarray) -> DpRound:
+        return DpRound(layout, self.clip, model)
 
     def affordable(self, sampled_fraction: float) -> bool:
         """Whether one more round sampling ``sampled_fraction`` stays within the target epsilon."""
@@ -199,13 +200,16 @@ class DpFedAvg:
         m, clip = self.settings.expected_updates, round.clip
         if round.count > m and sampled_fraction == 1:  # a Poisson sample (q < 1) is larger than q N half the time
             log.warning("This round has %d updates, more than the %g expected (the fixed denominator): the "
-                        "aggregate is their sum over %g. Set COMIND_REPLICAS_TO_AGGREGATE to the updates a round "
+                        "aggregate is their sum over %g. Set COMIND_NUM_WORKERS to the workers a round "
                         "takes.", round.count, m, m)
         std = self.z_update * clip
         packed = np.empty(round.layout.nbytes, np.uint8)
-        for out, total in zip(round.layout.views(packed), round.sums(), strict=True):
+        views = zip(round.layout.views(packed), round.sums(), round.layout.views(round.model), strict=True)
+        for out, total, held in views:
             if out.dtype.kind != "f":
-                out[...] = 0  # not clipped, so not released
+                # Integer tensors (counters, seeds) cannot be clipped, so no worker's are released: the global
+                # model's stand, as the server optimizer takes the aggregate's integer values.
+                np.copyto(out, held)
                 continue
             noised = total.astype(np.float64).reshape(-1)
             noised += self._normal(std, noised.size)

@@ -579,7 +579,7 @@ class ParameterServer:
                 return result
             assert self.model is not None  # a verdict of ACCEPT needs a model
             if self._round is None:
-                self._round = self.pipeline.start_round(self.model.layout)
+                self._round = self.pipeline.start_round(self.model.layout, self.model.packed)
             task = self.rounds.members[member_id].task_index  # its lease may end during the await
             weight = self.pipeline.weight(header.num_examples)
             norm = await self._offload(packed.nbytes, self._round.add, header.layout.views(packed), weight)
@@ -619,7 +619,7 @@ class ParameterServer:
                 return False
             assert self.model is not None
             # None for a Poisson round without updates: its release is the noise alone.
-            in_progress = self._round or self.pipeline.start_round(self.model.layout)
+            in_progress = self._round or self.pipeline.start_round(self.model.layout, self.model.packed)
             self._name_the_silent()
             self.rounds.begin_close()
             examples, loss, accuracy = self._stats

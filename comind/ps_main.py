@@ -71,7 +71,7 @@ def dp_settings(settings: PsSettings) -> DpSettings | None:
     """Worker-level DP's settings, or None when it is off.
 
     Raises:
-        ValueError: noise without a clip, a clip without noise, or explicit weighting by examples.
+        ValueError: noise without a clip, a clip without noise, or replicas to aggregate.
     """
     from comind.privacy import ADAPTIVE, DpSettings
 
@@ -82,6 +82,12 @@ def dp_settings(settings: PsSettings) -> DpSettings | None:
         raise ValueError(f"Noise without a clip protects no one: each worker's influence on the sum, which the noise "
                          f"must cover, is unbounded. Set COMIND_DP_CLIP (a norm, or adaptive) with "
                          f"COMIND_DP_NOISE_MULTIPLIER. Received: dp_noise_multiplier={z!r}, dp_clip=None")
+    if settings.replicas_to_aggregate is not None:
+        raise ValueError(f"With worker-level differential privacy a round takes the update of every worker in it: "
+                         f"closing at the first COMIND_REPLICAS_TO_AGGREGATE lets one worker's presence push out "
+                         f"another's update, a change of 2C that the noise does not cover. Unset it (the fixed "
+                         f"denominator is COMIND_NUM_WORKERS, or q times it with client sampling). "
+                         f"Received: replicas_to_aggregate={settings.replicas_to_aggregate}")
     if z is None:
         raise ValueError(f"COMIND_DP_CLIP without COMIND_DP_NOISE_MULTIPLIER is a clip, not privacy; set the noise "
                          f"multiplier, or bound updates with COMIND_MAX_UPDATE_NORM instead. Received: "

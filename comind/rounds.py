@@ -154,6 +154,9 @@ class Rounds:
         self.round = round  # last completed round; -1 until the first model exists
         self.members: dict[str, Member] = {}
         self.contributors: set[str] = set()
+        # Their task indices: a worker whose lease ended joins again under a new member id, and must not count
+        # twice in a round (with DP, twice is a change of 2C that the noise does not cover).
+        self._contributing_tasks: set[int] = set()
         self.closing = False
         self._clock = clock
         self._seeds = seeds
@@ -236,12 +239,13 @@ class Rounds:
             return Verdict.EARLY
         if not self.is_selected(member_id):
             return Verdict.NOT_SELECTED
-        if member_id in self.contributors:
+        if member_id in self.contributors or self.members[member_id].task_index in self._contributing_tasks:
             return Verdict.DUPLICATE
         return Verdict.ACCEPT
 
     def record(self, member_id: str) -> None:
         self.contributors.add(member_id)
+        self._contributing_tasks.add(self.members[member_id].task_index)
 
     def is_selected(self, member_id: str) -> bool:
         """Whether the member may train in the open round: always without client sampling."""
@@ -350,6 +354,7 @@ class Rounds:
             self._warmed_up = True
         self.round = round
         self.contributors.clear()
+        self._contributing_tasks.clear()
         self.draws = []
         self.selected = set()
         self.closing = False

@@ -46,7 +46,7 @@ def ps_for(**flags: object) -> ParameterServer:
 def one_round(pipeline: ServerPipeline, layout: Layout, updates: list[list[np.ndarray]],
               sampled_fraction: float = 1.0) -> list[np.ndarray]:
     """The round's aggregate, through the pipeline the ps runs."""
-    round = pipeline.start_round(layout)
+    round = pipeline.start_round(layout, layout.pack([np.full(s.shape, 7, s.dtype) for s in layout.specs]))
     for update in updates:
         round.add([u.copy() for u in update], weight=1.0)
     return [view.copy() for view in layout.views(round.result(sampled_fraction))]
@@ -166,14 +166,14 @@ def test_adaptive_clipping_approaches_its_fixed_point():
     dp = DpFedAvg(DpSettings(noise_multiplier=0.0, clip=None, expected_updates=5))
     update = [np.full(4, 0.5, np.float32)]  # norm 1
     for _ in range(20):
-        round = dp.start(SMALL)
+        round = dp.start(SMALL, np.zeros(SMALL.nbytes, np.uint8))
         for _ in range(5):
             round.add([u.copy() for u in update], 1.0)
         dp.release(round, 1.0)
     assert dp.clip == pytest.approx(0.7389, abs=1e-4)
     # Past the norm, every update is within C, and C comes back down towards it.
     for _ in range(40):
-        round = dp.start(SMALL)
+        round = dp.start(SMALL, np.zeros(SMALL.nbytes, np.uint8))
         for _ in range(5):
             round.add([u.copy() for u in update], 1.0)
         dp.release(round, 1.0)
@@ -198,12 +198,14 @@ def test_the_denominator_is_the_expected_updates_not_those_received():
     np.testing.assert_allclose(aggregate, 0.5)  # 2 updates of 1, over 4 expected
 
 
-def test_non_float_tensors_are_not_released():
+def test_integer_tensors_are_not_released_and_the_global_models_stand():
+    """A worker's integer tensors cannot be clipped: the aggregate keeps the global model's (one_round's 7s), which
+    the server optimizer then takes, so a counter neither leaks a worker's value nor resets."""
     layout = Layout.of([np.zeros(2, np.float32), np.zeros(2, np.int64)], ["w", "steps"])
     pipeline = ServerPipeline(PipelineSettings(weighting="uniform", privacy=DpSettings(
         noise_multiplier=1.0, clip=1.0, expected_updates=1)))
     _, steps = one_round(pipeline, layout, [[np.zeros(2, np.float32), np.full(2, 10**9, np.int64)]])
-    assert (steps == 0).all()
+    assert steps.tolist() == [7, 7]
 
 
 def test_the_noise_comes_from_the_os_and_is_standard_normal():
@@ -220,6 +222,8 @@ def test_the_noise_comes_from_the_os_and_is_standard_normal():
     ({"dp_noise_multiplier": 1.0, "dp_clip": 1.0, "aggregation": "median", "num_workers": 5}, "mean only"),
     ({"dp_noise_multiplier": 1.0, "dp_clip": 1.0, "max_update_norm": 2.0}, "unset COMIND_MAX_UPDATE_NORM"),
     ({"dp_noise_multiplier": 1.0, "dp_clip": "adaptive", "num_workers": 10}, "more than 10 updates a round"),
+    ({"dp_noise_multiplier": 1.0, "dp_clip": 1.0, "num_workers": 3, "replicas_to_aggregate": 2},
+     "push out another's update"),
 ])
 def test_refusals(flags, message):
     with pytest.raises(ValueError, match=message):

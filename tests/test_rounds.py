@@ -33,6 +33,22 @@ def test_round_closes_when_every_live_worker_pushed():
     assert rounds.check("nobody", 2) is Verdict.UNKNOWN_WORKER
 
 
+def test_a_worker_that_joins_again_within_a_round_does_not_count_twice():
+    clock = Clock()
+    rounds, (a, b) = started(clock, lease_seconds=5)
+    rounds.record(a)
+    clock.now = 4
+    rounds.renew(b)
+    clock.now = 6
+    assert [m.task_index for m in rounds.expire()] == [0]  # a's lease ended; it joins again, under a new id
+    again = rounds.register(0)
+    assert rounds.check(again, 1) is Verdict.DUPLICATE
+    rounds.record(b)
+    rounds.begin_close()
+    rounds.complete(1)
+    assert rounds.check(again, 2) is Verdict.ACCEPT
+
+
 def test_first_round_waits_for_the_expected_workers():
     clock = Clock()
     rounds = Rounds(RoundPolicy(num_workers=2, round_timeout=60), clock=clock)
