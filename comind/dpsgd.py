@@ -132,8 +132,9 @@ class ExampleLevelPrivacy:
                 prediction = model(xi, training=True)
                 loss = model.compute_loss(x=xi, y=yi, y_pred=prediction, sample_weight=wi, training=True)
             gradients = tape.gradient(loss, variables)
-            return ([tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(gradients, variables)],
-                    loss, tf.nest.map_structure(lambda t: t[0], prediction))
+            dense = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                     for g, v in zip(gradients, variables, strict=True)]
+            return (dense, loss, tf.nest.map_structure(lambda t: t[0], prediction))
 
         weights = tf.ones(tf.shape(tf.nest.flatten(x)[0])[:1]) if sample_weight is None else sample_weight
         gradients, losses, predictions = tf.vectorized_map(one, (x, y, weights))

@@ -129,7 +129,8 @@ def run_worker(settings: WorkerSettings) -> int:
         if chief and callback.state:
             chief.finish(callback.state)
     epsilon = callback.example_epsilon
-    privacy = "" if epsilon is None else f"; its example-level DP epsilon is {epsilon:.4g} at delta {settings.dp_delta:g}"
+    privacy = "" if epsilon is None else \
+        f"; its example-level DP epsilon is {epsilon:.4g} at delta {settings.dp_delta:g}"
     log.info("Worker %d is done after %d syncs, at round %d%s.", task, callback.syncs, client.round, privacy)
     return 0
 
