@@ -90,17 +90,18 @@ class Ledger:
         try:  # now, not at the first round
             import dp_accounting  # noqa: F401
         except ImportError:
-            raise ImportError("Worker-level differential privacy's accountant needs dp-accounting, which the image "
+            raise ImportError("Differential privacy's accountant needs dp-accounting, which the image "
                               "has; elsewhere install it: pip install 'comind[dp]'.") from None
 
     @property
     def rounds(self) -> int:
         return sum(self.events.values())
 
-    def record_round(self, sampled_fraction: float) -> float:
-        """Spends one round that sampled ``sampled_fraction`` (q) of the population; returns epsilon after it."""
+    def record_round(self, sampled_fraction: float, count: int = 1) -> float:
+        """Spends ``count`` rounds (or DP-SGD steps) that each sampled ``sampled_fraction`` (q) of the population;
+        returns epsilon after them."""
         key = self._key(sampled_fraction)
-        self.events[key] = self.events.get(key, 0) + 1
+        self.events[key] = self.events.get(key, 0) + count
         self.epsilon = compose(self.events, self.delta, self.accountant)
         return self.epsilon
 

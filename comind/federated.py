@@ -35,6 +35,7 @@ import numpy as np
 
 from comind import modes
 from comind.client import GlobalState, WorkerClient
+from comind.dpsgd import ExampleAccountant, ExampleLevelPrivacy, check
 from comind.metrics import WorkerMetrics
 from comind.sync_replicas import SyncReplicasOptimizer, gradients_by_variable, step_change
 
@@ -112,6 +113,9 @@ class _ModelSync:
         self.on_round = on_round
         self.metrics = metrics
         self.proximal = _Proximal(proximal_mu) if proximal_mu else None
+        #: Example-level DP-SGD's ledger of this worker's steps, if it trains with DP-SGD: its epsilon is logged and
+        #: shown at every sync.
+        self.accountant: ExampleAccountant | None = None
         self.model: keras.Model | None = None
         self.state: GlobalState | None = None
         self.syncs = 0
@@ -147,6 +151,8 @@ class _ModelSync:
         self.examples_trained += num_examples
         self._loss = self._loss if loss is None else float(loss)
         self._accuracy = self._accuracy if accuracy is None else float(accuracy)
+        if self.accountant:
+            self.accountant.step()
         if self.metrics:
             self.metrics.steps.inc()
             self.metrics.examples.inc(num_examples)
@@ -184,6 +190,11 @@ class _ModelSync:
                   pushed - self._resumed, time.perf_counter() - pushed)
         self._steps = self._examples = 0
         self.syncs += 1
+        if self.accountant:
+            epsilon = self.accountant.epsilon
+            log.info("Round %d: this worker's %s.", state.round, self.accountant.describe())
+            if self.metrics:
+                self.metrics.dp_epsilon.set(epsilon)
         self._adopt(state)
 
     def _adopt(self, state: GlobalState) -> None:
@@ -218,6 +229,15 @@ class FederatedAveraging(keras.callbacks.Callback):
             ``L(w) + mu/2 ||w - x||^2``, ``x`` the last global model, through a
             regularizer on each trainable variable while ``fit`` runs (the loss
             ``fit`` reports includes it). 0 (the default) is FedAvg.
+        dp_example_clip: example-level DP-SGD's C (Abadi et al. 2016; see
+            :mod:`comind.dpsgd`): while ``fit`` runs, each step clips every
+            example's gradient to L2 norm C, adds Gaussian noise of std
+            ``dp_example_noise_multiplier * C`` to their sum and divides by the
+            batch size. Needs ``batch_size`` and ``num_examples`` (the sampled
+            fraction q is their ratio) and ``dp_example_noise_multiplier``.
+        dp_example_noise_multiplier: z of example-level DP-SGD.
+        dp_delta: the delta this worker's example-level epsilon is given at,
+            logged at every sync (``example_epsilon``).
 
     Example:
         >>> client = comind.WorkerClient("ps:2222", task_index=0)
@@ -228,10 +248,25 @@ class FederatedAveraging(keras.callbacks.Callback):
 
     def __init__(self, client: WorkerClient, interval_steps: int = 100, batch_size: int | None = None,
                  on_round: OnRound | None = None, metrics: WorkerMetrics | None = None,
-                 num_examples: int | None = None, proximal_mu: float = 0.0):
+                 num_examples: int | None = None, proximal_mu: float = 0.0, dp_example_clip: float | None = None,
+                 dp_example_noise_multiplier: float | None = None, dp_delta: float = 1e-5):
         super().__init__()
         self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu)
         self._batch_size = batch_size or 1
+        self._privacy = None
+        if check(dp_example_clip, dp_example_noise_multiplier):
+            assert dp_example_clip is not None and dp_example_noise_multiplier is not None
+            if batch_size is None or num_examples is None:
+                raise ValueError(f"Example-level DP-SGD's accounting needs the fraction of this worker's examples "
+                                 f"each step samples: give batch_size and num_examples. Received: "
+                                 f"batch_size={batch_size!r}, num_examples={num_examples!r}")
+            self._privacy = ExampleLevelPrivacy(dp_example_clip, dp_example_noise_multiplier)
+            self._sync.accountant = ExampleAccountant(dp_example_noise_multiplier, batch_size, num_examples, dp_delta)
+
+    @property
+    def example_epsilon(self) -> float | None:
+        """Example-level DP-SGD's epsilon spent by this worker's steps so far; None without it."""
+        return self._sync.accountant.epsilon if self._sync.accountant else None
 
     @property
     def syncs(self) -> int:
@@ -252,7 +287,10 @@ class FederatedAveraging(keras.callbacks.Callback):
             self.model.stop_training = True
         if self._sync.proximal:
             self._sync.proximal.install(self.model)
-            # fit made its training step before calling us: make it again, with the term in its loss.
+        if self._privacy:
+            self._privacy.install(self.model)
+        if self._sync.proximal or self._privacy:
+            # fit made its training step before calling us: make it again, with the term in its loss or DP-SGD's step.
             self.model.make_train_function(force=True)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -268,6 +306,8 @@ class FederatedAveraging(keras.callbacks.Callback):
         if self._sync.proximal:
             self._sync.proximal.uninstall()
             self.model.train_function = None  # the next fit makes one without the term
+        if self._privacy:
+            self._privacy.uninstall(self.model)
 
 
 def _check_optimizer(optimizer: keras.optimizers.Optimizer, distributed: bool) -> None:

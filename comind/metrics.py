@@ -127,6 +127,10 @@ class WorkerMetrics:
             buckets=ROUND_BUCKETS, registry=registry)
         self.round = Gauge("comind_worker_round", "Round of the global model this worker holds.",
                            registry=registry)
+        self.dp_epsilon = Gauge(
+            "comind_worker_dp_epsilon", "Example-level DP-SGD's epsilon, at COMIND_DP_DELTA, spent by this worker's "
+            "local steps so far (its own ledger); NaN without example-level DP.", registry=registry)
+        self.dp_epsilon.set(math.nan)
 
 
 def serve(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> None:

@@ -49,6 +49,9 @@ class _Common:
     dataset: str = _setting("digits", "digits (embedded), fashion_mnist, cifar10, or a .npz path",
                             config.dataset_name)
     log_level: str = _setting("info", "logging level", str, ("debug", "info", "warning", "error"))
+    #: Worker-level DP's on the ps; example-level DP-SGD's on a worker and in `comind train`.
+    dp_delta: float = _setting(1e-5, "the delta at which epsilon is given; below 1 / the population (worker-level "
+                               "DP) or 1 / a worker's examples (example-level)", config.fraction_between)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,6 +91,14 @@ class _Training(_Common):
     batch_size: int = _setting(32, "examples per local step", config.positive_int)
     learning_rate: float = _setting(1e-3, "Adam learning rate of the built-in models", config.positive_float)
     output_dir: str = _setting("./comind-output", "where the chief writes the model and pictures")
+    # Example-level differential privacy (comind/dpsgd.py).
+    dp_example_clip: float | None = _setting(
+        None, "example-level DP-SGD (Abadi et al. 2016): C, the clip on each training example's gradient's L2 norm "
+        "over all the model's variables; needs --dp-example-noise-multiplier; unset: no example-level DP",
+        config.positive_float)
+    dp_example_noise_multiplier: float | None = _setting(
+        None, "example-level DP-SGD's z: each local step adds Gaussian noise of std z C to the sum of the clipped "
+        "gradients before dividing by the batch size; needs --dp-example-clip", config.non_negative_float)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,8 +176,6 @@ class PsSettings(_Cluster):
                                          config.fraction_between)
     dp_clip_learning_rate: float = _setting(0.2, "adaptive clipping's eta_C: C <- C exp(-eta_C (b - gamma))",
                                             config.positive_float)
-    dp_delta: float = _setting(1e-5, "the delta at which epsilon is given; below 1 / the population",
-                               config.fraction_between)
     dp_accountant: str = _setting("rdp", "how rounds compose into epsilon: rdp (Renyi DP) or pld (privacy loss "
                                   "distributions, tighter)", str, config.accountants)
     dp_target_epsilon: float | None = _setting(

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import keras
@@ -21,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from prometheus_client import REGISTRY
 
-from comind import datasets, metrics, models, modes, presets, report, sharding
+from comind import datasets, dpsgd, metrics, models, modes, presets, report, sharding
 from comind.auth import TlsFiles, load_token
 from comind.client import GlobalState, WorkerClient
 from comind.errors import PsRefusal
@@ -97,10 +98,16 @@ def run_worker(settings: WorkerSettings) -> int:
     if settings.proximal_mu:
         log.info("FedProx: each local step also minimises %g/2 ||w - x||^2, x the last global model.",
                  settings.proximal_mu)
+    _log_example_privacy(f"Worker {task}", settings, len(x))
     chief = _Chief(settings, dataset, model, client) if client.is_chief else None
     callback = FederatedAveraging(client, settings.interval_steps, settings.batch_size,
                                   on_round=chief.on_round if chief else None, metrics=worker_metrics,
-                                  num_examples=len(x), proximal_mu=settings.proximal_mu)
+                                  num_examples=len(x), proximal_mu=settings.proximal_mu,
+                                  dp_example_clip=settings.dp_example_clip,
+                                  dp_example_noise_multiplier=settings.dp_example_noise_multiplier,
+                                  dp_delta=settings.dp_delta)
+    if chief:
+        chief.example_epsilon = lambda: callback.example_epsilon
     # A stopped container or a scaled-down pod gets SIGTERM: leave the ps at
     # once (the `with` below says goodbye) rather than make it wait out the lease.
     signal.signal(signal.SIGTERM, _stop)
@@ -121,13 +128,27 @@ def run_worker(settings: WorkerSettings) -> int:
         _log_throughput(f"Worker {task}", callback.examples_trained, time.monotonic() - started)
         if chief and callback.state:
             chief.finish(callback.state)
-    log.info("Worker %d is done after %d syncs, at round %d.", task, callback.syncs, client.round)
+    epsilon = callback.example_epsilon
+    privacy = "" if epsilon is None else \
+        f"; its example-level DP epsilon is {epsilon:.4g} at delta {settings.dp_delta:g}"
+    log.info("Worker %d is done after %d syncs, at round %d%s.", task, callback.syncs, client.round, privacy)
     return 0
 
 
 def _stop(signum: int, frame: object) -> None:
     log.warning("Stopping on signal %d.", signum)
     sys.exit(128 + signum)
+
+
+def _log_example_privacy(who: str, settings: WorkerSettings | TrainSettings, num_examples: int) -> bool:
+    """Says what example-level DP-SGD does, if it is on; raises for a half-given or bad setting."""
+    if not dpsgd.check(settings.dp_example_clip, settings.dp_example_noise_multiplier):
+        return False
+    log.info("%s trains with example-level DP-SGD: each example's gradient clipped to %g, noise of std %g x %g "
+             "added to each batch's sum; each step accounted as a Poisson sample of %d of %d examples (the batches "
+             "are shuffled, of fixed size).", who, settings.dp_example_clip, settings.dp_example_noise_multiplier,
+             settings.dp_example_clip, settings.batch_size, num_examples)
+    return True
 
 
 def _log_throughput(who: str, examples: int, seconds: float) -> None:
@@ -154,6 +175,8 @@ class _Chief:
         self._tests = ThreadPoolExecutor(1, thread_name_prefix="comind-test")
         self._pending: list[Future] = []
         self._last_round = 0  # of the last global model received
+        #: Example-level DP-SGD's epsilon of this worker's own steps (set by whoever trains with it).
+        self.example_epsilon: Callable[[], float | None] = lambda: None
 
     def _eval_every(self) -> int:
         total = self.client.total_rounds or self.settings.rounds
@@ -171,7 +194,8 @@ class _Chief:
         # The round's figures over every worker's update, as the ps's round line has them: this model's own
         # metrics are one worker's, and a running mean since the epoch began.
         record = report.RoundRecord(state.round, state.train_loss, state.train_accuracy,
-                                    epsilon=None if math.isnan(state.epsilon) else state.epsilon)
+                                    epsilon=None if math.isnan(state.epsilon) else state.epsilon,
+                                    example_epsilon=self.example_epsilon())
         for done in [f for f in self._pending if f.done()]:
             done.result()  # a test that failed stops training here
             self._pending.remove(done)
@@ -222,16 +246,26 @@ def run_train(settings: TrainSettings) -> int:
     steps_per_epoch = math.ceil(len(x) / settings.batch_size)
     epochs = math.ceil(steps / steps_per_epoch)  # the last one stops short, at `steps`
     history = report.History()
+    accountant = None
+    if _log_example_privacy("One process", settings, len(x)):
+        assert settings.dp_example_clip is not None and settings.dp_example_noise_multiplier is not None
+        dpsgd.ExampleLevelPrivacy(settings.dp_example_clip, settings.dp_example_noise_multiplier).install(model)
+        accountant = dpsgd.ExampleAccountant(settings.dp_example_noise_multiplier, settings.batch_size, len(x),
+                                             settings.dp_delta)
 
     def on_train_batch_end(batch: int, logs: dict) -> None:
+        if accountant:
+            accountant.step()
         if int(model.optimizer.iterations) >= steps:
             model.stop_training = True
 
     def on_epoch_end(epoch: int, logs: dict) -> None:
         loss, accuracy = evaluate_model(model, x_test, dataset.y_test)
-        history.add(report.RoundRecord(epoch + 1, logs["loss"], logs.get("accuracy", math.nan), loss, accuracy))
+        history.add(report.RoundRecord(epoch + 1, logs["loss"], logs.get("accuracy", math.nan), loss, accuracy,
+                                       example_epsilon=accountant.epsilon if accountant else None))
+        privacy = f", {accountant.describe()}" if accountant else ""
         print(f"epoch {epoch + 1}/{epochs}: train loss {logs['loss']:.4f}, test loss {loss:.4f}, "
-              f"test accuracy {accuracy:.4f}", flush=True)
+              f"test accuracy {accuracy:.4f}{privacy}", flush=True)
 
     history.start_clock()
     model.fit(x, y, batch_size=settings.batch_size, epochs=epochs, verbose=0, shuffle=True,

@@ -302,6 +302,18 @@ def test_the_mode_the_server_optimizer_and_fedprox_reach_the_ps_and_the_workers_
     assert not {name for name in env_of(ps) if name.startswith("COMIND_SERVER_")}
 
 
+def test_example_level_dp_sgd_reaches_the_workers_as_their_settings(helm):
+    objects = render(helm, "--set", "training.dpExampleNoiseMultiplier=1.1,training.dpExampleClip=0.5,"
+                     "training.dpExampleDelta=1e-6")
+    [worker] = named(objects, "StatefulSet")["comind-worker"]["spec"]["template"]["spec"]["containers"]
+    variables = {name: entry["value"] for name, entry in env_of(worker).items() if "value" in entry}
+    loaded = load_settings("worker", {}, {**named(objects, "ConfigMap")["comind"]["data"], **variables})
+    assert (loaded.dp_example_noise_multiplier, loaded.dp_example_clip, loaded.dp_delta) == (1.1, 0.5, 1e-6)
+    # Off by default.
+    [worker] = named(render(helm), "StatefulSet")["comind-worker"]["spec"]["template"]["spec"]["containers"]
+    assert not {name for name in env_of(worker) if name.startswith("COMIND_DP_")}
+
+
 def test_the_ps_keeps_checkpoints_on_a_claim_and_workers_may_have_data_volumes(everything):
     statefulsets = named(everything, "StatefulSet")
     [checkpoints] = statefulsets["comind-ps"]["spec"]["volumeClaimTemplates"]
