@@ -4,7 +4,8 @@
 * ``metrics.json``: loss and accuracy per round (training: the ps's figures for
   the round, the example-weighted mean over its updates; test: the chief's
   evaluation of the global model), worker-level DP's ``epsilon`` after each
-  round (the ps's ledger; null without DP), and the final evaluation.
+  round (the ps's ledger; null without DP), ``round_seconds`` (how long the
+  round took, as the chief saw it), and the final evaluation.
 * ``predictions.png``: 25 test images with predicted and true labels, green
   when right and red when wrong, as in the original tutorials.
 * ``history.png``: loss and accuracy per round.
@@ -42,6 +43,8 @@ class RoundRecord:
     eval_accuracy: float | None = None
     #: Worker-level DP's epsilon after the round, from the ps's ledger; None without DP.
     epsilon: float | None = None
+    #: How long the round (the epoch) took; None where it is not known (the first model after a resumption).
+    round_seconds: float | None = None
     elapsed_seconds: float = 0.0  # since training started, when this record was made
 
 
