@@ -10,7 +10,8 @@
   when right and red when wrong, as in the original tutorials.
 * ``history.png``: loss and accuracy per round.
 
-Every file is written atomically.
+Every file is written atomically, at the end. The same figures go to
+TensorBoard's event files round by round (:mod:`comind.tensorboard`).
 """
 
 from __future__ import annotations

@@ -103,11 +103,13 @@ def run_worker(settings: WorkerSettings) -> int:
                                   on_round=chief.on_round if chief else None, metrics=worker_metrics,
                                   num_examples=len(x), proximal_mu=settings.proximal_mu)
     local_figures = tensorboard.Scalars(tensorboard.directory(settings.output_dir, f"worker-{task}"))
+    callbacks = [callback, tensorboard.LocalFigures(local_figures, 1 if distributed else settings.interval_steps)]
     # A stopped container or a scaled-down pod gets SIGTERM: leave the ps at
     # once (the `with` below says goodbye) rather than make it wait out the lease.
     signal.signal(signal.SIGTERM, _stop)
-    with client, local_figures, chief.figures if chief else contextlib.nullcontext():
-        callbacks = [callback, tensorboard.LocalFigures(local_figures, 1 if distributed else settings.interval_steps)]
+    # The writers close however training ends, so that the events of its last seconds are in the files too.
+    chief_figures = contextlib.closing(chief.figures) if chief else contextlib.nullcontext()
+    with client, contextlib.closing(local_figures), chief_figures:
         started = time.monotonic()
         if chief:
             chief.history.start_clock()
@@ -258,7 +260,7 @@ def run_train(settings: TrainSettings) -> int:
               f"test accuracy {accuracy:.4f}", flush=True)
 
     history.start_clock()
-    with figures:
+    with contextlib.closing(figures):
         model.fit(x, y, batch_size=settings.batch_size, epochs=epochs, verbose=0, shuffle=True,
                   callbacks=[keras.callbacks.LambdaCallback(on_epoch_begin=on_epoch_begin,
                                                             on_train_batch_end=on_train_batch_end,
