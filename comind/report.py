@@ -44,7 +44,7 @@ class RoundRecord:
     eval_accuracy: float | None = None
     #: Worker-level DP's epsilon after the round, from the ps's ledger; None without DP.
     epsilon: float | None = None
-    #: How long the round (the epoch) took; None where it is not known (the first model after a resumption).
+    #: How long the round (the epoch) took; None where it is not known (the chief's first model, if not round 0's).
     round_seconds: float | None = None
     elapsed_seconds: float = 0.0  # since training started, when this record was made
 

@@ -173,7 +173,8 @@ class _Chief:
             # sampling the chief receives only the rounds it trains in (and the final model).
             every = self._eval_every()
             # The time since the last global model, over the rounds since: under client sampling, their mean.
-            # None for the first model after a resumption, which no model here came before.
+            # None when no model came before this one (a resumed run; under sampling, the ps may answer the
+            # chief's join with a later round's model than the initial one).
             seconds = None if self._last_received is None or state.round <= self._last_round else \
                 round((now - self._last_received) / (state.round - self._last_round), 3)
             self._record(state, evaluate=state.done or state.round // every > self._last_round // every,
