@@ -5,13 +5,15 @@
   the round, the example-weighted mean over its updates; test: the chief's
   evaluation of the global model), worker-level DP's ``epsilon`` after each
   round (the ps's ledger; null without DP), example-level DP-SGD's
-  ``example_epsilon`` of this process's own steps (null without it), and the
+  ``example_epsilon`` of this process's own steps (null without it),
+  ``round_seconds`` (how long the round took, as the chief saw it), and the
   final evaluation.
 * ``predictions.png``: 25 test images with predicted and true labels, green
   when right and red when wrong, as in the original tutorials.
 * ``history.png``: loss and accuracy per round.
 
-Every file is written atomically.
+Every file is written atomically, at the end. The same figures go to
+TensorBoard's event files round by round (:mod:`comind.tensorboard`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class RoundRecord:
     epsilon: float | None = None
     #: Example-level DP-SGD's epsilon of this process's own training so far (its ledger); None without it.
     example_epsilon: float | None = None
+    #: How long the round (the epoch) took; None where it is not known (the chief's first model, if not round 0's).
+    round_seconds: float | None = None
     elapsed_seconds: float = 0.0  # since training started, when this record was made
 
 

@@ -8,6 +8,7 @@ figures to the ps, and at the end writes the final model and pictures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from prometheus_client import REGISTRY
 
-from comind import datasets, dpsgd, metrics, models, modes, presets, report, sharding
+from comind import datasets, dpsgd, metrics, models, modes, presets, report, sharding, tensorboard
 from comind.auth import TlsFiles, load_token
 from comind.client import GlobalState, WorkerClient
 from comind.errors import PsRefusal
@@ -108,19 +109,23 @@ def run_worker(settings: WorkerSettings) -> int:
                                   dp_delta=settings.dp_delta)
     if chief:
         chief.example_epsilon = lambda: callback.example_epsilon
+    local_figures = tensorboard.Scalars(tensorboard.directory(settings.output_dir, f"worker-{task}"))
+    callbacks = [callback, tensorboard.LocalFigures(local_figures, 1 if distributed else settings.interval_steps)]
     # A stopped container or a scaled-down pod gets SIGTERM: leave the ps at
     # once (the `with` below says goodbye) rather than make it wait out the lease.
     signal.signal(signal.SIGTERM, _stop)
-    with client:
+    # The writers close however training ends, so that the events of its last seconds are in the files too.
+    chief_figures = contextlib.closing(chief.figures) if chief else contextlib.nullcontext()
+    with client, contextlib.closing(local_figures), chief_figures:
         started = time.monotonic()
         if chief:
             chief.history.start_clock()
         # The ps decides when training ends (its last round); fit runs until then.
         if distributed:
             model.fit(full_batches(x, y, settings.batch_size, settings.seed + task), epochs=1_000_000,
-                      callbacks=[callback], verbose=0)
+                      callbacks=callbacks, verbose=0)
         else:
-            model.fit(x, y, batch_size=settings.batch_size, epochs=1_000_000, callbacks=[callback], verbose=0,
+            model.fit(x, y, batch_size=settings.batch_size, epochs=1_000_000, callbacks=callbacks, verbose=0,
                       shuffle=True)
         if not callback.syncs:  # joined after the last round (a restarted pod): nothing to add
             log.info("Training was already done (round %d); this worker had nothing to do.", client.round)
@@ -166,6 +171,7 @@ class _Chief:
         self.client = client
         self.x_test = prepare(dataset.x_test)
         self.history = report.History()
+        self.figures = tensorboard.Scalars(tensorboard.directory(settings.output_dir))
         # The chief tests each global model on a twin of its model, in a thread of its
         # own, while it trains the next round: testing in line would hold up every
         # worker's round by the length of a test. One thread keeps the records in order.
@@ -177,25 +183,34 @@ class _Chief:
         self._last_round = 0  # of the last global model received
         #: Example-level DP-SGD's epsilon of this worker's own steps (set by whoever trains with it).
         self.example_epsilon: Callable[[], float | None] = lambda: None
+        self._last_received: float | None = None  # when it came (time.monotonic())
 
     def _eval_every(self) -> int:
         total = self.client.total_rounds or self.settings.rounds
         return self.settings.eval_every or max(1, math.ceil(total / EVALUATIONS))
 
     def on_round(self, state: GlobalState) -> None:
+        now = time.monotonic()
         if state.round > 0:
             # Every round with eval_every 1; else the first model past each multiple of it: under client
             # sampling the chief receives only the rounds it trains in (and the final model).
             every = self._eval_every()
-            self._record(state, evaluate=state.done or state.round // every > self._last_round // every)
+            # The time since the last global model, over the rounds since: under client sampling, their mean.
+            # None when no model came before this one (a resumed run; under sampling, the ps may answer the
+            # chief's join with a later round's model than the initial one).
+            seconds = None if self._last_received is None or state.round <= self._last_round else \
+                round((now - self._last_received) / (state.round - self._last_round), 3)
+            self._record(state, evaluate=state.done or state.round // every > self._last_round // every,
+                         seconds=seconds)
             self._last_round = state.round
+        self._last_received = now
 
-    def _record(self, state: GlobalState, evaluate: bool) -> None:
+    def _record(self, state: GlobalState, evaluate: bool, seconds: float | None = None) -> None:
         # The round's figures over every worker's update, as the ps's round line has them: this model's own
         # metrics are one worker's, and a running mean since the epoch began.
         record = report.RoundRecord(state.round, state.train_loss, state.train_accuracy,
                                     epsilon=None if math.isnan(state.epsilon) else state.epsilon,
-                                    example_epsilon=self.example_epsilon())
+                                    example_epsilon=self.example_epsilon(), round_seconds=seconds)
         for done in [f for f in self._pending if f.done()]:
             done.result()  # a test that failed stops training here
             self._pending.remove(done)
@@ -213,6 +228,7 @@ class _Chief:
             log.info("Round %d/%d: test loss %.4f, test accuracy %.4f.", record.round, self.client.total_rounds,
                      record.eval_loss, record.eval_accuracy)
         self.history.add(record)
+        self.figures.write(record.round, tensorboard.figures(record))
 
     def finish(self, state: GlobalState) -> None:
         """Writes the outputs, evaluating the final model first if that has not been done."""
@@ -252,6 +268,12 @@ def run_train(settings: TrainSettings) -> int:
         dpsgd.ExampleLevelPrivacy(settings.dp_example_clip, settings.dp_example_noise_multiplier).install(model)
         accountant = dpsgd.ExampleAccountant(settings.dp_example_noise_multiplier, settings.batch_size, len(x),
                                              settings.dp_delta)
+    figures = tensorboard.Scalars(tensorboard.directory(settings.output_dir))
+    began = 0.0  # the epoch, in history's clock: its duration leaves out the test after it
+
+    def on_epoch_begin(epoch: int, logs: dict) -> None:
+        nonlocal began
+        began = history.elapsed
 
     def on_train_batch_end(batch: int, logs: dict) -> None:
         if accountant:
@@ -260,17 +282,23 @@ def run_train(settings: TrainSettings) -> int:
             model.stop_training = True
 
     def on_epoch_end(epoch: int, logs: dict) -> None:
+        seconds = round(history.elapsed - began, 3)
         loss, accuracy = evaluate_model(model, x_test, dataset.y_test)
-        history.add(report.RoundRecord(epoch + 1, logs["loss"], logs.get("accuracy", math.nan), loss, accuracy,
-                                       example_epsilon=accountant.epsilon if accountant else None))
+        record = report.RoundRecord(epoch + 1, logs["loss"], logs.get("accuracy", math.nan), loss, accuracy,
+                                    example_epsilon=accountant.epsilon if accountant else None,
+                                    round_seconds=seconds)
+        history.add(record)
+        figures.write(record.round, tensorboard.figures(record))
         privacy = f", {accountant.describe()}" if accountant else ""
         print(f"epoch {epoch + 1}/{epochs}: train loss {logs['loss']:.4f}, test loss {loss:.4f}, "
               f"test accuracy {accuracy:.4f}{privacy}", flush=True)
 
     history.start_clock()
-    model.fit(x, y, batch_size=settings.batch_size, epochs=epochs, verbose=0, shuffle=True,
-              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_train_batch_end,
-                                                        on_epoch_end=on_epoch_end)])
+    with contextlib.closing(figures):
+        model.fit(x, y, batch_size=settings.batch_size, epochs=epochs, verbose=0, shuffle=True,
+                  callbacks=[keras.callbacks.LambdaCallback(on_epoch_begin=on_epoch_begin,
+                                                            on_train_batch_end=on_train_batch_end,
+                                                            on_epoch_end=on_epoch_end)])
     whole_epochs, rest = divmod(steps, steps_per_epoch)
     _log_throughput("One process", whole_epochs * len(x) + rest * settings.batch_size, history.elapsed)
     report.write(settings.output_dir, model, history, dataset.x_test[:25], dataset.y_test[:25],

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from events import tensorboard_scalars
 from processes import ROOT
 
 ENV = {**os.environ, "COMIND_METRICS_PORT": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -84,6 +85,39 @@ def test_metrics_json_has_the_round_figures_the_console_printed(local_run):
     for round, _, _, loss, accuracy in printed:
         record = records[int(round)]
         assert (f"{record['train_loss']:.4f}", f"{record['train_accuracy']:.4f}") == (loss, accuracy), round
+
+
+#: The chief's TensorBoard tags and the metrics.json fields they show (no worker-level DP here: no epsilon).
+TENSORBOARD_TAGS = {"train/loss": "train_loss", "train/accuracy": "train_accuracy", "test/loss": "eval_loss",
+                    "test/accuracy": "eval_accuracy", "round/seconds": "round_seconds"}
+
+
+def chief_tensorboard(output: Path) -> tuple[list[dict], dict[str, dict[int, float]]]:
+    """metrics.json's rounds and the chief's TensorBoard run, checked to hold the same figures."""
+    records = json.loads((output / "metrics.json").read_text())["rounds"]
+    chief = tensorboard_scalars(output / "tensorboard")
+    assert set(chief) == set(TENSORBOARD_TAGS)
+    for tag, field in TENSORBOARD_TAGS.items():
+        assert chief[tag] == {r["round"]: np.float32(r[field]) for r in records if r[field] is not None}, tag
+    return records, chief
+
+
+def test_tensorboard_has_the_figures_of_metrics_json_and_each_workers_local_loss(local_run):
+    result, output = local_run
+    records, chief = chief_tensorboard(output)
+    total = int(ROUND_LINE.search(result.stdout).group(2))
+    assert [r["round"] for r in records] == list(range(1, total + 1))
+    assert len(chief["train/loss"]) == len(chief["round/seconds"]) == total
+    assert chief["test/loss"]  # every round, or about 100 of a longer run
+    # Each worker's local figures, once per round at its local step count; the round's loss is their mean.
+    local = [tensorboard_scalars(output / "tensorboard" / f"worker-{task}") for task in range(2)]
+    for figures in local:
+        assert set(figures) == {"local/loss", "local/accuracy"}
+        steps = sorted(figures["local/loss"])
+        assert steps == [steps[0] * (k + 1) for k in range(total)]
+    for k, loss in enumerate(chief["train/loss"].values()):
+        losses = [figures["local/loss"][sorted(figures["local/loss"])[k]] for figures in local]
+        assert min(losses) <= loss * (1 + 1e-6) and loss <= max(losses) * (1 + 1e-6), (k + 1, loss, losses)
 
 
 def test_local_trains_with_a_server_optimizer_and_fedprox(tmp_path):
@@ -179,6 +213,8 @@ def test_one_machine_training(tmp_path):
     assert result.returncode == 0, result.stderr
     assert final_accuracy(tmp_path) >= 0.90
     assert (tmp_path / "history.png").exists()
+    records, epochs = chief_tensorboard(tmp_path)  # an epoch a step
+    assert sorted(epochs["test/accuracy"]) == [r["round"] for r in records] == list(range(1, len(records) + 1))
 
 
 def test_train_trains_exactly_the_steps_it_is_given(tmp_path):
