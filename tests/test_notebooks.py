@@ -16,7 +16,7 @@ from processes import ROOT
 
 TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = ("1-basic-classifier.ipynb", "2-distributed.ipynb", "3-federated.ipynb")
-CELL_TIMEOUT = 240  # seconds; a whole notebook takes well under a minute on 2 cores
+CELL_TIMEOUT = 240  # seconds; a whole notebook takes about a minute on 2 cores
 
 
 def execute(name: str) -> tuple[str, int]:
