@@ -32,8 +32,8 @@ Prints, per algorithm, the median over the seeds of the rounds to reach 0.90
 (a seed that never did counts as never; the median is "never" when most
 never did) and of the test accuracy after round 30, with each seed's figures;
 writes the table to bench/results/non_iid.txt and the accuracy curves to
-bench/results/non_iid.png. About 40 s a run on 2 idle cores
-(24 runs), 50 to 100 s on a busy machine.
+bench/results/non_iid.png. 24 runs, each 45 to 230 s on 2 busy cores
+(33 minutes in all).
 """
 
 from __future__ import annotations
