@@ -405,8 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             first = chosen[index]
             name = first.name.replace(f"{first.clients:,}", f"{count:,}")
             chosen[index] = dataclasses.replace(first, name=name, clients=count)
-    if flags.only:
-        chosen = [s for s in chosen if any(s.name.startswith(prefix) for prefix in flags.only)]
+    if flags.only:  # by the scenarios' own names, before --workers and --population
+        chosen = [s for s, default in zip(chosen, scenarios(flags.quick), strict=True)
+                  if any(default.name.startswith(prefix) for prefix in flags.only)]
     started = time.perf_counter()
     header = ["coMind load benchmark", *machine_facts(), f"run       {'quick' if flags.quick else 'full'}"]
     runs = []
