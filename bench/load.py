@@ -379,8 +379,8 @@ def section(run: LoadRun) -> Section:
     ]
     final = ", + the final round (its model to every worker)" if s.sampled else ""
     notes = (f"{s.clients} workers in {s.processes} processes, each with its own connection; {s.per_round} per "
-             f"round, {s.encoding} updates, {s.lease_seconds:g} s leases; {s.warmup_rounds} warm-up + {s.measured_rounds} measured rounds{final}; "
-             f"load average {run.load_average:.2f} at the start.",
+             f"round, {s.encoding} updates, {s.lease_seconds:g} s leases; {s.warmup_rounds} warm-up + "
+             f"{s.measured_rounds} measured rounds{final}; load average {run.load_average:.2f} at the start.",
              *([f"{run.recalls} Round calls made again: a renewal met the call's end (grpc.aio: INTERNAL)."]
                if run.recalls else []),
              *([f"{run.join_retries} Joins made again after the ps said to retry."] if run.join_retries else []),
