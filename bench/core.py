@@ -431,14 +431,16 @@ def render(section: Section) -> list[str]:
     return lines + [f"  {note}" for note in section.notes]
 
 
-def write_report(header: list[str], sections: Sequence[Section], started: float, output: Path) -> None:
-    """Prints the header, the sections and how many targets they met, and writes the same to ``output``."""
+def write_report(header: list[str], sections: Sequence[Section], started: float, output: Path,
+                 trailer: Sequence[str] = ()) -> None:
+    """Prints the header, the sections, how many targets they met and the ``trailer`` lines (a benchmark's
+    JSON), and writes the same to ``output``."""
     lines = list(header)
     for section in sections:
         lines += render(section)
     verdicts = [row.passed for section in sections for row in section.rows if row.passed is not None]
     lines += ["", f"{verdicts.count(True)} of {len(verdicts)} targets met; "
-                  f"run took {time.perf_counter() - started:.0f} s."]
+                  f"run took {time.perf_counter() - started:.0f} s.", *trailer]
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,16 @@
 ``WorkerClient`` spends a thread per worker; a load test needs hundreds of
 workers per process, so each client here is a few coroutines instead. They
 make the calls a ``WorkerClient`` makes, in its order and with its timeouts:
-Join, then one Round call per round (the chief's first carries the initial
+Join, then one Round call per round it is given a model for (the chief's first carries the initial
 model; every later one a change, its end marker, then renewals every third of the lease
 while it waits for the model), a Heartbeat every third of the lease while
 no call is open, Leave. A client does no training: its update is a zero
-change, so every update is valid and finite, and the model stays the same.
+change, encoded as the ps announced at Join, so every update is valid and finite, and the model stays the same.
+
+Under client sampling (``--clients-per-round`` on the ps) a client's call
+that waits for its next model is held by the ps until a round selects it
+(renewals and long polls meanwhile, as a ``WorkerClient``'s): it then trains
+for the round after the model it got, and goes on until the final model.
 
 Each client has a channel and a TCP connection of its own, as workers on
 separate machines would (gRPC would otherwise share one connection between
@@ -17,7 +22,10 @@ Run by ``bench/load.py``, one process per slice of the task indices:
 
     python bench/swarm.py --address HOST:PORT --tasks 0:250 --model-bytes 400000 --rounds 20
 
-The token, if any, comes from ``COMIND_TOKEN``. When every client is done it
+The token, if any, comes from ``COMIND_TOKEN``. With ``--hold-initial`` the
+chief joins but gives the initial model only once a line arrives on stdin,
+so that the parent can measure the ps with every other worker connected and
+idle. When every client is done it
 prints one JSON line (a :func:`run_client` report per client) and keeps its workers joined
 until a line arrives on stdin, so the ps is still up when the parent reads
 its figures; then they all leave.
@@ -30,6 +38,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -38,7 +47,9 @@ import time
 import grpc
 import numpy as np
 
+from comind import encodings
 from comind.auth import call_metadata
+from comind.backoff import Backoff
 from comind.client import UNARY_TIMEOUT_SECONDS
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
@@ -48,6 +59,13 @@ from core import EXAMPLES, make_model
 
 CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000), ("grpc.use_local_subchannel_pool", 1)]
 RENEWAL = pb.WorkerMessage(renewal=True)
+#: Join refusals a WorkerClient retries: the ps is busy, or takes registrations at a bounded rate.
+JOIN_RETRIES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+MAX_JOIN_ATTEMPTS = 8
+#: Clients of a process that connect and join at once: a population arrives over seconds, not in one
+#: burst of thousands of connections that overflows the ps's listen backlog (the kernel then drops
+#: connection attempts, and gRPC backs off for up to two minutes before it tries again).
+JOINS_AT_ONCE = 32
 
 
 class LoadError(RuntimeError):
@@ -55,14 +73,21 @@ class LoadError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class RoundTiming:
-    """One round as a client saw it, in ``time.monotonic()`` seconds (one clock for
+class Push:
+    """An update as a client saw it, in ``time.monotonic()`` seconds (one clock for
     every process on the machine)."""
 
     round: int
     pushed: float    # the Round call started
     acked: float     # the ps's receipt for the update arrived
-    received: float  # the new global model was complete
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """A global model the client received, and when it was complete."""
+
+    round: int
+    received: float
 
 
 @dataclasses.dataclass
@@ -79,9 +104,10 @@ def data_messages(packed: np.ndarray) -> list[pb.WorkerMessage]:
 
 
 @functools.cache
-def zero_change(layout: Layout) -> list[pb.WorkerMessage]:
-    """The data messages of an all-zero change, built once for every client of the process."""
-    return data_messages(np.zeros(layout.nbytes, np.uint8))
+def zero_change(layout: Layout, encoding: str) -> list[pb.WorkerMessage]:
+    """The data messages of an all-zero change in ``encoding``, built once for every client of the process."""
+    wire = encodings.Encoder(encodings.parse(encoding)).encode(layout, np.zeros(layout.nbytes, np.uint8))
+    return data_messages(wire)
 
 
 class Client:
@@ -92,6 +118,7 @@ class Client:
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self.member_id = ""
         self._lease = 10.0
+        self.encoding = encodings.FLOAT32  # what the ps takes updates as, once joined
         self.layout: Layout | None = None  # the global model's, once one arrived
         self._packed: np.ndarray | None = None  # the last global model, received into the same buffer each round
         self._open = 0        # Round calls open: while one is, no heartbeat is needed
@@ -100,12 +127,24 @@ class Client:
         self._contact = 0.0   # time.monotonic() of the last message that renewed the lease
         self._keeper: asyncio.Task | None = None
         self.recalls = 0      # Round calls made again because a renewal met the call's end (see round())
+        self.join_retries = 0  # Joins made again after a refusal to retry
 
     async def join(self) -> None:
-        reply = await self._stub.Join(
-            pb.JoinRequest(task_index=self.task_index, description=f"swarm {self.task_index}"),
-            timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata)
+        """Joins, as a WorkerClient does: again after a pause when the ps is busy or says to retry."""
+        delays = Backoff(base=0.5).delays()
+        for attempt in itertools.count():
+            try:
+                reply = await self._stub.Join(
+                    pb.JoinRequest(task_index=self.task_index, description=f"swarm {self.task_index}"),
+                    timeout=UNARY_TIMEOUT_SECONDS, metadata=self._metadata, wait_for_ready=True)
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in JOIN_RETRIES or attempt >= MAX_JOIN_ATTEMPTS - 1:
+                    raise
+                self.join_retries += 1
+                await asyncio.sleep(next(delays))
         self.member_id, self._lease = reply.member_id, reply.lease_seconds
+        self.encoding = reply.update_encoding or encodings.FLOAT32
         self._contact = time.monotonic()
         self._keeper = asyncio.create_task(self._keep_lease())
 
@@ -155,8 +194,9 @@ class Client:
         while True:
             hello = pb.Hello(member_id=self.member_id, have_round=have_round)
             if update is not None:
+                encoding = self.encoding if update.kind == pb.UPDATE_KIND_DELTA else encodings.FLOAT32
                 hello.update.CopyFrom(pb.UpdateHeader(kind=update.kind, round=update.round, num_examples=EXAMPLES,
-                                                      tensors=update.layout.to_proto()))
+                                                      tensors=update.layout.to_proto(), encoding=encoding))
             model_bytes = self.layout.nbytes if self.layout else update.layout.nbytes if update else 0
             call = self._stub.Round(timeout=round_call_seconds(update.layout.nbytes if update else 0, model_bytes),
                                     metadata=self._metadata)
@@ -220,8 +260,8 @@ class Client:
             await self._channel.close()
 
 
-async def train(client: Client, rounds: int, initial: list[np.ndarray] | None) -> list[RoundTiming]:
-    """Takes part in rounds until the ps's last round; the client stays joined."""
+async def train(client: Client, rounds: int, initial: list[np.ndarray] | None) -> tuple[list[Push], list[Received]]:
+    """Takes part in every round the ps gives it a model for, until the final model; the client stays joined."""
     if initial is not None:
         layout = Layout.of(initial)
         model = data_messages(layout.pack(initial))
@@ -230,33 +270,43 @@ async def train(client: Client, rounds: int, initial: list[np.ndarray] | None) -
             raise LoadError(f"The ps answered {receipt} to the initial model.")
     else:
         _, _, header = await client.round(-1, None)
+    assert client.layout is not None
     layout = client.layout
-    timings = []
-    for target in range(header.round + 1, rounds + 1):
+    pushes, models = [], [Received(header.round, time.monotonic())]
+    while not header.done:
+        target = header.round + 1
         pushed, recalls = time.monotonic(), client.recalls
         receipt, acked, header = await client.round(
-            target - 1, Update(pb.UPDATE_KIND_DELTA, target, layout, zero_change(layout)))
+            target - 1, Update(pb.UPDATE_KIND_DELTA, target, layout, zero_change(layout, client.encoding)))
         # Sent again after a recall, the update may be a duplicate of itself.
         expected = {pb.UPDATE_RESULT_ACCEPTED} | ({pb.UPDATE_RESULT_DUPLICATE} if client.recalls > recalls else set())
         if receipt.result not in expected or receipt.round != target:
             raise LoadError(f"The ps answered {receipt} to the first update for round {target}.")
-        if header.round != target or header.done != (target == rounds):
+        # Without sampling the next model is the round's; with it, the round's or a later one (once selected again).
+        if header.round < target or header.done != (header.round == rounds):
             raise LoadError(f"Received round {header.round} (done={header.done}) after the update for round "
                             f"{target}.")
-        timings.append(RoundTiming(target, pushed, acked, time.monotonic()))
-    return timings
+        pushes.append(Push(target, pushed, acked))
+        models.append(Received(header.round, time.monotonic()))
+    return pushes, models
 
 
-async def run_client(client: Client, rounds: int, initial: list[np.ndarray] | None) -> dict:
-    """One client's report: its timings, or what went wrong."""
+async def run_client(client: Client, rounds: int, initial: list[np.ndarray] | None, joining: asyncio.Semaphore,
+                     released: asyncio.Future | None = None) -> dict:
+    """One client's report: its updates and models with their times, or what went wrong. It joins while it
+    holds ``joining``; the chief holds its initial model until ``released`` is done, if given."""
+    report: dict = {"task": client.task_index, "pushes": [], "models": [], "error": None}
     try:
-        await client.join()
-        timings = await client.while_leased(train(client, rounds, initial))
+        async with joining:
+            await client.join()
+        if released is not None:
+            await client.while_leased(released)
+        pushes, models = await client.while_leased(train(client, rounds, initial))
+        report.update(pushes=[dataclasses.astuple(p) for p in pushes], models=[dataclasses.astuple(m) for m in models])
     except (grpc.aio.AioRpcError, LoadError) as error:
-        problem = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else str(error)
-        return {"task": client.task_index, "timings": [], "error": problem, "recalls": client.recalls}
-    return {"task": client.task_index, "timings": [dataclasses.astuple(t) for t in timings], "error": None,
-            "recalls": client.recalls}
+        report["error"] = (f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError)
+                           else str(error))
+    return {**report, "recalls": client.recalls, "join_retries": client.join_retries}
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -265,13 +315,17 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", required=True, help="task indices START:STOP; task 0 gives the initial model")
     parser.add_argument("--model-bytes", type=int, required=True)
     parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--hold-initial", action="store_true",
+                        help="the chief gives the initial model only once a line arrives on stdin")
     flags = parser.parse_args(argv)
     start, stop = (int(part) for part in flags.tasks.split(":"))
     metadata = call_metadata(os.environ.get("COMIND_TOKEN"))
     clients = [Client(flags.address, task, metadata) for task in range(start, stop)]
     initial = make_model(flags.model_bytes) if start == 0 else None
-    reports = await asyncio.gather(*(run_client(c, flags.rounds, initial if c.task_index == 0 else None)
-                                     for c in clients))
+    released = asyncio.ensure_future(asyncio.to_thread(sys.stdin.readline)) if flags.hold_initial else None
+    joining = asyncio.Semaphore(JOINS_AT_ONCE)
+    reports = await asyncio.gather(*(run_client(c, flags.rounds, initial if c.task_index == 0 else None, joining,
+                                                released if c.task_index == 0 else None) for c in clients))
     print(json.dumps(reports), flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     await asyncio.gather(*(c.leave() for c in clients), return_exceptions=True)
