@@ -73,10 +73,12 @@ def test_basic_classifier_trains_on_one_machine(outputs):
 
 def test_distributed_cluster_trains_and_stops(outputs):
     text, pictures = execute("2-distributed.ipynb")
-    assert pictures >= 3
+    assert pictures >= 4  # bench/distributed.py's picture among them: this mode against one process
     assert accuracy(r"Final test accuracy (\d\.\d+)", text)[-1] >= 0.85
     assert re.search(r"500 rounds in [\d.]+ s", text)
-    assert "The ps stopped at round 500." in (outputs / "distributed" / "logs" / "ps.log").read_text()
+    log = (outputs / "distributed" / "logs" / "ps.log").read_text()
+    assert "The ps stopped at round 500." in log
+    assert "Distributed mode: every round is one step of every worker, applied by fedadam" in log
 
 
 def test_federated_model_beats_each_worker_alone_on_non_iid_data(outputs):
