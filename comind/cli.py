@@ -111,8 +111,7 @@ def _run(flags: argparse.Namespace, loaded: Settings | None) -> int:
         from comind.ps_main import round_policy, server_pipeline
 
         # Bad settings or data fail here, in one line, rather than in the logs of the ps and of every worker.
-        round_policy(loaded.ps)
-        server_pipeline(loaded.ps)
+        server_pipeline(loaded.ps, round_policy(loaded.ps))
         # The workers train in processes of their own: this one only checks that they can import what they
         # need, and so refuses a setting in a fraction of a second rather than after importing TensorFlow.
         missing = [name for name in TRAINING_PACKAGES if importlib.util.find_spec(name) is None]

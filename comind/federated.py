@@ -178,7 +178,8 @@ class _ModelSync:
         if gradients is not None:
             # A distributed step weighs its batch: the round's mean is then the gradient of the combined batch.
             weight = self._examples
-            change = step_change(model, gradients, self.state.weights if self.state else model.get_weights())
+            assert self.state is not None  # start() joined
+            change = step_change(model, gradients, self.state.weights)
         else:
             # McMahan et al. weight a worker by its training examples; without their number, by those it processed.
             weight = self.num_examples if self.num_examples is not None else max(1, self._examples)
@@ -295,8 +296,8 @@ class FederatedAveraging(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
-        optimizer = self.model.optimizer
-        gradients = optimizer.gradients() if isinstance(optimizer, SyncReplicasOptimizer) else None
+        # on_train_begin made sure that the model's optimizer keeps its gradients in distributed mode.
+        gradients = self.model.optimizer.gradients() if self._sync.distributed else None
         self._sync.step(self._batch_size, logs.get("loss"), logs.get("accuracy"), gradients)
         if self._sync.done:
             self.model.stop_training = True

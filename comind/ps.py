@@ -221,17 +221,12 @@ class ParameterServer:
     # Privacy ------------------------------------------------------------------
 
     def sampled_fraction(self) -> float:
-        """The q a round samples, for planning the privacy budget: the Poisson q of client sampling with
-        worker-level DP (which the ledger records for every round, :attr:`RoundClosed.sampling_rate`); 1 without
-        client sampling; without DP, the workers a fixed-size draw selects over those expected
-        (COMIND_NUM_WORKERS).
+        """The q of every round, for planning the privacy budget: with worker-level DP, client sampling is
+        Poisson with a q fixed for the run (which the ledger records, :attr:`RoundClosed.sampling_rate`); 1
+        without client sampling.
         """
-        sampling, num_workers = self.rounds.policy.sampling, self.rounds.policy.num_workers
-        if sampling.poisson_rate is not None:
-            return sampling.poisson_rate
-        if not sampling.enabled:
-            return 1.0
-        return min(1.0, sampling.size(num_workers) / num_workers)
+        rate = self.rounds.policy.sampling.poisson_rate
+        return 1.0 if rate is None else rate
 
     def _start_privacy(self, round: int) -> None:
         """Says what worker-level DP's ledger holds at start, and ends training if its budget is spent."""

@@ -27,18 +27,18 @@ if TYPE_CHECKING:
 LISTENING = re.compile(r"Listening on \S+:(\d+)")
 
 
-def server_pipeline(settings: PsSettings) -> ServerPipeline:
-    """The ps's round pipeline, checked against the updates its rounds will have."""
+def server_pipeline(settings: PsSettings, policy: RoundPolicy) -> ServerPipeline:
+    """The ps's round pipeline, checked against the updates its rounds (``round_policy(settings)``) will have."""
     from comind.pipeline import PipelineSettings, ServerPipeline
 
     name, optimizer = server_optimizer(settings)
-    privacy = dp_settings(settings)
+    privacy = dp_settings(settings, policy)
     pipeline = ServerPipeline(PipelineSettings(
         mode=settings.mode, weighting=settings.weighting or ("uniform" if privacy else "examples"),
         aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
         max_update_norm=settings.max_update_norm, server_optimizer=name, server_optimizer_settings=optimizer,
         update_encoding=settings.update_encoding, model_encoding=settings.model_encoding, privacy=privacy))
-    pipeline.check_quorum(round_policy(settings).expected_updates)
+    pipeline.check_quorum(policy.expected_updates)
     return pipeline
 
 
@@ -67,7 +67,7 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
         sampling=sampling)
 
 
-def dp_settings(settings: PsSettings) -> DpSettings | None:
+def dp_settings(settings: PsSettings, policy: RoundPolicy) -> DpSettings | None:
     """Worker-level DP's settings, or None when it is off.
 
     Raises:
@@ -92,7 +92,6 @@ def dp_settings(settings: PsSettings) -> DpSettings | None:
         raise ValueError(f"COMIND_DP_CLIP without COMIND_DP_NOISE_MULTIPLIER is a clip, not privacy; set the noise "
                          f"multiplier, or bound updates with COMIND_MAX_UPDATE_NORM instead. Received: "
                          f"dp_clip={clip!r}, dp_noise_multiplier=None")
-    policy = round_policy(settings)
     q = policy.sampling.poisson_rate
     return DpSettings(
         noise_multiplier=z, clip=None if clip == ADAPTIVE else float(clip),
@@ -135,7 +134,7 @@ def run_ps(settings: PsSettings) -> int:
     tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
     store = CheckpointStore(settings.checkpoint_dir, settings.keep_checkpoints) \
         if settings.checkpoint_dir else None
-    pipeline = server_pipeline(settings)
+    pipeline = server_pipeline(settings, policy)
 
     async def serve() -> int:
         ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), pipeline=pipeline, store=store,

@@ -34,13 +34,15 @@ from test_sampling import fixed_seeds
 
 def pipeline_for(**flags: object) -> ServerPipeline:
     """The ps's own pipeline, from its settings as `comind ps` takes them."""
-    return server_pipeline(settings.load("ps", {k: str(v) for k, v in flags.items()}))
+    loaded = settings.load("ps", {k: str(v) for k, v in flags.items()})
+    return server_pipeline(loaded, round_policy(loaded))
 
 
 def ps_for(**flags: object) -> ParameterServer:
     """The ps as `comind ps` builds it from these settings: its round rules and its pipeline."""
     loaded = settings.load("ps", {k: str(v) for k, v in flags.items()})
-    return ParameterServer(round_policy(loaded), PsMetrics(CollectorRegistry()), pipeline=server_pipeline(loaded))
+    policy = round_policy(loaded)
+    return ParameterServer(policy, PsMetrics(CollectorRegistry()), pipeline=server_pipeline(loaded, policy))
 
 
 def one_round(pipeline: ServerPipeline, layout: Layout, updates: list[list[np.ndarray]],

@@ -156,6 +156,7 @@ def test_settings_and_the_ps_never_import_tensorflow():
             "           'COMIND_AGGREGATION': 'median', 'COMIND_WEIGHTING': 'uniform'}\n"
             "for command in ('ps', 'worker', 'local'):\n"
             "    cli._load(cli._parser().parse_args([command]), environ)\n"
-            "ps_main.server_pipeline(settings.load('ps', {'num_workers': '3'}))\n"
+            "loaded = settings.load('ps', {'num_workers': '3'})\n"
+            "ps_main.server_pipeline(loaded, ps_main.round_policy(loaded))\n"
             "assert not {'keras', 'tensorflow'} & set(sys.modules), sorted(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
