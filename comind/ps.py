@@ -9,7 +9,10 @@ turns gRPC messages into calls here and refusals into statuses.
 What happens to an update between its bytes and the next global model is
 the round pipeline (``pipeline.py``); this module orchestrates it: validate,
 transform and aggregate, step the server optimizer, check the result is
-finite, persist, publish.
+finite, persist, publish. With asynchronous rounds (``async_rounds.py``) a
+round is a model version: updates trained from older versions join its
+buffer with their staleness weight, and each worker gets the newest model
+back at once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from comind import encodings, refusals, tensors
+from comind import async_rounds, encodings, refusals, tensors
 from comind.admission import Summary, TokenBucket
 from comind.checkpoint import CheckpointStore
 from comind.metrics import JOIN_REFUSALS, PsMetrics
@@ -86,6 +89,8 @@ class UpdateHeader:
     accuracy: float = 0.0
     #: How its bytes encode ``layout`` (:mod:`comind.encodings`); an initial model is always ``float32``.
     encoding: str = encodings.FLOAT32
+    #: Names the update among its worker's (:mod:`comind.async_rounds`); empty: not given.
+    update_id: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,7 @@ class JoinInfo:
     replicas_to_aggregate: int | None
     mode: str
     update_encoding: str = encodings.FLOAT32
+    rounds_mode: str = async_rounds.SYNC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +300,8 @@ class ParameterServer:
             self._membership_changed()
         policy = self.rounds.policy
         return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
-                        policy.replicas_to_aggregate, self.pipeline.settings.mode, self.pipeline.update_encoding.name)
+                        policy.replicas_to_aggregate, self.pipeline.settings.mode, self.pipeline.update_encoding.name,
+                        self.pipeline.settings.rounds_mode)
 
     def _admit(self, task_index: int, peer: bytes | None, instance: str) -> str | None:
         """Whether a registration may go ahead: None if so, the member id to give back if the same worker
@@ -364,6 +371,8 @@ class ParameterServer:
 
     def _membership_changed(self) -> None:
         self.metrics.workers.set(len(self.rounds.members))
+        if self.rounds.asynchronous is not None:
+            self.metrics.buffer_size.set(self.rounds.asynchronous.buffer(len(self.rounds.members)))
         if self.rounds.done and not self.rounds.members:
             self.finished.set()
         self._draw()  # the first round's workers may all be in now
@@ -454,6 +463,22 @@ class ParameterServer:
         await self.maybe_close()  # a Poisson draw may select no one: its round closes at once
         return UpdateResult.ACCEPTED
 
+    def _taken_already(self, member_id: str, header: UpdateHeader) -> bool:
+        """Asynchronous rounds: whether this update was taken before (a retry whose receipt was lost).
+
+        Raises:
+            InvalidRequest: an update without an id, which a retry could not be told from.
+        """
+        ids = self.pipeline.update_ids
+        if ids is None:
+            return False
+        if len(header.update_id) != async_rounds.UPDATE_ID_BYTES:
+            raise refusals.InvalidRequest(
+                f"With asynchronous rounds (COMIND_ROUNDS_MODE=async) every update carries a random id of "
+                f"{async_rounds.UPDATE_ID_BYTES} bytes, so that a retry is not applied twice; run the same coMind "
+                f"version on the ps and the workers. Received: update_id of {len(header.update_id)} bytes")
+        return ids.seen(self.rounds.members[member_id].task_index, header.update_id)
+
     def _verdict(self, member_id: str, round: int) -> UpdateResult | None:
         """What becomes of an update for ``round`` without reading it; None when it is to be read."""
         verdict = self.rounds.check(member_id, round)
@@ -467,13 +492,19 @@ class ParameterServer:
     async def _update(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
         result = self._verdict(member_id, header.round)
         if result is not None:
-            if result is UpdateResult.STALE:
+            policy = self.rounds.asynchronous
+            if result is UpdateResult.STALE and policy is not None and not self.done:
+                log.info("Refused a stale update: trained from version %d, %d versions old, past --max-staleness %d.",
+                         header.round - 1, self.rounds.staleness(header.round), policy.max_staleness)
+            elif result is UpdateResult.STALE:
                 log.info("A stale update for round %d came in after the ps moved on to round %d.", header.round,
                          self.rounds.open_round)
             elif result is UpdateResult.NOT_SELECTED:
                 log.info("An update for round %d came from worker %d, which the round did not select.",
                          header.round, self.rounds.members[member_id].task_index)
             return result
+        if self._taken_already(member_id, header):
+            return UpdateResult.DUPLICATE
         self._check_layout(header.layout)
         if not 1 <= header.num_examples <= self.max_examples_per_update:
             # The count is the worker's own claim, and its weight in the mean: 2**62 would make one update all of it.
@@ -572,12 +603,15 @@ class ParameterServer:
             result = self._verdict(member_id, header.round)
             if result is not None:
                 return result
+            if self._taken_already(member_id, header):  # its twin came in while this one streamed in
+                return UpdateResult.DUPLICATE
             assert self.model is not None  # a verdict of ACCEPT needs a model
             if self._round is None:
                 self._round = self.pipeline.start_round(self.model.layout, self.model.packed)
             task = self.rounds.members[member_id].task_index  # its lease may end during the await
             weight = self.pipeline.weight(header.num_examples)
-            norm = await self._offload(packed.nbytes, self._round.add, header.layout.views(packed), weight)
+            scale = self._staleness_weight(task, header)
+            norm = await self._offload(packed.nbytes, self._round.add, header.layout.views(packed), weight, scale)
             bound = self.pipeline.settings.max_update_norm
             if norm is not None and bound is not None:
                 if norm > bound:
@@ -589,7 +623,18 @@ class ParameterServer:
             self.rounds.record(member_id)
             self._stats += (header.num_examples, header.num_examples * header.loss,
                             header.num_examples * header.accuracy)
+            self.metrics.buffer_updates.set(self.rounds.buffered)
         return UpdateResult.ACCEPTED
+
+    def _staleness_weight(self, task: int, header: UpdateHeader) -> float:
+        """Asynchronous rounds: s(tau) of an update about to be taken, whose id is noted; 1 in synchronous ones."""
+        policy, ids = self.rounds.asynchronous, self.pipeline.update_ids
+        if policy is None or ids is None:
+            return 1.0
+        staleness = self.rounds.staleness(header.round)
+        self.metrics.staleness.observe(staleness)
+        ids.take(task, header.update_id)
+        return policy.weight(staleness)
 
     def _check_layout(self, layout: Layout) -> None:
         assert self.model is not None
@@ -623,6 +668,8 @@ class ParameterServer:
                                  *self.rounds.population(), self.rounds.policy.sampling.poisson_rate)
             model, self._round = self.model, None
             self._stats = np.zeros(3)
+            if self.pipeline.update_ids:
+                self.pipeline.update_ids.publish()  # saved with the version they make
             packed, state = await self._next_model(closed, in_progress, model)
             if not await self._publish(closed.round, model.layout, packed, state, closed.loss, closed.accuracy):
                 return False
@@ -701,6 +748,7 @@ class ParameterServer:
         self._end_within_budget(round)
         self._set_model(round, layout, packed, train_loss, train_accuracy)
         self.rounds.complete(round)
+        self.metrics.buffer_updates.set(self.rounds.buffered)
         now = time.monotonic()
         if round > 0:
             self.metrics.rounds_completed.inc()
@@ -738,13 +786,14 @@ class ParameterServer:
         older checkpoint: the worker continues from it). Under client sampling,
         a worker gets a model to train only once a round selects it, so that
         one not selected waits without training: its call stays open, and costs
-        the ps nothing but its renewals until then.
+        the ps nothing but its renewals until then. With asynchronous rounds it
+        is the newest model, at once: the worker does not wait for a version.
         """
         deadline = time.monotonic() + timeout
         while True:
             model = self.model
-            if model is not None and (model.done or (model.round != have_round
-                                                     and self.rounds.is_selected(member_id))):
+            if model is not None and (model.done or self.rounds.asynchronous is not None or (
+                    model.round != have_round and self.rounds.is_selected(member_id))):
                 return model
             try:
                 await asyncio.wait_for(self._turn(member_id).wait(), deadline - time.monotonic())
