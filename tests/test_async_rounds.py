@@ -20,6 +20,7 @@ from comind.rounds import RoundPolicy, Rounds, Verdict
 from numpy_cluster import assert_finishes, read_history, start_worker
 from processes import ROOT
 from raw_protocol import RawClient
+from scrape import Scrape, free_port
 
 SHAPES = [(6, 4), (4,)]
 ASYNC = ("--rounds-mode", "async", "--exit-grace", "2")
@@ -142,7 +143,9 @@ def test_with_k_equal_to_the_workers_in_step_async_is_synchronous_fedavg(start_p
 def test_stale_updates_are_weighted_by_their_staleness_and_refused_past_the_bound(start_ps):
     """K = 2, a = 0.5, max staleness 1, weighting by examples; each version is
     x + sum_k n_k s(tau_k) D_k / sum_k n_k with s(tau) = (1 + tau)^-0.5."""
-    ps = start_ps("--num-workers", "3", "--rounds", "3", *ASYNC, "--buffer-size", "2", "--max-staleness", "1")
+    port = free_port()
+    ps = start_ps("--num-workers", "3", "--rounds", "3", *ASYNC, "--buffer-size", "2", "--max-staleness", "1",
+                  env={"COMIND_METRICS_PORT": str(port)})
     rng = np.random.default_rng(3)
     examples = [10, 30, 20]
 
@@ -177,7 +180,16 @@ def test_stale_updates_are_weighted_by_their_staleness_and_refused_past_the_boun
         assert b.push(db1, 1) == c.push(dc2, 2) == "UPDATE_RESULT_ACCEPTED"   # version 3: tau 1, tau 0
         step((b, db1, 1), (c, dc2, 0))
         round, model = a.model()
+        scrape = Scrape(port)
     assert round == 3
+    # The staleness of the six updates taken: 0, 0, 1, 0, 1, 0.
+    assert (scrape("comind_staleness_versions_count"), scrape("comind_staleness_versions_sum")) == (6, 2)
+    assert scrape("comind_staleness_versions_bucket", le="0.0") == 4
+    updates = scrape.updates()
+    assert {result: updates[result] for result in ("accepted", "duplicate", "stale", "rejected")} == \
+        {"accepted": 6, "duplicate": 1, "stale": 1, "rejected": 1}
+    assert (scrape("comind_rounds_completed_total"), scrape("comind_buffer_updates"),
+            scrape("comind_buffer_size")) == (3, 0, 2)
     for got, want in zip(model, x, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert ps.wait(timeout=30) == 0
