@@ -52,7 +52,8 @@ class PsMetrics:
                                    registry=registry)
         self.quorum = Gauge(
             "comind_quorum", "Updates a round waits for before its deadline: COMIND_REPLICAS_TO_AGGREGATE, the "
-            "workers expected (COMIND_NUM_WORKERS), or those sampled (COMIND_CLIENTS_PER_ROUND).", registry=registry)
+            "workers expected (COMIND_NUM_WORKERS), or those sampled (COMIND_CLIENTS_PER_ROUND); 1 with asynchronous "
+            "rounds, where one worker's updates fill any buffer.", registry=registry)
         self.rounds_completed = Counter(
             "comind_rounds_completed", "Rounds completed by this ps process.", registry=registry)
         self.round_duration = Histogram(

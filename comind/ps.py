@@ -172,7 +172,9 @@ class ParameterServer:
         self.metrics = metrics
         self.pipeline = pipeline or ServerPipeline()
         self.pipeline.check_quorum(policy.expected_updates)
-        metrics.quorum.set(policy.expected_updates)
+        # Asynchronous rounds need one live worker, whose updates alone fill any buffer: an alert on fewer live
+        # workers than the quorum must not fire because K is above them.
+        metrics.quorum.set(1 if policy.asynchronous else policy.expected_updates)
         metrics.last_round_time.set_to_current_time()  # a stall is counted from here until a model exists
         metrics.server_optimizer.info({"name": self.pipeline.settings.server_optimizer})
         metrics.server_learning_rate.set(self.pipeline.optimizer.learning_rate)

@@ -189,7 +189,7 @@ def test_stale_updates_are_weighted_by_their_staleness_and_refused_past_the_boun
     assert {result: updates[result] for result in ("accepted", "duplicate", "stale", "rejected")} == \
         {"accepted": 6, "duplicate": 1, "stale": 1, "rejected": 1}
     assert (scrape("comind_rounds_completed_total"), scrape("comind_buffer_updates"),
-            scrape("comind_buffer_size")) == (3, 0, 2)
+            scrape("comind_buffer_size"), scrape("comind_quorum")) == (3, 0, 2, 1)
     for got, want in zip(model, x, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert ps.wait(timeout=30) == 0
