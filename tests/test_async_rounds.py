@@ -222,7 +222,9 @@ def test_a_restart_keeps_published_updates_applied_once_and_discards_the_partial
 
 
 def test_a_ps_killed_in_async_rounds_resumes_and_training_completes(start_ps, tmp_path):
+    # int8 updates: an encoding decodes before the staleness weight scales.
     flags = ["--num-workers", "3", "--rounds", "30", *ASYNC, "--buffer-size", "2", "--lease-seconds", "2",
+             "--update-encoding", "int8",
              "--checkpoint-dir", str(tmp_path / "checkpoints"), "--keep-checkpoints", "100"]
     first = start_ps(*flags)
     outs = [tmp_path / f"worker-{task}.jsonl" for task in range(3)]
