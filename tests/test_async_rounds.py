@@ -14,13 +14,16 @@ import grpc
 import numpy as np
 import pytest
 
+from comind import WorkerClient
 from comind.async_rounds import AsyncPolicy, UpdateIds, staleness_weight
 from comind.proto import comind_pb2 as pb
 from comind.rounds import RoundPolicy, Rounds, Verdict
+from comind.tensors import Layout
 from numpy_cluster import assert_finishes, read_history, start_worker
 from processes import ROOT
 from raw_protocol import RawClient
 from scrape import Scrape, free_port
+from test_retry import FakeStub, _Responses, _RpcError
 
 SHAPES = [(6, 4), (4,)]
 ASYNC = ("--rounds-mode", "async", "--exit-grace", "2")
@@ -60,6 +63,18 @@ def test_a_version_takes_updates_within_the_staleness_bound_and_closes_at_k():
     assert rounds.buffered == 0 and not rounds.ready_to_close()
 
 
+def test_a_version_not_full_at_its_deadline_closes_with_the_minimum():
+    clock = [0.0]
+    rounds = Rounds(RoundPolicy(num_workers=2, total_rounds=10, round_timeout=5, min_updates=2,
+                                asynchronous=AsyncPolicy(4)), round=0, clock=lambda: clock[0])
+    member = rounds.register(0)
+    rounds.record(member)
+    clock[0] = 6.0
+    assert not rounds.ready_to_close() and rounds.overdue()
+    rounds.record(member)
+    assert rounds.ready_to_close()
+
+
 def test_update_ids_survive_in_the_state_and_the_buffer_does_not():
     ids = UpdateIds()
     first, second = secrets.token_bytes(16), secrets.token_bytes(16)
@@ -84,6 +99,35 @@ def test_what_asynchronous_rounds_do_not_combine_with_is_refused_at_start(args, 
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+class ReceiptLost(FakeStub):
+    """Fails the first call that carries an update before its receipt, as a link that broke after the ps took
+    it would; answers the others as a ps does."""
+
+    def __init__(self, layout: Layout):
+        super().__init__(layout, grpc.StatusCode.UNAVAILABLE, failures=0)
+        self.ids: list[bytes] = []
+
+    def Round(self, requests, timeout=None, metadata=None):
+        hello = next(iter(requests)).hello
+        if hello.HasField("update"):
+            self.ids.append(hello.update.update_id)
+            if len(self.ids) == 1:
+                raise _RpcError(grpc.StatusCode.UNAVAILABLE)
+        return _Responses(self._reply(hello, b""))
+
+
+def test_a_retry_carries_the_same_update_id_and_the_next_update_a_new_one():
+    weights = [np.zeros(10, np.float32)]
+    client = WorkerClient("127.0.0.1:1")
+    stub = client._stub = ReceiptLost(Layout.of(weights))  # type: ignore[assignment]
+    client.join(weights)
+    client.sync(weights, num_examples=1)
+    client.sync(weights, num_examples=1)
+    client.close()
+    first, retry, second = stub.ids
+    assert len(first) == 16 and retry == first and second != first
 
 
 class Worker:
@@ -194,6 +238,27 @@ def test_stale_updates_are_weighted_by_their_staleness_and_refused_past_the_boun
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert ps.wait(timeout=30) == 0
     assert len(re.findall(r"Round \d+/3: 2 updates", ps.log())) == 3
+
+
+def test_the_median_acts_on_the_buffers_scaled_updates(start_ps):
+    ps = start_ps("--num-workers", "3", "--rounds", "2", *ASYNC, "--buffer-size", "3", "--aggregation", "median")
+    rng = np.random.default_rng(5)
+    with RawClient(ps.address) as client:
+        a, b, c = (Worker(client, task, 10) for task in range(3))
+        a.client.initialize(a.member, [np.zeros(shape, np.float32) for shape in SHAPES])
+        first = [changes(rng) for _ in range(3)]
+        assert [w.push(d, 0) for w, d in zip((a, b, c), first, strict=True)] == ["UPDATE_RESULT_ACCEPTED"] * 3
+        second = [changes(rng) for _ in range(3)]
+        # Trained from versions 1, 0 (tau 1: scaled by 2^-0.5) and 1.
+        assert [w.push(d, v) for w, d, v in zip((a, b, c), second, (1, 0, 1), strict=True)] == \
+            ["UPDATE_RESULT_ACCEPTED"] * 3
+        round, model = a.model()
+    assert round == 2
+    scales = (1.0, 2 ** -0.5, 1.0)
+    for i, got in enumerate(model):
+        expected = np.median([d[i] for d in first], axis=0).astype(np.float64) + np.median(
+            [np.float32(s) * d[i] for s, d in zip(scales, second, strict=True)], axis=0)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_a_restart_keeps_published_updates_applied_once_and_discards_the_partial_buffer(start_ps, tmp_path):
