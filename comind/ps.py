@@ -138,6 +138,8 @@ class RoundClosed:
     #: q of a Poisson draw (worker-level DP with client sampling): each live worker's probability of being
     #: selected, fixed for the run; None for a draw of fixed size, or none.
     poisson_rate: float | None = None
+    #: Asynchronous rounds: the mean staleness (tau) of the version's updates; NaN for a synchronous round.
+    staleness: float = math.nan
 
     @property
     def sampling_rate(self) -> float:
@@ -192,7 +194,7 @@ class ParameterServer:
         else:
             self._start_privacy(-1)
         self._round: RoundInProgress | None = None
-        self._stats = np.zeros(3)  # examples, examples * loss, examples * accuracy
+        self._stats = np.zeros(4)  # examples, examples * loss, examples * accuracy, staleness (async rounds)
         self._round_opened = time.monotonic()
         self._receiving = Slots(max_concurrent_updates, "receiving")
         self._buffers = BufferPool(max_concurrent_updates)
@@ -612,7 +614,7 @@ class ParameterServer:
                 self._round = self.pipeline.start_round(self.model.layout, self.model.packed)
             task = self.rounds.members[member_id].task_index  # its lease may end during the await
             weight = self.pipeline.weight(header.num_examples)
-            scale = self._staleness_weight(task, header)
+            staleness, scale = self._staleness(task, header)
             norm = await self._offload(packed.nbytes, self._round.add, header.layout.views(packed), weight, scale)
             bound = self.pipeline.settings.max_update_norm
             if norm is not None and bound is not None:
@@ -624,19 +626,20 @@ class ParameterServer:
                     log.debug("Worker %d's update for round %d has norm %.4g.", task, header.round, norm)
             self.rounds.record(member_id)
             self._stats += (header.num_examples, header.num_examples * header.loss,
-                            header.num_examples * header.accuracy)
+                            header.num_examples * header.accuracy, staleness)
             self.metrics.buffer_updates.set(self.rounds.buffered)
         return UpdateResult.ACCEPTED
 
-    def _staleness_weight(self, task: int, header: UpdateHeader) -> float:
-        """Asynchronous rounds: s(tau) of an update about to be taken, whose id is noted; 1 in synchronous ones."""
+    def _staleness(self, task: int, header: UpdateHeader) -> tuple[int, float]:
+        """Asynchronous rounds: tau and s(tau) of an update about to be taken, whose id is noted; 0 and 1 in
+        synchronous ones."""
         policy, ids = self.rounds.asynchronous, self.pipeline.update_ids
         if policy is None or ids is None:
-            return 1.0
+            return 0, 1.0
         staleness = self.rounds.staleness(header.round)
         self.metrics.staleness.observe(staleness)
         ids.take(task, header.update_id)
-        return policy.weight(staleness)
+        return staleness, policy.weight(staleness)
 
     def _check_layout(self, layout: Layout) -> None:
         assert self.model is not None
@@ -664,12 +667,14 @@ class ParameterServer:
             in_progress = self._round or self.pipeline.start_round(self.model.layout, self.model.packed)
             self._name_the_silent()
             self.rounds.begin_close()
-            examples, loss, accuracy = self._stats
+            examples, loss, accuracy, staleness = self._stats
             per_example = (loss / examples, accuracy / examples) if examples else (math.nan, math.nan)
             closed = RoundClosed(self.rounds.open_round, in_progress.count, int(examples), *per_example,
-                                 *self.rounds.population(), self.rounds.policy.sampling.poisson_rate)
+                                 *self.rounds.population(), self.rounds.policy.sampling.poisson_rate,
+                                 staleness / in_progress.count if self.rounds.asynchronous and in_progress.count
+                                 else math.nan)
             model, self._round = self.model, None
-            self._stats = np.zeros(3)
+            self._stats = np.zeros(4)
             if self.pipeline.update_ids:
                 self.pipeline.update_ids.publish()  # saved with the version they make
             packed, state = await self._next_model(closed, in_progress, model)
@@ -693,9 +698,10 @@ class ParameterServer:
                    if self.rounds.sampling else "")
         privacy = self.pipeline.privacy
         spent = f", epsilon {privacy.ledger.epsilon:.4g} at delta {privacy.ledger.delta:g}" if privacy else ""
-        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s%s.", closed.round,
+        stale = "" if math.isnan(closed.staleness) else f", staleness {closed.staleness:.2g} on average"
+        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s%s%s.", closed.round,
                  self.rounds.policy.total_rounds, closed.updates, closed.examples, closed.loss, closed.accuracy,
-                 sampled, spent)
+                 sampled, spent, stale)
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", closed.round)
 
