@@ -93,6 +93,7 @@ def test_update_ids_survive_in_the_state_and_the_buffer_does_not():
     (["--dp-noise-multiplier", "1", "--dp-clip", "1"], "Worker-level differential privacy accounts synchronous"),
     (["--mode", "distributed"], "asynchronous rounds are for federated mode"),
     (["--rounds-mode", "later"], "--rounds-mode must be one of sync, async"),
+    (["--aggregation", "median", "--num-workers", "5"], "median needs rounds of at least 3 updates"),
 ])
 def test_what_asynchronous_rounds_do_not_combine_with_is_refused_at_start(args, words):
     result = subprocess.run([sys.executable, "-m", "comind", "ps", "--rounds-mode", "async", *args], cwd=ROOT,
