@@ -1,5 +1,6 @@
-"""Asynchronous rounds (FedBuff): the staleness weight against its equation, against synchronous FedAvg, and a
-real ps over gRPC that is killed in the middle."""
+"""Asynchronous rounds (FedBuff): the staleness weight against its equation, against synchronous FedAvg, the
+median over a buffer, retries and restarts (a real ps over gRPC, killed in the middle), refusals at start, and
+`comind local` training the digits."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from comind.rounds import RoundPolicy, Rounds, Verdict
 from comind.tensors import Layout
 from numpy_cluster import assert_finishes, read_history, start_worker
 from processes import ROOT
-from raw_protocol import RawClient
+from raw_protocol import RawClient, update_messages
 from scrape import Scrape, free_port
 from test_retry import FakeStub, _Responses, _RpcError
 
@@ -139,7 +140,6 @@ class Worker:
         self.member = client.join(task)
 
     def push(self, change: list[np.ndarray], trained_from: int, update_id: bytes | None = None) -> str:
-        from raw_protocol import update_messages
         messages = update_messages(self.member, change, trained_from + 1, examples=self.examples,
                                    update_id=secrets.token_bytes(16) if update_id is None else update_id)
         reply = self.client.call(messages, wait_for_model=False)
