@@ -168,13 +168,16 @@ def in_step(address: str, examples: list[int], versions: int) -> list[np.ndarray
         return model
 
 
-def test_with_k_equal_to_the_workers_in_step_async_is_synchronous_fedavg(start_ps):
+@pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
+def test_with_k_equal_to_the_workers_in_step_async_is_synchronous_fedavg(start_ps, optimizer):
     examples = [50, 100, 250]
-    common = ("--num-workers", "3", "--rounds", "4", "--exit-grace", "2")
+    common = ("--num-workers", "3", "--rounds", "4", "--exit-grace", "2", "--server-optimizer", optimizer)
     synchronous = in_step(start_ps(*common).address, examples, 4)
     asynchronous = in_step(start_ps(*common, *ASYNC, "--buffer-size", "3").address, examples, 4)
     for sync_tensor, async_tensor in zip(synchronous, asynchronous, strict=True):
         np.testing.assert_allclose(async_tensor, sync_tensor, rtol=0, atol=1e-6)
+    if optimizer != "fedavg":
+        return  # the server optimizers' own equations: tests/test_server_optimizers.py
     # And both are FedAvg: the example-weighted mean of each round's changes, added up.
     rng, expected = np.random.default_rng(7), [np.zeros(s) for s in SHAPES]
     for _ in range(4):
