@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 Tensors = Sequence[np.ndarray]
 
 #: Where a too-small quorum comes from, for the errors below.
-_QUORUM_SETTINGS = "(COMIND_NUM_WORKERS or --workers, or COMIND_REPLICAS_TO_AGGREGATE if set)"
+_QUORUM_SETTINGS = ("(COMIND_NUM_WORKERS or --workers, or COMIND_REPLICAS_TO_AGGREGATE if set; with asynchronous "
+                    "rounds, COMIND_BUFFER_SIZE)")
 
 
 class RoundAggregate(Protocol):

@@ -24,7 +24,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from comind import encodings, handshakes, modes
+from comind import async_rounds, encodings, handshakes, modes
 from comind.auth import TlsFiles, call_metadata
 from comind.backoff import Backoff
 from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
@@ -88,10 +88,13 @@ class Update:
     #: ``packed`` as it goes on the wire, and its encoding (:mod:`comind.encodings`); an initial model as it is.
     encoding: str = encodings.FLOAT32
     wire: np.ndarray | None = None
+    #: The same on every attempt, so that a ps in asynchronous rounds knows a retry of an update it took.
+    update_id: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(async_rounds.UPDATE_ID_BYTES))
 
     def header(self, layout: Layout) -> pb.UpdateHeader:
         return pb.UpdateHeader(kind=self.kind, round=self.round, num_examples=self.num_examples, loss=self.loss,
-                               accuracy=self.accuracy, tensors=layout.to_proto(), encoding=self.encoding)
+                               accuracy=self.accuracy, tensors=layout.to_proto(), encoding=self.encoding,
+                               update_id=self.update_id)
 
     def encoded(self, layout: Layout, encoder: encodings.Encoder) -> np.ndarray:
         """The bytes to send: a delta encoded as the ps said once (the same on every attempt), or again should
@@ -113,6 +116,7 @@ def delta(layout: Layout, weights: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 _MODES = {pb.TRAINING_MODE_FEDERATED: modes.FEDERATED, pb.TRAINING_MODE_DISTRIBUTED: modes.DISTRIBUTED}
+_ROUNDS_MODES = {pb.ROUNDS_MODE_SYNC: async_rounds.SYNC, pb.ROUNDS_MODE_ASYNC: async_rounds.ASYNC}
 
 
 def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
@@ -200,6 +204,9 @@ class WorkerClient:
         self.total_rounds: int | None = None
         self.replicas_to_aggregate: int | None = None  # None: every live worker
         self.mode = modes.FEDERATED  # what an update is: the ps's mode, known once joined (comind.modes)
+        #: Whether a sync waits for the round to close (sync) or returns the newest model at once (async), as the
+        #: ps said at join.
+        self.rounds_mode = async_rounds.SYNC
         #: How updates go to the ps, as it said at join; its error feedback, if any, lives in this process only.
         self.encoder = encodings.Encoder(encodings.Float32())
         self._metadata = call_metadata(token)
@@ -246,9 +253,10 @@ class WorkerClient:
              accuracy: float = 0.0, change: Sequence[np.ndarray] | None = None) -> GlobalState:
         """Sends the change of the local weights for the next round and returns the new global model.
 
-        Blocks until the round closes. If the round closed without this
-        update (it came too late), the update is dropped and the newest
-        global model is returned.
+        Blocks until the round closes (with asynchronous rounds, returns the
+        newest model at once). If the round closed without this update (it
+        came too late), the update is dropped and the newest global model is
+        returned.
 
         Args:
             weights: the model after local training, from the last global model.
@@ -330,10 +338,11 @@ class WorkerClient:
                 self._known_round = reply.round
                 self.total_rounds = reply.total_rounds
                 self.replicas_to_aggregate = reply.replicas_to_aggregate or None
-                if reply.mode not in _MODES:
-                    raise ProtocolError(f"The ps trains in a mode this worker does not know ({reply.mode}); run the "
-                                        "same coMind version on the ps and the workers.")
-                self.mode = _MODES[reply.mode]
+                if reply.mode not in _MODES or reply.rounds_mode not in _ROUNDS_MODES:
+                    raise ProtocolError(f"The ps trains in a mode this worker does not know ({reply.mode}, rounds "
+                                        f"{reply.rounds_mode}); run the same coMind version on the ps and the "
+                                        f"workers.")
+                self.mode, self.rounds_mode = _MODES[reply.mode], _ROUNDS_MODES[reply.rounds_mode]
                 try:
                     encoding = encodings.parse(reply.update_encoding)
                 except ValueError as error:
@@ -342,7 +351,8 @@ class WorkerClient:
                 if encoding.name != self.encoder.encoding.name:
                     log.info("The ps takes updates encoded as %s.", encoding.name)
                     self.encoder = encodings.Encoder(encoding)
-                log.info("Joined the ps at %s (its round %d).", self.address, reply.round)
+                log.info("Joined the ps at %s (its round %d%s).", self.address, reply.round,
+                         ", asynchronous rounds" if self.rounds_mode == async_rounds.ASYNC else "")
             return Membership(self._member_id, self._known_round)
 
     def _forget_membership(self, member_id: str | None) -> None:
@@ -395,7 +405,9 @@ class WorkerClient:
             elif send.receipt == "duplicate":
                 log.info("The ps already had our update for round %d.", send.round)
             elif send.receipt == "stale":
-                log.info("Our update for round %d came too late; the ps moved on.", send.round)
+                log.info("Our update for round %d came too late; the ps moved on%s.", send.round,
+                         " (training is done, or the update was more than --max-staleness versions old)"
+                         if self.rounds_mode == async_rounds.ASYNC else "")
             elif send.receipt == "not selected":
                 log.info("The ps did not select this worker for round %d; waiting for a round that does.",
                          send.round)

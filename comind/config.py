@@ -119,6 +119,7 @@ aggregation_rules = owned_names("comind.aggregators", "AGGREGATORS")
 weightings = owned_names("comind.weighting", "WEIGHTINGS")
 server_optimizers = owned_names("comind.server_optimizers", "SERVER_OPTIMIZERS")
 model_encodings = owned_names("comind.encodings", "MODEL_ENCODINGS")
+rounds_modes = owned_names("comind.async_rounds", "ROUNDS_MODES")
 
 
 def update_encoding(text: str) -> str:

@@ -27,6 +27,10 @@ CHECKPOINT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 #: not reached (it resumed from an older checkpoint); ``busy`` one the ps had no room to receive in time.
 UPDATE_RESULTS = ("accepted", "duplicate", "stale", "early", "not_selected", "rejected", "busy")
 
+#: Asynchronous rounds' staleness, in versions: most updates are a few versions old; the default --max-staleness
+#: is 10.
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100)
+
 #: ``comind_round_workers`` labels, of the last round that closed: the live workers it drew from, those it
 #: selected (every live worker without client sampling), those whose update it aggregated, and those selected
 #: that it closed without (gone, slow, or beyond its quorum).
@@ -48,7 +52,8 @@ class PsMetrics:
                                    registry=registry)
         self.quorum = Gauge(
             "comind_quorum", "Updates a round waits for before its deadline: COMIND_REPLICAS_TO_AGGREGATE, the "
-            "workers expected (COMIND_NUM_WORKERS), or those sampled (COMIND_CLIENTS_PER_ROUND).", registry=registry)
+            "workers expected (COMIND_NUM_WORKERS), or those sampled (COMIND_CLIENTS_PER_ROUND); 1 with asynchronous "
+            "rounds, where one worker's updates fill any buffer.", registry=registry)
         self.rounds_completed = Counter(
             "comind_rounds_completed", "Rounds completed by this ps process.", registry=registry)
         self.round_duration = Histogram(
@@ -102,6 +107,16 @@ class PsMetrics:
         self.dp_noise_multiplier = Gauge(
             "comind_dp_noise_multiplier", "Worker-level DP's noise multiplier z (COMIND_DP_NOISE_MULTIPLIER).",
             registry=registry)
+        # Asynchronous rounds (comind/async_rounds.py); a version is a round, counted by comind_rounds_completed.
+        self.staleness = Histogram(
+            "comind_staleness_versions", "Asynchronous rounds: versions published between the one an update "
+            "trained from and the one it was taken into (tau).", buckets=STALENESS_BUCKETS, registry=registry)
+        self.buffer_updates = Gauge(
+            "comind_buffer_updates", "Asynchronous rounds: updates in the buffer of the next version.",
+            registry=registry)
+        self.buffer_size = Gauge(
+            "comind_buffer_size", "Asynchronous rounds: K, the updates that make a version (COMIND_BUFFER_SIZE, or "
+            "half the live workers).", registry=registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy, self.dp_epsilon,
                       self.dp_clip, self.dp_noise_multiplier):

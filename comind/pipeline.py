@@ -4,12 +4,14 @@ After an update is decoded (``encodings.py``: the encoding the ps
 announced) and validated (``service.py``, ``ps.py``) it passes, in order:
 
 1. **weighting** (``weighting.py``): what it counts for in the mean;
-2. **per-update transforms** (``clipping.py``): the norm bound;
+2. **per-update transforms** (``clipping.py``): the norm bound; with
+   asynchronous rounds (``async_rounds.py``), then the staleness weight;
 3. the **aggregator** (``aggregators.py``): mean, median or trimmed mean,
    into one aggregate update for the round; or, with worker-level
    differential privacy (``privacy.py``), the DP clip of each update, their
    sum, Gaussian noise and a fixed denominator, each round entered in the
-   privacy ledger (``accountant.py``);
+   privacy ledger (``accountant.py``); with asynchronous rounds, over the
+   buffer of the version, whose updates' ids are saved with it;
 4. the **server optimizer** (``server_optimizers.py``): the aggregate
    changes the global model;
 
@@ -27,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from comind import encodings, modes
+from comind import async_rounds, encodings, modes
 from comind.aggregators import AGGREGATORS, AggregatorSettings, RoundAggregate
 from comind.clipping import NormClip
 from comind.privacy import DpFedAvg, DpRound, DpSettings
@@ -57,6 +59,8 @@ class PipelineSettings:
     model_encoding: str = encodings.FLOAT32
     #: Worker-level differential privacy; None: off.
     privacy: DpSettings | None = None
+    #: Synchronous rounds, or asynchronous ones (:mod:`comind.async_rounds`).
+    rounds_mode: str = async_rounds.SYNC
 
     def __post_init__(self) -> None:
         WEIGHTINGS[self.weighting], AGGREGATORS[self.aggregation], SERVER_OPTIMIZERS[self.server_optimizer]
@@ -66,6 +70,7 @@ class PipelineSettings:
                              f"model_encoding={self.model_encoding!r}")
         if self.mode not in modes.MODES:
             raise ValueError(f"mode must be one of {', '.join(modes.MODES)}. Received: mode={self.mode!r}")
+        self._check_rounds_mode()
         if self.privacy is None:
             return
         # DP bounds each worker's influence on a sum: C, if every update counts once and is clipped to C.
@@ -85,6 +90,23 @@ class PipelineSettings:
                              f"COMIND_MAX_UPDATE_NORM, a second bound. Received: "
                              f"max_update_norm={self.max_update_norm!r}")
 
+    def _check_rounds_mode(self) -> None:
+        """Refuses what asynchronous rounds do not combine with."""
+        if self.rounds_mode not in async_rounds.ROUNDS_MODES:
+            raise ValueError(f"rounds_mode must be one of {', '.join(async_rounds.ROUNDS_MODES)}. Received: "
+                             f"rounds_mode={self.rounds_mode!r}")
+        if self.rounds_mode == async_rounds.SYNC:
+            return
+        if self.mode == modes.DISTRIBUTED:
+            raise ValueError(f"Distributed mode averages every step's gradients of every worker in lockstep; "
+                             f"asynchronous rounds are for federated mode. Set --rounds-mode sync or --mode "
+                             f"federated. Received: mode={self.mode!r}, rounds_mode={self.rounds_mode!r}")
+        if self.privacy is not None:
+            # Its fixed denominator and its ledger count rounds of sampled workers, each in a round once.
+            raise ValueError(f"Worker-level differential privacy accounts synchronous rounds (each worker in a round "
+                             f"at most once, a fixed number of updates a round); asynchronous rounds have neither. "
+                             f"Set --rounds-mode sync, or turn DP off. Received: rounds_mode={self.rounds_mode!r}")
+
 
 class RoundInProgress:
     """One round's updates, transformed and folded into its aggregate as they arrive."""
@@ -98,9 +120,17 @@ class RoundInProgress:
     def count(self) -> int:
         return self._aggregate.count
 
-    def add(self, update: Sequence[np.ndarray], weight: float) -> float | None:
-        """Transforms ``update`` in place and folds it in; returns its norm before clipping, if clipped."""
+    def add(self, update: Sequence[np.ndarray], weight: float, scale: float = 1.0) -> float | None:
+        """Transforms ``update`` in place and folds it in; returns its norm before clipping, if clipped.
+
+        Args:
+            scale: what the (clipped) change is multiplied by first: asynchronous rounds' staleness weight.
+        """
         norm = self._clip(update) if self._clip else None
+        if scale != 1.0:
+            for tensor in update:
+                if tensor.dtype.kind == "f":  # others (counters, seeds) travel as values, not changes
+                    tensor *= tensor.dtype.type(scale)
         self._aggregate.add(update, weight)
         return norm
 
@@ -133,6 +163,8 @@ class ServerPipeline:
         self.update_encoding = encodings.parse(settings.update_encoding)
         self.model_encoding = encodings.parse(settings.model_encoding)
         self.privacy = DpFedAvg(settings.privacy) if settings.privacy else None
+        #: Asynchronous rounds' ids of the updates taken (:class:`comind.async_rounds.UpdateIds`); None: synchronous.
+        self.update_ids = async_rounds.UpdateIds() if settings.rounds_mode == async_rounds.ASYNC else None
         self._optimizer_state: dict[str, np.ndarray] | None = None
         # A privacy ledger in the checkpoint while DP is off: saved again, so that a budget once spent stays spent.
         self._kept_ledger: dict[str, np.ndarray] = {}
@@ -161,7 +193,8 @@ class ServerPipeline:
     def state(self) -> dict[str, np.ndarray]:
         """Every stage's state, by checkpoint key."""
         privacy = {DP_PREFIX + k: v for k, v in self.privacy.state().items()} if self.privacy else self._kept_ledger
-        return {self._state_prefix + k: v for k, v in (self._optimizer_state or {}).items()} | privacy
+        update_ids = self.update_ids.state() if self.update_ids else {}
+        return {self._state_prefix + k: v for k, v in (self._optimizer_state or {}).items()} | privacy | update_ids
 
     def restore(self, saved: Mapping[str, np.ndarray]) -> None:
         """Takes the state saved in a checkpoint."""
@@ -172,7 +205,10 @@ class ServerPipeline:
             log.warning("The checkpoint holds a privacy ledger, and differential privacy is now off: the rounds from "
                         "here have no privacy guarantee. The ledger is kept in each checkpoint.")
             self._kept_ledger = {DP_PREFIX + k: v for k, v in privacy.items() if k.startswith("ledger/")}
-        saved = {key: v for key, v in saved.items() if not key.startswith(DP_PREFIX)}
+        if self.update_ids:
+            self.update_ids.restore(saved)
+        # Ids from asynchronous rounds are of updates applied already: a restart in synchronous rounds needs none.
+        saved = {key: v for key, v in saved.items() if not key.startswith((DP_PREFIX, async_rounds.STATE_PREFIX))}
         prefix = self._state_prefix
         unknown = [key for key in saved if not key.startswith(prefix)]
         if unknown:

@@ -9,7 +9,10 @@ turns gRPC messages into calls here and refusals into statuses.
 What happens to an update between its bytes and the next global model is
 the round pipeline (``pipeline.py``); this module orchestrates it: validate,
 transform and aggregate, step the server optimizer, check the result is
-finite, persist, publish.
+finite, persist, publish. With asynchronous rounds (``async_rounds.py``) a
+round is a model version: updates trained from older versions join its
+buffer with their staleness weight, and each worker gets the newest model
+back at once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from comind import encodings, refusals, tensors
+from comind import async_rounds, encodings, refusals, tensors
 from comind.admission import Summary, TokenBucket
 from comind.checkpoint import CheckpointStore
 from comind.metrics import JOIN_REFUSALS, PsMetrics
@@ -86,6 +89,8 @@ class UpdateHeader:
     accuracy: float = 0.0
     #: How its bytes encode ``layout`` (:mod:`comind.encodings`); an initial model is always ``float32``.
     encoding: str = encodings.FLOAT32
+    #: Names the update among its worker's (:mod:`comind.async_rounds`); empty: not given.
+    update_id: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,7 @@ class JoinInfo:
     replicas_to_aggregate: int | None
     mode: str
     update_encoding: str = encodings.FLOAT32
+    rounds_mode: str = async_rounds.SYNC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +138,8 @@ class RoundClosed:
     #: q of a Poisson draw (worker-level DP with client sampling): each live worker's probability of being
     #: selected, fixed for the run; None for a draw of fixed size, or none.
     poisson_rate: float | None = None
+    #: Asynchronous rounds: the mean staleness (tau) of the version's updates; NaN for a synchronous round.
+    staleness: float = math.nan
 
     @property
     def sampling_rate(self) -> float:
@@ -166,7 +174,9 @@ class ParameterServer:
         self.metrics = metrics
         self.pipeline = pipeline or ServerPipeline()
         self.pipeline.check_quorum(policy.expected_updates)
-        metrics.quorum.set(policy.expected_updates)
+        # Asynchronous rounds need one live worker, whose updates alone fill any buffer: an alert on fewer live
+        # workers than the quorum must not fire because K is above them.
+        metrics.quorum.set(1 if policy.asynchronous else policy.expected_updates)
         metrics.last_round_time.set_to_current_time()  # a stall is counted from here until a model exists
         metrics.server_optimizer.info({"name": self.pipeline.settings.server_optimizer})
         metrics.server_learning_rate.set(self.pipeline.optimizer.learning_rate)
@@ -184,7 +194,7 @@ class ParameterServer:
         else:
             self._start_privacy(-1)
         self._round: RoundInProgress | None = None
-        self._stats = np.zeros(3)  # examples, examples * loss, examples * accuracy
+        self._stats = np.zeros(4)  # examples, examples * loss, examples * accuracy, staleness (async rounds)
         self._round_opened = time.monotonic()
         self._receiving = Slots(max_concurrent_updates, "receiving")
         self._buffers = BufferPool(max_concurrent_updates)
@@ -294,7 +304,8 @@ class ParameterServer:
             self._membership_changed()
         policy = self.rounds.policy
         return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
-                        policy.replicas_to_aggregate, self.pipeline.settings.mode, self.pipeline.update_encoding.name)
+                        policy.replicas_to_aggregate, self.pipeline.settings.mode, self.pipeline.update_encoding.name,
+                        self.pipeline.settings.rounds_mode)
 
     def _admit(self, task_index: int, peer: bytes | None, instance: str) -> str | None:
         """Whether a registration may go ahead: None if so, the member id to give back if the same worker
@@ -364,6 +375,8 @@ class ParameterServer:
 
     def _membership_changed(self) -> None:
         self.metrics.workers.set(len(self.rounds.members))
+        if self.rounds.asynchronous is not None:
+            self.metrics.buffer_size.set(self.rounds.asynchronous.buffer(len(self.rounds.members)))
         if self.rounds.done and not self.rounds.members:
             self.finished.set()
         self._draw()  # the first round's workers may all be in now
@@ -454,6 +467,22 @@ class ParameterServer:
         await self.maybe_close()  # a Poisson draw may select no one: its round closes at once
         return UpdateResult.ACCEPTED
 
+    def _taken_already(self, member_id: str, header: UpdateHeader) -> bool:
+        """Asynchronous rounds: whether this update was taken before (a retry whose receipt was lost).
+
+        Raises:
+            InvalidRequest: an update without an id, which a retry could not be told from.
+        """
+        ids = self.pipeline.update_ids
+        if ids is None:
+            return False
+        if len(header.update_id) != async_rounds.UPDATE_ID_BYTES:
+            raise refusals.InvalidRequest(
+                f"With asynchronous rounds (COMIND_ROUNDS_MODE=async) every update carries a random id of "
+                f"{async_rounds.UPDATE_ID_BYTES} bytes, so that a retry is not applied twice; run the same coMind "
+                f"version on the ps and the workers. Received: update_id of {len(header.update_id)} bytes")
+        return ids.seen(self.rounds.members[member_id].task_index, header.update_id)
+
     def _verdict(self, member_id: str, round: int) -> UpdateResult | None:
         """What becomes of an update for ``round`` without reading it; None when it is to be read."""
         verdict = self.rounds.check(member_id, round)
@@ -467,13 +496,19 @@ class ParameterServer:
     async def _update(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
         result = self._verdict(member_id, header.round)
         if result is not None:
-            if result is UpdateResult.STALE:
+            policy = self.rounds.asynchronous
+            if result is UpdateResult.STALE and policy is not None and not self.done:
+                log.info("Refused a stale update: trained from version %d, %d versions old, past --max-staleness %d.",
+                         header.round - 1, self.rounds.staleness(header.round), policy.max_staleness)
+            elif result is UpdateResult.STALE:
                 log.info("A stale update for round %d came in after the ps moved on to round %d.", header.round,
                          self.rounds.open_round)
             elif result is UpdateResult.NOT_SELECTED:
                 log.info("An update for round %d came from worker %d, which the round did not select.",
                          header.round, self.rounds.members[member_id].task_index)
             return result
+        if self._taken_already(member_id, header):
+            return UpdateResult.DUPLICATE
         self._check_layout(header.layout)
         if not 1 <= header.num_examples <= self.max_examples_per_update:
             # The count is the worker's own claim, and its weight in the mean: 2**62 would make one update all of it.
@@ -572,12 +607,15 @@ class ParameterServer:
             result = self._verdict(member_id, header.round)
             if result is not None:
                 return result
+            if self._taken_already(member_id, header):  # its twin came in while this one streamed in
+                return UpdateResult.DUPLICATE
             assert self.model is not None  # a verdict of ACCEPT needs a model
             if self._round is None:
                 self._round = self.pipeline.start_round(self.model.layout, self.model.packed)
             task = self.rounds.members[member_id].task_index  # its lease may end during the await
             weight = self.pipeline.weight(header.num_examples)
-            norm = await self._offload(packed.nbytes, self._round.add, header.layout.views(packed), weight)
+            staleness, scale = self._staleness(task, header)
+            norm = await self._offload(packed.nbytes, self._round.add, header.layout.views(packed), weight, scale)
             bound = self.pipeline.settings.max_update_norm
             if norm is not None and bound is not None:
                 if norm > bound:
@@ -588,8 +626,20 @@ class ParameterServer:
                     log.debug("Worker %d's update for round %d has norm %.4g.", task, header.round, norm)
             self.rounds.record(member_id)
             self._stats += (header.num_examples, header.num_examples * header.loss,
-                            header.num_examples * header.accuracy)
+                            header.num_examples * header.accuracy, staleness)
+            self.metrics.buffer_updates.set(self.rounds.buffered)
         return UpdateResult.ACCEPTED
+
+    def _staleness(self, task: int, header: UpdateHeader) -> tuple[int, float]:
+        """Asynchronous rounds: tau and s(tau) of an update about to be taken, whose id is noted; 0 and 1 in
+        synchronous ones."""
+        policy, ids = self.rounds.asynchronous, self.pipeline.update_ids
+        if policy is None or ids is None:
+            return 0, 1.0
+        staleness = self.rounds.staleness(header.round)
+        self.metrics.staleness.observe(staleness)
+        ids.take(task, header.update_id)
+        return staleness, policy.weight(staleness)
 
     def _check_layout(self, layout: Layout) -> None:
         assert self.model is not None
@@ -617,12 +667,16 @@ class ParameterServer:
             in_progress = self._round or self.pipeline.start_round(self.model.layout, self.model.packed)
             self._name_the_silent()
             self.rounds.begin_close()
-            examples, loss, accuracy = self._stats
+            examples, loss, accuracy, staleness = self._stats
             per_example = (loss / examples, accuracy / examples) if examples else (math.nan, math.nan)
             closed = RoundClosed(self.rounds.open_round, in_progress.count, int(examples), *per_example,
-                                 *self.rounds.population(), self.rounds.policy.sampling.poisson_rate)
+                                 *self.rounds.population(), self.rounds.policy.sampling.poisson_rate,
+                                 staleness / in_progress.count if self.rounds.asynchronous and in_progress.count
+                                 else math.nan)
             model, self._round = self.model, None
-            self._stats = np.zeros(3)
+            self._stats = np.zeros(4)
+            if self.pipeline.update_ids:
+                self.pipeline.update_ids.publish()  # saved with the version they make
             packed, state = await self._next_model(closed, in_progress, model)
             if not await self._publish(closed.round, model.layout, packed, state, closed.loss, closed.accuracy):
                 return False
@@ -644,9 +698,10 @@ class ParameterServer:
                    if self.rounds.sampling else "")
         privacy = self.pipeline.privacy
         spent = f", epsilon {privacy.ledger.epsilon:.4g} at delta {privacy.ledger.delta:g}" if privacy else ""
-        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s%s.", closed.round,
+        stale = "" if math.isnan(closed.staleness) else f", staleness {closed.staleness:.2g} on average"
+        log.info("Round %d/%d: %d updates, %d examples, loss %.4f, accuracy %.4f%s%s%s.", closed.round,
                  self.rounds.policy.total_rounds, closed.updates, closed.examples, closed.loss, closed.accuracy,
-                 sampled, spent)
+                 sampled, spent, stale)
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", closed.round)
 
@@ -701,6 +756,7 @@ class ParameterServer:
         self._end_within_budget(round)
         self._set_model(round, layout, packed, train_loss, train_accuracy)
         self.rounds.complete(round)
+        self.metrics.buffer_updates.set(self.rounds.buffered)
         now = time.monotonic()
         if round > 0:
             self.metrics.rounds_completed.inc()
@@ -738,13 +794,14 @@ class ParameterServer:
         older checkpoint: the worker continues from it). Under client sampling,
         a worker gets a model to train only once a round selects it, so that
         one not selected waits without training: its call stays open, and costs
-        the ps nothing but its renewals until then.
+        the ps nothing but its renewals until then. With asynchronous rounds it
+        is the newest model, at once: the worker does not wait for a version.
         """
         deadline = time.monotonic() + timeout
         while True:
             model = self.model
-            if model is not None and (model.done or (model.round != have_round
-                                                     and self.rounds.is_selected(member_id))):
+            if model is not None and (model.done or self.rounds.asynchronous is not None or (
+                    model.round != have_round and self.rounds.is_selected(member_id))):
                 return model
             try:
                 await asyncio.wait_for(self._turn(member_id).wait(), deadline - time.monotonic())

@@ -37,7 +37,8 @@ def server_pipeline(settings: PsSettings, policy: RoundPolicy) -> ServerPipeline
         mode=settings.mode, weighting=settings.weighting or ("uniform" if privacy else "examples"),
         aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
         max_update_norm=settings.max_update_norm, server_optimizer=name, server_optimizer_settings=optimizer,
-        update_encoding=settings.update_encoding, model_encoding=settings.model_encoding, privacy=privacy))
+        update_encoding=settings.update_encoding, model_encoding=settings.model_encoding, privacy=privacy,
+        rounds_mode=settings.rounds_mode))
     pipeline.check_quorum(policy.expected_updates)
     return pipeline
 
@@ -53,6 +54,7 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
         ValueError: settings that contradict each other (no round could close as they say, or the privacy
             ledger would not account the rounds as they are).
     """
+    from comind.async_rounds import ASYNC, AsyncPolicy
     from comind.rounds import RoundPolicy
     from comind.sampling import SamplingPolicy
 
@@ -64,7 +66,8 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
         num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
         round_timeout=settings.round_timeout, total_rounds=settings.rounds, max_members=settings.max_members,
-        sampling=sampling)
+        sampling=sampling, asynchronous=AsyncPolicy(settings.buffer_size, settings.staleness_exponent,
+                                                    settings.max_staleness) if settings.rounds_mode == ASYNC else None)
 
 
 def dp_settings(settings: PsSettings, policy: RoundPolicy) -> DpSettings | None:

@@ -36,6 +36,11 @@ Rules (docs/design.md, decision 4):
   ``min_updates`` above 1: each would make whether one worker's update
   counts depend on whether another's came, a change to the sum of up to 2C
   that the noise does not cover (docs/design.md, decision 15).
+* With asynchronous rounds (``policy.asynchronous``, ``async_rounds.py``), a
+  round is a model version: an update trained from any version within
+  ``max_staleness`` of the newest is taken, a worker may send several to one
+  version, and the version closes once ``K`` are buffered (or at its
+  deadline with ``min_updates``). There is no warm-up and no draw.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from comind.async_rounds import AsyncPolicy
 from comind.sampling import SamplingPolicy, Selection, draw_seed
 
 
@@ -90,6 +96,8 @@ class RoundPolicy:
     total_rounds: int = 20
     max_members: int | None = None  # None: default_max_members(num_workers)
     sampling: SamplingPolicy = dataclasses.field(default_factory=SamplingPolicy)
+    #: Asynchronous rounds (FedBuff); None: synchronous.
+    asynchronous: AsyncPolicy | None = None
 
     @property
     def member_limit(self) -> int:
@@ -98,6 +106,8 @@ class RoundPolicy:
     @property
     def expected_updates(self) -> int:
         """The updates a round of the expected workers closes with: for checks at start."""
+        if self.asynchronous is not None:
+            return self.asynchronous.buffer(self.num_workers)
         if not self.sampling.enabled:
             return self.replicas_to_aggregate or self.num_workers
         k = self.sampling.quorum(self.num_workers)
@@ -124,6 +134,22 @@ class RoundPolicy:
                 raise ValueError(f"{name} must not exceed max_members ({self.member_limit}): no round could "
                                  f"reach it. Received: {name}={getattr(self, name)!r}")
         self._check_sampling()
+        self._check_asynchronous()
+
+    def _check_asynchronous(self) -> None:
+        """Refuses what asynchronous rounds cannot do: both settings below are about who is in a round."""
+        if self.asynchronous is None:
+            return
+        if self.replicas_to_aggregate is not None:
+            raise ValueError(f"Asynchronous rounds close a version at --buffer-size updates; unset "
+                             f"--replicas-to-aggregate (COMIND_REPLICAS_TO_AGGREGATE), the synchronous rounds' "
+                             f"quorum. Received: replicas_to_aggregate={self.replicas_to_aggregate}")
+        if self.sampling.enabled:
+            raise ValueError("Asynchronous rounds take an update from any worker at any time, so there is no round "
+                             "to sample workers for; unset --clients-per-round and --client-fraction, and bound the "
+                             "updates per version with --buffer-size. Received: "
+                             f"clients_per_round={self.sampling.clients_per_round}, "
+                             f"client_fraction={self.sampling.client_fraction}")
 
     def _check_sampling(self) -> None:
         """Refuses sampling settings that contradict the others: no round could close as they say."""
@@ -165,6 +191,8 @@ class Rounds:
         self.draws: list[Selection] = []
         self.selected: set[int] = set()  # the task indices the draws selected
         self._quorum = 0
+        #: Updates buffered for the open version (asynchronous rounds, where a worker may send several).
+        self.buffered = 0
         self._seen_tasks: set[int] = set()
         self._warmed_up = False
         self.deadline = clock() + policy.round_timeout
@@ -181,6 +209,10 @@ class Rounds:
     @property
     def has_model(self) -> bool:
         return self.round >= 0
+
+    @property
+    def asynchronous(self) -> AsyncPolicy | None:
+        return self.policy.asynchronous
 
     @property
     def sampling(self) -> bool:
@@ -233,6 +265,8 @@ class Rounds:
             return Verdict.UNKNOWN_WORKER
         if not self.has_model:
             return Verdict.NO_MODEL
+        if self.asynchronous is not None:
+            return self._check_staleness(round)
         if round < self.open_round or self.closing or self.done:
             return Verdict.STALE
         if round > self.open_round:
@@ -243,7 +277,22 @@ class Rounds:
             return Verdict.DUPLICATE
         return Verdict.ACCEPT
 
+    def _check_staleness(self, round: int) -> Verdict:
+        """Asynchronous rounds: whether an update for ``round`` (trained from version ``round - 1``) is fresh
+        enough. A version being closed is no reason to refuse: the update goes into the next buffer."""
+        assert self.asynchronous is not None
+        if self.done:
+            return Verdict.STALE
+        if round > self.open_round:
+            return Verdict.EARLY
+        return Verdict.STALE if self.staleness(round) > self.asynchronous.max_staleness else Verdict.ACCEPT
+
+    def staleness(self, round: int) -> int:
+        """tau of an update for ``round``: the versions published since the one it trained from."""
+        return self.round - (round - 1)
+
     def record(self, member_id: str) -> None:
+        self.buffered += 1
         self.contributors.add(member_id)
         self._contributing_tasks.add(self.members[member_id].task_index)
 
@@ -308,6 +357,9 @@ class Rounds:
     def ready_to_close(self) -> bool:
         if not self.has_model or self.closing or self.done:
             return False
+        if self.asynchronous is not None:
+            return self.buffered >= self.asynchronous.buffer(len(self.members)) or (
+                self._clock() >= self.deadline and self.buffered >= self.policy.min_updates)
         if self.poisson:  # with none, too: an empty draw, or selected workers all gone, is noise alone
             return bool(self.draws) and (self._clock() >= self.deadline
                                          or self.contributors.issuperset(self._live_selected()))
@@ -332,6 +384,8 @@ class Rounds:
         """The task indices of live members without an update in a round that is closing for its deadline
         (not for its quorum: backup workers left out by ``replicas_to_aggregate`` are not silent)."""
         quorum = self._quorum if self.sampling else self.policy.replicas_to_aggregate
+        if self.asynchronous is not None:
+            return []  # no version waits for anyone in particular
         if (quorum is not None and len(self.contributors) >= quorum) or self._clock() < self.deadline:
             return []
         expected = self._live_selected() if self.sampling else self.members
@@ -353,6 +407,7 @@ class Rounds:
         if self.has_model:
             self._warmed_up = True
         self.round = round
+        self.buffered = 0
         self.contributors.clear()
         self._contributing_tasks.clear()
         self.draws = []

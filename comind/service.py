@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from comind import encodings, modes, refusals
+from comind import async_rounds, encodings, modes, refusals
 from comind.auth import TlsFiles, TokenInterceptor
 from comind.decoding import DecodingInterceptor
 from comind.proto import comind_pb2 as pb
@@ -100,6 +100,7 @@ STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
 }
 
 MODES = {modes.FEDERATED: pb.TRAINING_MODE_FEDERATED, modes.DISTRIBUTED: pb.TRAINING_MODE_DISTRIBUTED}
+ROUNDS_MODES = {async_rounds.SYNC: pb.ROUNDS_MODE_SYNC, async_rounds.ASYNC: pb.ROUNDS_MODE_ASYNC}
 _KINDS = {pb.UPDATE_KIND_DELTA: UpdateKind.DELTA, pb.UPDATE_KIND_INITIAL: UpdateKind.INITIAL}
 _RESULTS = {UpdateResult.ACCEPTED: pb.UPDATE_RESULT_ACCEPTED, UpdateResult.DUPLICATE: pb.UPDATE_RESULT_DUPLICATE,
             UpdateResult.STALE: pb.UPDATE_RESULT_STALE, UpdateResult.EARLY: pb.UPDATE_RESULT_EARLY,
@@ -124,7 +125,7 @@ class Service(pb_grpc.ParameterServerServicer):
         return pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
                             total_rounds=info.total_rounds, done=info.done,
                             replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode],
-                            update_encoding=info.update_encoding)
+                            update_encoding=info.update_encoding, rounds_mode=ROUNDS_MODES[info.rounds_mode])
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         await _answer(context, self.ps.renew, request.member_id, _peer(context))
@@ -211,7 +212,7 @@ class Service(pb_grpc.ParameterServerServicer):
         except LayoutError as error:
             raise refusals.InvalidRequest(str(error)) from None
         return UpdateHeader(kind, message.round, layout, message.num_examples, message.loss, message.accuracy,
-                            message.encoding or encodings.FLOAT32)
+                            message.encoding or encodings.FLOAT32, message.update_id)
 
     async def _renewals(self, requests: _Requests, member_id: str, peer: bytes | None, unread: bool) -> None:
         while (message := await requests.next()) is not None:

@@ -122,6 +122,20 @@ class PsSettings(_Cluster):
         0.0, "with client sampling, each round selects ceil(K (1 + this)) workers and still closes at K updates, "
         "so slow or vanished workers cost no round", config.non_negative_float)
     round_timeout: float = _setting(600.0, "seconds a round waits for stragglers", config.positive_float)
+    # Asynchronous rounds (comind/async_rounds.py).
+    rounds_mode: str = _setting(
+        "sync", "sync: a round closes when its workers' updates, all trained from the same model, are in; async "
+        "(FedBuff): no barrier, a worker pushes when done and continues at once from the newest model, a round is "
+        "a model version made of --buffer-size updates, each weighted by its staleness", str, config.rounds_modes)
+    buffer_size: int | None = _setting(
+        None, "async rounds: K, the updates that make a version; unset: half the live workers, at least 1",
+        config.positive_int)
+    staleness_exponent: float = _setting(
+        0.5, "async rounds: a, an update trained from a version tau versions old is scaled by (1 + tau)^-a",
+        config.non_negative_float)
+    max_staleness: int = _setting(
+        10, "async rounds: updates trained from a version more than this many versions old are refused as stale",
+        config.non_negative_int)
     lease_seconds: float = _setting(10.0, "seconds a worker stays live without a heartbeat", config.positive_float)
     #: Unset, ``examples``; with worker-level DP, ``uniform`` (``ps_main.server_pipeline``).
     weighting: str | None = _setting(None, "how updates are weighted in the average (the mean only); unset: "

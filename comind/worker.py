@@ -191,6 +191,8 @@ class _Chief:
 
     def on_round(self, state: GlobalState) -> None:
         now = time.monotonic()
+        if state.round == self._last_round and self._last_received is not None:
+            return  # asynchronous rounds: the version this worker trained from, still the newest
         if state.round > 0:
             # Every round with eval_every 1; else the first model past each multiple of it: under client
             # sampling the chief receives only the rounds it trains in (and the final model).

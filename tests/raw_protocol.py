@@ -39,9 +39,9 @@ RENEWAL = pb.WorkerMessage(renewal=True)
 
 def update_header(arrays: Sequence[np.ndarray], round: int = 1, *, kind: int = pb.UPDATE_KIND_DELTA,
                   examples: int = 10, loss: float = 0.5, accuracy: float = 0.5,
-                  names: Sequence[str] | None = None) -> pb.UpdateHeader:
+                  names: Sequence[str] | None = None, update_id: bytes = b"") -> pb.UpdateHeader:
     return pb.UpdateHeader(kind=kind, round=round, num_examples=examples, loss=loss, accuracy=accuracy,
-                           tensors=Layout.of(arrays, names).to_proto())
+                           tensors=Layout.of(arrays, names).to_proto(), update_id=update_id)
 
 
 def data_messages(arrays: Sequence[np.ndarray]) -> list[pb.WorkerMessage]:

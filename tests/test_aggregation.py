@@ -147,7 +147,8 @@ def test_held_updates_are_copies_unweighted_and_fall_back_to_the_median_when_too
 @pytest.mark.parametrize("rule, fraction, updates_, words", [
     ("median", 0.25, 2, "median needs rounds of at least 3 updates"),
     ("trimmed-mean", 0.25, 3, "needs rounds of at least 4 updates (COMIND_NUM_WORKERS or --workers, or "
-                              "COMIND_REPLICAS_TO_AGGREGATE if set), or raise COMIND_TRIM_FRACTION to 0.334"),
+                              "COMIND_REPLICAS_TO_AGGREGATE if set; with asynchronous rounds, COMIND_BUFFER_SIZE), "
+                              "or raise COMIND_TRIM_FRACTION to 0.334"),
     ("trimmed-mean", 0.2, 4, "needs rounds of at least 5 updates"),
 ])
 def test_a_quorum_too_small_for_the_rule_is_a_clear_error(rule, fraction, updates_, words):

@@ -222,6 +222,12 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("ps.updateEncoding=int4", "/ps/updateEncoding"),
     ("ps.modelEncoding=int8", "/ps/modelEncoding"),
     ("training.proximalMu=-1", "/training/proximalMu"),
+    ("ps.roundsMode=later", "/ps/roundsMode"),
+    ("ps.roundsMode=async,ps.replicasToAggregate=2", "unset ps.replicasToAggregate"),
+    ("ps.roundsMode=async,ps.clientsPerRound=2", "unset ps.clientsPerRound"),
+    ("ps.roundsMode=async,ps.dpNoiseMultiplier=1,ps.dpClip=1", "does not combine with worker-level differential"),
+    ("ps.roundsMode=async,training.mode=distributed", "ps.roundsMode=async is for federated mode"),
+    ("ps.roundsMode=async,ps.aggregation=median,workers.replicas=4", "median needs rounds of at least 3 updates"),
 ])
 def test_bad_values_fail_with_a_message_that_names_them(helm, setting, message):
     result = helm_run(helm, "template", RELEASE, str(CHART), "--set", setting, check=False)
@@ -300,6 +306,20 @@ def test_the_mode_the_server_optimizer_and_fedprox_reach_the_ps_and_the_workers_
     # The defaults leave every choice to the ps, by its mode.
     [ps] = named(render(helm), "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]["containers"]
     assert not {name for name in env_of(ps) if name.startswith("COMIND_SERVER_")}
+
+
+def test_asynchronous_rounds_reach_the_ps_as_its_settings(helm):
+    objects = render(helm, "--set", "ps.roundsMode=async,ps.bufferSize=3,ps.stalenessExponent=0.25,"
+                     "ps.maxStaleness=4,ps.aggregation=median")
+    [ps] = named(objects, "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    variables = {name: entry["value"] for name, entry in env_of(ps).items() if "value" in entry}
+    loaded = load_settings("ps", {}, {**named(objects, "ConfigMap")["comind"]["data"], **variables})
+    assert (loaded.rounds_mode, loaded.buffer_size, loaded.staleness_exponent, loaded.max_staleness) == \
+        ("async", 3, 0.25, 4)
+    # Synchronous by default, and the async settings are left to the ps's defaults.
+    [ps] = named(render(helm), "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    assert env_of(ps)["COMIND_ROUNDS_MODE"]["value"] == "sync"
+    assert not {"COMIND_BUFFER_SIZE", "COMIND_STALENESS_EXPONENT", "COMIND_MAX_STALENESS"} & set(env_of(ps))
 
 
 def test_example_level_dp_sgd_reaches_the_workers_as_their_settings(helm):

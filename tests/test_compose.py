@@ -41,6 +41,20 @@ def cluster(docker_client, base_image, tmp_path):
         cluster.down()
 
 
+def test_compose_passes_the_asynchronous_rounds_settings_with_the_ps_defaults():
+    """A render check, no container: each variable reaches the ps with the ps's own default, or unset."""
+    from comind.settings import load
+
+    compose = (ROOT / "compose.yaml").read_text()
+    defaults = dict(re.findall(r"(COMIND_(?:ROUNDS_MODE|BUFFER_SIZE|STALENESS_EXPONENT|MAX_STALENESS)): "
+                               r"\$\{\1:-([^}]*)\}", compose))
+    assert set(defaults) == {"COMIND_ROUNDS_MODE", "COMIND_BUFFER_SIZE", "COMIND_STALENESS_EXPONENT",
+                             "COMIND_MAX_STALENESS"}
+    assert load("ps", {}, defaults) == load("ps", {}, {})
+    given = load("ps", {}, {**defaults, "COMIND_ROUNDS_MODE": "async", "COMIND_BUFFER_SIZE": "3"})
+    assert (given.rounds_mode, given.buffer_size) == ("async", 3)
+
+
 def rounds_closed(log: str) -> list[int]:
     return [int(r) for r, _ in ROUND.findall(log)]
 

@@ -7,6 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RoundsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUNDS_MODE_SYNC: _ClassVar[RoundsMode]
+    ROUNDS_MODE_ASYNC: _ClassVar[RoundsMode]
+
 class TrainingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRAINING_MODE_FEDERATED: _ClassVar[TrainingMode]
@@ -27,6 +32,8 @@ class UpdateResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_RESULT_EARLY: _ClassVar[UpdateResult]
     UPDATE_RESULT_NOT_NEEDED: _ClassVar[UpdateResult]
     UPDATE_RESULT_NOT_SELECTED: _ClassVar[UpdateResult]
+ROUNDS_MODE_SYNC: RoundsMode
+ROUNDS_MODE_ASYNC: RoundsMode
 TRAINING_MODE_FEDERATED: TrainingMode
 TRAINING_MODE_DISTRIBUTED: TrainingMode
 UPDATE_KIND_UNSPECIFIED: UpdateKind
@@ -61,7 +68,7 @@ class JoinRequest(_message.Message):
     def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding")
+    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding", "rounds_mode")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +77,7 @@ class JoinReply(_message.Message):
     REPLICAS_TO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_MODE_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     lease_seconds: float
     round: int
@@ -78,7 +86,8 @@ class JoinReply(_message.Message):
     replicas_to_aggregate: int
     mode: TrainingMode
     update_encoding: str
-    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ...) -> None: ...
+    rounds_mode: RoundsMode
+    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ..., rounds_mode: _Optional[_Union[RoundsMode, str]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("member_id", "have_round", "update")
@@ -91,7 +100,7 @@ class Hello(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., have_round: _Optional[int] = ..., update: _Optional[_Union[UpdateHeader, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors", "encoding")
+    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors", "encoding", "update_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +108,7 @@ class UpdateHeader(_message.Message):
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     kind: UpdateKind
     round: int
     num_examples: int
@@ -106,7 +116,8 @@ class UpdateHeader(_message.Message):
     accuracy: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     encoding: str
-    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[str] = ...) -> None: ...
+    update_id: bytes
+    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[str] = ..., update_id: _Optional[bytes] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "data", "end", "renewal")
