@@ -11,6 +11,8 @@ import math
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from comind.federated_eval import STATISTICS, Evaluation
+
 log = logging.getLogger(__name__)
 
 #: Rounds last from milliseconds (a small model on loopback) to many minutes
@@ -35,6 +37,10 @@ ROUND_WORKERS = ("population", "selected", "reported", "dropped")
 #: ``comind_joins_refused_total`` labels: registrations faster than the ps takes them, for a task index a live
 #: member of another process holds, or beyond the ps's most members.
 JOIN_REFUSALS = ("rate", "taken", "full")
+
+#: ``comind_federated_eval_reports_total`` labels: workers' tests of the global model taken with their update, or
+#: refused with it (not finite, out of range, or of a round the ps did not ask for).
+FEDERATED_EVAL_RESULTS = ("accepted", "rejected")
 
 
 class PsMetrics:
@@ -102,6 +108,7 @@ class PsMetrics:
         self.dp_noise_multiplier = Gauge(
             "comind_dp_noise_multiplier", "Worker-level DP's noise multiplier z (COMIND_DP_NOISE_MULTIPLIER).",
             registry=registry)
+        self.federated_eval = FederatedEvalMetrics(registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy, self.dp_epsilon,
                       self.dp_clip, self.dp_noise_multiplier):
@@ -115,6 +122,45 @@ class PsMetrics:
             self.joins_refused.labels(reason)
         for status in ROUND_WORKERS:
             self.round_workers.labels(status)
+
+
+class FederatedEvalMetrics:
+    """The last federated evaluation (:mod:`comind.federated_eval`): the global model of one round, tested by each
+    worker on its own held-out examples; NaN until one is in."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.round = Gauge("comind_federated_eval_round", "Round of the global model the last federated evaluation "
+                           "tested.", registry=registry)
+        self.workers = Gauge("comind_federated_eval_workers", "Workers that reported in the last federated "
+                             "evaluation.", registry=registry)
+        self.examples = Gauge("comind_federated_eval_examples", "Held-out examples the workers tested in the last "
+                              "federated evaluation.", registry=registry)
+        self.accuracy = Gauge(
+            "comind_federated_eval_accuracy", "The workers' accuracies in the last federated evaluation: min, median "
+            "and max over the workers, and their mean weighted by held-out examples.", ["statistic"],
+            registry=registry)
+        self.loss = Gauge(
+            "comind_federated_eval_loss", "The workers' losses in the last federated evaluation: min, median and max "
+            "over the workers, and their mean weighted by held-out examples.", ["statistic"], registry=registry)
+        self.reports = Counter(
+            "comind_federated_eval_reports", "Workers' federated evaluation reports, by result.", ["result"],
+            registry=registry)
+        for gauge in (self.round, self.workers, self.examples):
+            gauge.set(math.nan)
+        for statistic in STATISTICS:
+            self.accuracy.labels(statistic).set(math.nan)
+            self.loss.labels(statistic).set(math.nan)
+        for result in FEDERATED_EVAL_RESULTS:
+            self.reports.labels(result)
+
+    def show(self, evaluation: Evaluation) -> None:
+        self.round.set(evaluation.round)
+        self.workers.set(len(evaluation.workers))
+        self.examples.set(evaluation.num_examples)
+        for figure, gauge in (("accuracy", self.accuracy), ("loss", self.loss)):
+            distribution = evaluation.distribution(figure)
+            for statistic in STATISTICS:
+                gauge.labels(statistic).set(getattr(distribution, statistic))
 
 
 class WorkerMetrics:

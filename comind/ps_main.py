@@ -140,7 +140,8 @@ def run_ps(settings: PsSettings) -> int:
         ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), pipeline=pipeline, store=store,
                              max_model_bytes=settings.max_model_bytes,
                              max_concurrent_updates=settings.max_concurrent_updates,
-                             max_examples_per_update=settings.max_examples_per_update)
+                             max_examples_per_update=settings.max_examples_per_update,
+                             federated_eval_every=settings.federated_eval_every)
         server, port = service.build_server(ps, settings.listen, token, tls)
         metrics.serve(settings.metrics_port, REGISTRY, settings.metrics_host)
         if not token:
@@ -177,6 +178,9 @@ def run_ps(settings: PsSettings) -> int:
         if not (pipeline.update_encoding.identity and pipeline.model_encoding.identity):
             log.info("Updates come in as %s; the model goes down as %s.", pipeline.update_encoding.name,
                      pipeline.model_encoding.name)
+        if settings.federated_eval_every:
+            log.info("Federated evaluation: every %d rounds each worker tests the global model on its held-out "
+                     "examples and reports with its next update.", settings.federated_eval_every)
         if pipeline.clip:
             log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
         if pipeline.privacy:

@@ -61,7 +61,7 @@ class JoinRequest(_message.Message):
     def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding")
+    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding", "federated_eval_every")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class JoinReply(_message.Message):
     REPLICAS_TO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     lease_seconds: float
     round: int
@@ -78,7 +79,8 @@ class JoinReply(_message.Message):
     replicas_to_aggregate: int
     mode: TrainingMode
     update_encoding: str
-    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ...) -> None: ...
+    federated_eval_every: int
+    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ..., federated_eval_every: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("member_id", "have_round", "update")
@@ -91,7 +93,7 @@ class Hello(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., have_round: _Optional[int] = ..., update: _Optional[_Union[UpdateHeader, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors", "encoding")
+    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors", "encoding", "federated_eval")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,7 @@ class UpdateHeader(_message.Message):
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_FIELD_NUMBER: _ClassVar[int]
     kind: UpdateKind
     round: int
     num_examples: int
@@ -106,7 +109,40 @@ class UpdateHeader(_message.Message):
     accuracy: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     encoding: str
-    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[str] = ...) -> None: ...
+    federated_eval: FederatedEvalReport
+    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[str] = ..., federated_eval: _Optional[_Union[FederatedEvalReport, _Mapping]] = ...) -> None: ...
+
+class FederatedEvalReport(_message.Message):
+    __slots__ = ("round", "loss", "accuracy", "num_examples")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    loss: float
+    accuracy: float
+    num_examples: int
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class FederatedEvalEntry(_message.Message):
+    __slots__ = ("task_index", "loss", "accuracy", "num_examples")
+    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    task_index: int
+    loss: float
+    accuracy: float
+    num_examples: int
+    def __init__(self, task_index: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class FederatedEvalResult(_message.Message):
+    __slots__ = ("round", "workers")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    workers: _containers.RepeatedCompositeFieldContainer[FederatedEvalEntry]
+    def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[FederatedEvalEntry, _Mapping]]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "data", "end", "renewal")
@@ -129,7 +165,7 @@ class Receipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., result: _Optional[_Union[UpdateResult, str]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy", "encoding", "epsilon")
+    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy", "encoding", "epsilon", "federated_eval", "server_learning_rate")
     READY_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +175,8 @@ class ModelHeader(_message.Message):
     TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     round: int
     done: bool
@@ -148,7 +186,9 @@ class ModelHeader(_message.Message):
     train_accuracy: float
     encoding: str
     epsilon: float
-    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., encoding: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
+    federated_eval: FederatedEvalResult
+    server_learning_rate: float
+    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., encoding: _Optional[str] = ..., epsilon: _Optional[float] = ..., federated_eval: _Optional[_Union[FederatedEvalResult, _Mapping]] = ..., server_learning_rate: _Optional[float] = ...) -> None: ...
 
 class PsMessage(_message.Message):
     __slots__ = ("receipt", "model", "data")
