@@ -248,3 +248,49 @@ def test_tensorboard_has_the_server_learning_rate_and_the_federated_figures(fede
                 assert scalars[f"federated/{figure}_{statistic}"][evaluation["round"]] == \
                     np.float32(evaluation[figure][statistic])
     assert sorted(scalars["federated/accuracy_mean"]) == [0, 2]
+
+
+def test_the_custom_loop_wrapper_reports_in_distributed_mode_and_a_worker_without_held_out_data_is_told(start_ps):
+    import keras
+    import tensorflow as tf
+
+    import comind
+    from comind import models
+    from comind.worker import prepare
+
+    ps = start_ps("--num-workers", "1", "--rounds", "3", "--mode", "distributed", "--federated-eval-every", "2",
+                  "--exit-grace", "5")
+    data = datasets.load("digits")
+    x, y = prepare(data.x_train[:84]), data.y_train[:84]
+    held_out = x[64:], y[64:]
+    model = models.basic(data.input_shape, data.num_classes)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy()
+    with comind.WorkerClient(ps.address, task_index=0) as client, pytest.raises(ValueError, match="eval_data=None"):
+        comind.FederatedAveragingOptimizer(keras.optimizers.Adam(), model, client).start()
+    models_held: dict[int, list[np.ndarray]] = {}
+    states: list[comind.GlobalState] = []
+
+    def on_round(state: comind.GlobalState) -> None:
+        states.append(state)
+        models_held[state.round] = [w.copy() for w in state.weights]
+
+    with comind.WorkerClient(ps.address, task_index=0) as client:
+        optimizer = comind.FederatedAveragingOptimizer(keras.optimizers.Adam(), model, client, on_round=on_round,
+                                                       eval_data=held_out, eval_loss=cross_entropy)
+        optimizer.start()
+        for step in range(3):
+            batch = slice(32 * (step % 2), 32 * (step % 2) + 32)
+            with tf.GradientTape() as tape:
+                loss = cross_entropy(y[batch], model(x[batch], training=True))
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), num_examples=32, loss=float(loss))
+        assert optimizer.done
+    assert ps.wait() == 0
+    evaluations = {s.round: s.federated_eval for s in states if s.federated_eval}
+    assert {round: e.round for round, e in evaluations.items()} == {1: 0, 3: 2}
+    for evaluation in evaluations.values():
+        model.set_weights(models_held[evaluation.round])
+        probabilities = np.asarray(model(held_out[0], training=False), np.float64)
+        picked = probabilities[np.arange(20), held_out[1]]
+        report = evaluation.workers[0]
+        assert (report.accuracy, report.num_examples) == (np.mean(probabilities.argmax(-1) == held_out[1]), 20)
+        assert report.loss == pytest.approx(np.mean(-np.log(picked)), rel=1e-5)
