@@ -99,10 +99,7 @@ class Update:
         header = pb.UpdateHeader(kind=self.kind, round=self.round, num_examples=self.num_examples, loss=self.loss,
                                  accuracy=self.accuracy, tensors=layout.to_proto(), encoding=self.encoding)
         if self.federated_eval is not None:
-            report = self.federated_eval
-            header.federated_eval.CopyFrom(pb.FederatedEvalReport(round=report.round, loss=report.loss,
-                                                                  accuracy=report.accuracy,
-                                                                  num_examples=report.num_examples))
+            header.federated_eval.CopyFrom(federated_eval.to_proto(self.federated_eval))
         return header
 
     def encoded(self, layout: Layout, encoder: encodings.Encoder) -> np.ndarray:
@@ -193,9 +190,8 @@ def _evaluation(header: pb.ModelHeader) -> federated_eval.Evaluation | None:
     if not header.HasField("federated_eval"):
         return None
     result = header.federated_eval
-    return federated_eval.Evaluation(result.round, {
-        entry.task_index: federated_eval.Report(result.round, entry.loss, entry.accuracy, entry.num_examples)
-        for entry in result.workers})
+    return federated_eval.Evaluation(result.round, {task: federated_eval.from_proto(report)
+                                                    for task, report in sorted(result.workers.items())})
 
 
 class WorkerClient:

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from comind import refusals
+from comind.proto import comind_pb2 as pb
 
 #: The statistics of each figure's distribution over the workers: ``comind_federated_eval_*{statistic}``.
 STATISTICS = ("min", "median", "max", "mean")
@@ -46,6 +47,15 @@ class Report:
     loss: float
     accuracy: float
     num_examples: int
+
+
+def from_proto(message: pb.FederatedEvalReport) -> Report:
+    return Report(message.round, message.loss, message.accuracy, message.num_examples)
+
+
+def to_proto(report: Report) -> pb.FederatedEvalReport:
+    return pb.FederatedEvalReport(round=report.round, loss=report.loss, accuracy=report.accuracy,
+                                  num_examples=report.num_examples)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,13 +135,10 @@ class FederatedEvalMetrics:
                              "evaluation.", registry=registry)
         self.examples = Gauge("comind_federated_eval_examples", "Held-out examples the workers tested in the last "
                               "federated evaluation.", registry=registry)
-        self.accuracy = Gauge(
-            "comind_federated_eval_accuracy", "The workers' accuracies in the last federated evaluation: min, median "
-            "and max over the workers, and their mean weighted by held-out examples.", ["statistic"],
-            registry=registry)
-        self.loss = Gauge(
-            "comind_federated_eval_loss", "The workers' losses in the last federated evaluation: min, median and max "
-            "over the workers, and their mean weighted by held-out examples.", ["statistic"], registry=registry)
+        self.accuracy, self.loss = (Gauge(
+            f"comind_federated_eval_{figure}", f"The workers' {figure} in the last federated evaluation: min, median "
+            f"and max over the workers, and their mean weighted by held-out examples.", ["statistic"],
+            registry=registry) for figure in ("accuracy", "loss"))
         self.reports = Counter(
             "comind_federated_eval_reports", "Workers' federated evaluation reports, by result.", ["result"],
             registry=registry)

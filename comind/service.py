@@ -217,8 +217,7 @@ class Service(pb_grpc.ParameterServerServicer):
         report = message.federated_eval
         return UpdateHeader(kind, message.round, layout, message.num_examples, message.loss, message.accuracy,
                             message.encoding or encodings.FLOAT32,
-                            federated_eval.Report(report.round, report.loss, report.accuracy, report.num_examples)
-                            if message.HasField("federated_eval") else None)
+                            federated_eval.from_proto(report) if message.HasField("federated_eval") else None)
 
     async def _renewals(self, requests: _Requests, member_id: str, peer: bytes | None, unread: bool) -> None:
         while (message := await requests.next()) is not None:
@@ -330,9 +329,8 @@ def _serialize(model: GlobalModel, encoded: np.ndarray, encoding: encodings.Enco
         header.server_learning_rate = model.server_learning_rate
     if model.federated_eval is not None:
         header.federated_eval.round = model.federated_eval.round
-        header.federated_eval.workers.extend(
-            pb.FederatedEvalEntry(task_index=task, loss=r.loss, accuracy=r.accuracy, num_examples=r.num_examples)
-            for task, r in sorted(model.federated_eval.workers.items()))
+        for task, report in model.federated_eval.workers.items():
+            header.federated_eval.workers[task].CopyFrom(federated_eval.to_proto(report))
     parts = chunks(encoded)
     first = next(parts, b"")
     yield pb.PsMessage(model=header, data=first).SerializeToString(), len(first)

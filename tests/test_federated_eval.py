@@ -129,8 +129,7 @@ def test_bad_reports_are_refused_with_their_status_and_counted_and_a_good_one_is
     for statistic in federated_eval.STATISTICS:
         assert metrics("comind_federated_eval_accuracy", statistic=statistic) == 0.75
         assert metrics("comind_federated_eval_loss", statistic=statistic) == 1.5
-    assert reply.header.federated_eval == pb.FederatedEvalResult(round=0, workers=[pb.FederatedEvalEntry(
-        task_index=1, loss=1.5, accuracy=0.75, num_examples=20)])
+    assert reply.header.federated_eval == pb.FederatedEvalResult(round=0, workers={1: GOOD})
     assert reply.header.server_learning_rate == 1.0
 
 

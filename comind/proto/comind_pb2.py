@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63omind/proto/comind.proto\x12\tcomind.v2\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"H\n\x0bJoinRequest\x12\x12\n\ntask_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\"\xe5\x01\n\tJoinReply\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x1d\n\x15replicas_to_aggregate\x18\x06 \x01(\x05\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.comind.v2.TrainingMode\x12\x17\n\x0fupdate_encoding\x18\x08 \x01(\t\x12\x1c\n\x14\x66\x65\x64\x65rated_eval_every\x18( \x01(\x05\"W\n\x05Hello\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x12\n\nhave_round\x18\x02 \x01(\x03\x12\'\n\x06update\x18\x03 \x01(\x0b\x32\x17.comind.v2.UpdateHeader\"\xea\x01\n\x0cUpdateHeader\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.comind.v2.UpdateKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12&\n\x07tensors\x18\x06 \x03(\x0b\x32\x15.comind.v2.TensorSpec\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x36\n\x0e\x66\x65\x64\x65rated_eval\x18( \x01(\x0b\x32\x1e.comind.v2.FederatedEvalReport\"Z\n\x13\x46\x65\x64\x65ratedEvalReport\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\"^\n\x12\x46\x65\x64\x65ratedEvalEntry\x12\x12\n\ntask_index\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\"T\n\x13\x46\x65\x64\x65ratedEvalResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12.\n\x07workers\x18\x02 \x03(\x0b\x32\x1d.comind.v2.FederatedEvalEntry\"\\\n\rWorkerMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x10.comind.v2.Hello\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x0f\n\x07renewal\x18\x04 \x01(\x08\"A\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x03\x12\'\n\x06result\x18\x02 \x01(\x0e\x32\x17.comind.v2.UpdateResult\"\xcb\x02\n\x0bModelHeader\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.comind.v2.TensorSpec\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x07 \x01(\x01\x12\x10\n\x08\x65ncoding\x18\x08 \x01(\t\x12\x14\n\x07\x65psilon\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x36\n\x0e\x66\x65\x64\x65rated_eval\x18( \x01(\x0b\x32\x1e.comind.v2.FederatedEvalResult\x12!\n\x14server_learning_rate\x18) \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_epsilonB\x17\n\x15_server_learning_rate\"e\n\tPsMessage\x12#\n\x07receipt\x18\x01 \x01(\x0b\x32\x12.comind.v2.Receipt\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.comind.v2.ModelHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"-\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"N\n\nEvalReport\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"!\n\x0cLeaveRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x07\n\x05\x45mpty*J\n\x0cTrainingMode\x12\x1b\n\x17TRAINING_MODE_FEDERATED\x10\x00\x12\x1d\n\x19TRAINING_MODE_DISTRIBUTED\x10\x01*Y\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11UPDATE_KIND_DELTA\x10\x01\x12\x17\n\x13UPDATE_KIND_INITIAL\x10\x02*\xd6\x01\n\x0cUpdateResult\x12\x1d\n\x19UPDATE_RESULT_UNSPECIFIED\x10\x00\x12\x1a\n\x16UPDATE_RESULT_ACCEPTED\x10\x01\x12\x1b\n\x17UPDATE_RESULT_DUPLICATE\x10\x02\x12\x17\n\x13UPDATE_RESULT_STALE\x10\x03\x12\x17\n\x13UPDATE_RESULT_EARLY\x10\x04\x12\x1c\n\x18UPDATE_RESULT_NOT_NEEDED\x10\x05\x12\x1e\n\x1aUPDATE_RESULT_NOT_SELECTED\x10\x06\x32\xb4\x02\n\x0fParameterServer\x12\x34\n\x04Join\x12\x16.comind.v2.JoinRequest\x1a\x14.comind.v2.JoinReply\x12;\n\x05Round\x12\x18.comind.v2.WorkerMessage\x1a\x14.comind.v2.PsMessage(\x01\x30\x01\x12\x43\n\tHeartbeat\x12\x1b.comind.v2.HeartbeatRequest\x1a\x19.comind.v2.HeartbeatReply\x12\x35\n\nReportEval\x12\x15.comind.v2.EvalReport\x1a\x10.comind.v2.Empty\x12\x32\n\x05Leave\x12\x17.comind.v2.LeaveRequest\x1a\x10.comind.v2.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63omind/proto/comind.proto\x12\tcomind.v2\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"H\n\x0bJoinRequest\x12\x12\n\ntask_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\"\xe5\x01\n\tJoinReply\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x1d\n\x15replicas_to_aggregate\x18\x06 \x01(\x05\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.comind.v2.TrainingMode\x12\x17\n\x0fupdate_encoding\x18\x08 \x01(\t\x12\x1c\n\x14\x66\x65\x64\x65rated_eval_every\x18( \x01(\x05\"W\n\x05Hello\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x12\n\nhave_round\x18\x02 \x01(\x03\x12\'\n\x06update\x18\x03 \x01(\x0b\x32\x17.comind.v2.UpdateHeader\"\xea\x01\n\x0cUpdateHeader\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.comind.v2.UpdateKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12&\n\x07tensors\x18\x06 \x03(\x0b\x32\x15.comind.v2.TensorSpec\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x36\n\x0e\x66\x65\x64\x65rated_eval\x18( \x01(\x0b\x32\x1e.comind.v2.FederatedEvalReport\"Z\n\x13\x46\x65\x64\x65ratedEvalReport\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\"\xb2\x01\n\x13\x46\x65\x64\x65ratedEvalResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12<\n\x07workers\x18\x02 \x03(\x0b\x32+.comind.v2.FederatedEvalResult.WorkersEntry\x1aN\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12-\n\x05value\x18\x02 \x01(\x0b\x32\x1e.comind.v2.FederatedEvalReport:\x02\x38\x01\"\\\n\rWorkerMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x10.comind.v2.Hello\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x0f\n\x07renewal\x18\x04 \x01(\x08\"A\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x03\x12\'\n\x06result\x18\x02 \x01(\x0e\x32\x17.comind.v2.UpdateResult\"\xcb\x02\n\x0bModelHeader\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.comind.v2.TensorSpec\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x07 \x01(\x01\x12\x10\n\x08\x65ncoding\x18\x08 \x01(\t\x12\x14\n\x07\x65psilon\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x36\n\x0e\x66\x65\x64\x65rated_eval\x18( \x01(\x0b\x32\x1e.comind.v2.FederatedEvalResult\x12!\n\x14server_learning_rate\x18) \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_epsilonB\x17\n\x15_server_learning_rate\"e\n\tPsMessage\x12#\n\x07receipt\x18\x01 \x01(\x0b\x32\x12.comind.v2.Receipt\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.comind.v2.ModelHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"-\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"N\n\nEvalReport\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"!\n\x0cLeaveRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x07\n\x05\x45mpty*J\n\x0cTrainingMode\x12\x1b\n\x17TRAINING_MODE_FEDERATED\x10\x00\x12\x1d\n\x19TRAINING_MODE_DISTRIBUTED\x10\x01*Y\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11UPDATE_KIND_DELTA\x10\x01\x12\x17\n\x13UPDATE_KIND_INITIAL\x10\x02*\xd6\x01\n\x0cUpdateResult\x12\x1d\n\x19UPDATE_RESULT_UNSPECIFIED\x10\x00\x12\x1a\n\x16UPDATE_RESULT_ACCEPTED\x10\x01\x12\x1b\n\x17UPDATE_RESULT_DUPLICATE\x10\x02\x12\x17\n\x13UPDATE_RESULT_STALE\x10\x03\x12\x17\n\x13UPDATE_RESULT_EARLY\x10\x04\x12\x1c\n\x18UPDATE_RESULT_NOT_NEEDED\x10\x05\x12\x1e\n\x1aUPDATE_RESULT_NOT_SELECTED\x10\x06\x32\xb4\x02\n\x0fParameterServer\x12\x34\n\x04Join\x12\x16.comind.v2.JoinRequest\x1a\x14.comind.v2.JoinReply\x12;\n\x05Round\x12\x18.comind.v2.WorkerMessage\x1a\x14.comind.v2.PsMessage(\x01\x30\x01\x12\x43\n\tHeartbeat\x12\x1b.comind.v2.HeartbeatRequest\x1a\x19.comind.v2.HeartbeatReply\x12\x35\n\nReportEval\x12\x15.comind.v2.EvalReport\x1a\x10.comind.v2.Empty\x12\x32\n\x05Leave\x12\x17.comind.v2.LeaveRequest\x1a\x10.comind.v2.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'comind.proto.comind_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRAININGMODE']._serialized_start=1812
-  _globals['_TRAININGMODE']._serialized_end=1886
-  _globals['_UPDATEKIND']._serialized_start=1888
-  _globals['_UPDATEKIND']._serialized_end=1977
-  _globals['_UPDATERESULT']._serialized_start=1980
-  _globals['_UPDATERESULT']._serialized_end=2194
+  _globals['_FEDERATEDEVALRESULT_WORKERSENTRY']._loaded_options = None
+  _globals['_FEDERATEDEVALRESULT_WORKERSENTRY']._serialized_options = b'8\001'
+  _globals['_TRAININGMODE']._serialized_start=1811
+  _globals['_TRAININGMODE']._serialized_end=1885
+  _globals['_UPDATEKIND']._serialized_start=1887
+  _globals['_UPDATEKIND']._serialized_end=1976
+  _globals['_UPDATERESULT']._serialized_start=1979
+  _globals['_UPDATERESULT']._serialized_end=2193
   _globals['_TENSORSPEC']._serialized_start=40
   _globals['_TENSORSPEC']._serialized_end=96
   _globals['_JOINREQUEST']._serialized_start=98
@@ -49,28 +51,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER']._serialized_end=728
   _globals['_FEDERATEDEVALREPORT']._serialized_start=730
   _globals['_FEDERATEDEVALREPORT']._serialized_end=820
-  _globals['_FEDERATEDEVALENTRY']._serialized_start=822
-  _globals['_FEDERATEDEVALENTRY']._serialized_end=916
-  _globals['_FEDERATEDEVALRESULT']._serialized_start=918
-  _globals['_FEDERATEDEVALRESULT']._serialized_end=1002
-  _globals['_WORKERMESSAGE']._serialized_start=1004
-  _globals['_WORKERMESSAGE']._serialized_end=1096
-  _globals['_RECEIPT']._serialized_start=1098
-  _globals['_RECEIPT']._serialized_end=1163
-  _globals['_MODELHEADER']._serialized_start=1166
-  _globals['_MODELHEADER']._serialized_end=1497
-  _globals['_PSMESSAGE']._serialized_start=1499
-  _globals['_PSMESSAGE']._serialized_end=1600
-  _globals['_HEARTBEATREQUEST']._serialized_start=1602
-  _globals['_HEARTBEATREQUEST']._serialized_end=1639
-  _globals['_HEARTBEATREPLY']._serialized_start=1641
-  _globals['_HEARTBEATREPLY']._serialized_end=1686
-  _globals['_EVALREPORT']._serialized_start=1688
-  _globals['_EVALREPORT']._serialized_end=1766
-  _globals['_LEAVEREQUEST']._serialized_start=1768
-  _globals['_LEAVEREQUEST']._serialized_end=1801
-  _globals['_EMPTY']._serialized_start=1803
-  _globals['_EMPTY']._serialized_end=1810
-  _globals['_PARAMETERSERVER']._serialized_start=2197
-  _globals['_PARAMETERSERVER']._serialized_end=2505
+  _globals['_FEDERATEDEVALRESULT']._serialized_start=823
+  _globals['_FEDERATEDEVALRESULT']._serialized_end=1001
+  _globals['_FEDERATEDEVALRESULT_WORKERSENTRY']._serialized_start=923
+  _globals['_FEDERATEDEVALRESULT_WORKERSENTRY']._serialized_end=1001
+  _globals['_WORKERMESSAGE']._serialized_start=1003
+  _globals['_WORKERMESSAGE']._serialized_end=1095
+  _globals['_RECEIPT']._serialized_start=1097
+  _globals['_RECEIPT']._serialized_end=1162
+  _globals['_MODELHEADER']._serialized_start=1165
+  _globals['_MODELHEADER']._serialized_end=1496
+  _globals['_PSMESSAGE']._serialized_start=1498
+  _globals['_PSMESSAGE']._serialized_end=1599
+  _globals['_HEARTBEATREQUEST']._serialized_start=1601
+  _globals['_HEARTBEATREQUEST']._serialized_end=1638
+  _globals['_HEARTBEATREPLY']._serialized_start=1640
+  _globals['_HEARTBEATREPLY']._serialized_end=1685
+  _globals['_EVALREPORT']._serialized_start=1687
+  _globals['_EVALREPORT']._serialized_end=1765
+  _globals['_LEAVEREQUEST']._serialized_start=1767
+  _globals['_LEAVEREQUEST']._serialized_end=1800
+  _globals['_EMPTY']._serialized_start=1802
+  _globals['_EMPTY']._serialized_end=1809
+  _globals['_PARAMETERSERVER']._serialized_start=2196
+  _globals['_PARAMETERSERVER']._serialized_end=2504
 # @@protoc_insertion_point(module_scope)

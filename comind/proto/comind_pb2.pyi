@@ -124,25 +124,20 @@ class FederatedEvalReport(_message.Message):
     num_examples: int
     def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
 
-class FederatedEvalEntry(_message.Message):
-    __slots__ = ("task_index", "loss", "accuracy", "num_examples")
-    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
-    LOSS_FIELD_NUMBER: _ClassVar[int]
-    ACCURACY_FIELD_NUMBER: _ClassVar[int]
-    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
-    task_index: int
-    loss: float
-    accuracy: float
-    num_examples: int
-    def __init__(self, task_index: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
-
 class FederatedEvalResult(_message.Message):
     __slots__ = ("round", "workers")
+    class WorkersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: FederatedEvalReport
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[FederatedEvalReport, _Mapping]] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     round: int
-    workers: _containers.RepeatedCompositeFieldContainer[FederatedEvalEntry]
-    def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[FederatedEvalEntry, _Mapping]]] = ...) -> None: ...
+    workers: _containers.MessageMap[int, FederatedEvalReport]
+    def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Mapping[int, FederatedEvalReport]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "data", "end", "renewal")
