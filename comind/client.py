@@ -267,6 +267,7 @@ class WorkerClient:
         """Joins the ps, if this worker has not yet, to learn what it asks of workers (:attr:`mode`,
         :attr:`federated_eval_every`) before preparing data; :meth:`join` then continues this membership."""
         self._retrying("joining", lambda member: member)
+        self._start_heartbeats()  # the data may take longer to prepare than the lease lasts
 
     def sync(self, weights: Sequence[np.ndarray], num_examples: int, loss: float = 0.0,
              accuracy: float = 0.0, change: Sequence[np.ndarray] | None = None,
@@ -527,6 +528,8 @@ class WorkerClient:
             self._last_contact = time.monotonic()
 
     def _start_heartbeats(self) -> None:
+        if self._heartbeats is not None:
+            return
         self._heartbeats = threading.Thread(target=self._heartbeat_loop, name="comind-heartbeat", daemon=True)
         self._heartbeats.start()
 

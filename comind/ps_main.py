@@ -191,6 +191,10 @@ def run_ps(settings: PsSettings) -> int:
                      f"norm {dp.clip:g}" if dp.clip else f"an adaptive norm from {dp.initial_clip:g}",
                      "" if settings.weighting else ", set by DP", dp.noise_multiplier, dp.expected_updates, dp.delta,
                      dp.accountant.upper(), f", within {dp.target_epsilon:g}" if dp.target_epsilon else "")
+            if settings.federated_eval_every:
+                log.warning("Federated evaluation's reports are each worker's own loss and accuracy on its data, "
+                            "outside the differential privacy guarantee: set COMIND_FEDERATED_EVAL_EVERY to 0 where "
+                            "a worker's figures must stay private.")
             if dp.expected_updates < 100 and not sampling.enabled:
                 log.warning("Worker-level DP over %d workers a round gives no meaningful epsilon: every worker is in "
                             "every round, and hiding one of a handful takes noise that swamps the model. It is for "
