@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -148,22 +149,25 @@ def federation(tmp_path_factory):
     ps = PsProcess(["--num-workers", str(WORKERS), "--replicas-to-aggregate", str(WORKERS), "--rounds",
                     str(ROUNDS), "--federated-eval-every", str(EVERY), "--server-learning-rate", str(SERVER_LR),
                     "--checkpoint-dir", str(root / "checkpoints"), "--keep-checkpoints", "10",
-                    "--lease-seconds", "60", "--metrics-port", str(port)])
-    workers = [subprocess.Popen([sys.executable, "-m", "comind", "worker", "--ps-address", ps.address,
-                                 "--task-index", str(task), *SHARD, "--output-dir", str(root / "output"),
-                                 "--eval-every", "1"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for task in range(WORKERS - 1)]
-    workers.append(subprocess.Popen([sys.executable, ROOT / "examples" / "custom_loop.py", "--ps-address", ps.address,
-                                     "--task-index", str(WORKERS - 1), *SHARD], cwd=ROOT, env=ENV,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                    "--exit-grace", "300", "--metrics-port", str(port)])
+    logs = [root / f"worker-{task}.log" for task in range(WORKERS)]
+    commands = [[sys.executable, "-m", "comind", "worker", "--ps-address", ps.address, "--task-index", str(task),
+                 *SHARD, "--output-dir", str(root / "output"), "--eval-every", "1"] for task in range(WORKERS - 1)]
+    commands.append([sys.executable, str(ROOT / "examples" / "custom_loop.py"), "--ps-address", ps.address,
+                     "--task-index", str(WORKERS - 1), *SHARD])
+    workers = [subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
+               for command, log in zip(commands, logs, strict=True)]
     try:
         # A member that stays once the workers leave keeps the ps serving, so that its metrics can be read at the
         # end: rounds close at the workers' updates (--replicas-to-aggregate) without it.
         with RawClient(ps.address) as client:
-            client.join(WORKERS)
-            for worker in workers:
-                output, _ = worker.communicate(timeout=240)
-                assert worker.returncode == 0, output + ps.log()
+            member = client.join(WORKERS)
+            deadline = time.monotonic() + 240
+            while any(worker.poll() is None for worker in workers) and time.monotonic() < deadline:
+                client.heartbeat(member)
+                time.sleep(1)
+            for worker, log in zip(workers, logs, strict=True):
+                assert worker.poll() == 0, log.read_text() + ps.log()
             metrics = Scrape(port)
     finally:
         for worker in workers:
