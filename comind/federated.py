@@ -144,14 +144,14 @@ class _ModelSync:
         """Joins, and starts from the global model (the chief's weights, or a checkpoint)."""
         self.model = model
         if self.state is None:
-            self.client.connect()
+            state = self.client.join(model.get_weights(), [w.path for w in model.weights])
             if self.client.federated_eval_every and self.eval_data is None:
                 raise ValueError(f"The ps asks every worker to test the global model every "
                                  f"{self.client.federated_eval_every} rounds (COMIND_FEDERATED_EVAL_EVERY) on "
                                  f"examples it holds out: give this worker's as eval_data=(x, y) (comind worker "
                                  f"holds out --eval-fraction of its shard), or unset it on the ps. Received: "
                                  f"eval_data=None")
-            self._adopt(self.client.join(model.get_weights(), [w.path for w in model.weights]))
+            self._adopt(state)
         if self.distributed and self.proximal:
             raise ValueError(f"The ps trains in distributed mode, where the ps's optimizer takes every step: FedProx's "
                              f"term has no local training to pull towards the global model. Leave proximal_mu at 0, "
