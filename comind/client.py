@@ -24,7 +24,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from comind import async_rounds, encodings, handshakes, modes
+from comind import async_rounds, encodings, federated_eval, handshakes, modes
 from comind.auth import TlsFiles, call_metadata
 from comind.backoff import Backoff
 from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
@@ -72,6 +72,10 @@ class GlobalState:
     train_accuracy: float = math.nan
     #: Worker-level DP's epsilon after the round, as the ps's ledger has it; NaN when the ps runs without DP.
     epsilon: float = math.nan
+    #: The ps's server optimizer's learning rate in the round; NaN where the ps did not say.
+    server_learning_rate: float = math.nan
+    #: The federated evaluation the round brought in (of the previous round's model), if one did.
+    federated_eval: federated_eval.Evaluation | None = None
 
 
 @dataclasses.dataclass
@@ -88,13 +92,18 @@ class Update:
     #: ``packed`` as it goes on the wire, and its encoding (:mod:`comind.encodings`); an initial model as it is.
     encoding: str = encodings.FLOAT32
     wire: np.ndarray | None = None
+    #: This worker's test of the model it trained from, when the ps asked for one.
+    federated_eval: federated_eval.Report | None = None
     #: The same on every attempt, so that a ps in asynchronous rounds knows a retry of an update it took.
     update_id: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(async_rounds.UPDATE_ID_BYTES))
 
     def header(self, layout: Layout) -> pb.UpdateHeader:
-        return pb.UpdateHeader(kind=self.kind, round=self.round, num_examples=self.num_examples, loss=self.loss,
-                               accuracy=self.accuracy, tensors=layout.to_proto(), encoding=self.encoding,
-                               update_id=self.update_id)
+        header = pb.UpdateHeader(kind=self.kind, round=self.round, num_examples=self.num_examples, loss=self.loss,
+                                 accuracy=self.accuracy, tensors=layout.to_proto(), encoding=self.encoding,
+                                 update_id=self.update_id)
+        if self.federated_eval is not None:
+            header.federated_eval.CopyFrom(federated_eval.to_proto(self.federated_eval))
+        return header
 
     def encoded(self, layout: Layout, encoder: encodings.Encoder) -> np.ndarray:
         """The bytes to send: a delta encoded as the ps said once (the same on every attempt), or again should
@@ -175,8 +184,18 @@ def read_model(messages: Iterator[pb.PsMessage], expected: Layout,
         except encodings.EncodingError as error:
             raise ProtocolError(f"The ps sent a model that does not decode as {encoding.name}: {error}.") from None
     epsilon = header.epsilon if header.HasField("epsilon") else math.nan
+    learning_rate = header.server_learning_rate if header.HasField("server_learning_rate") else math.nan
     return GlobalState(layout.views(packed), header.round, header.done, header.train_loss,
-                       header.train_accuracy, epsilon), packed
+                       header.train_accuracy, epsilon, learning_rate, _evaluation(header)), packed
+
+
+def _evaluation(header: pb.ModelHeader) -> federated_eval.Evaluation | None:
+    """The federated evaluation a model header carries, if any."""
+    if not header.HasField("federated_eval"):
+        return None
+    result = header.federated_eval
+    return federated_eval.Evaluation(result.round, {task: federated_eval.from_proto(report)
+                                                    for task, report in sorted(result.workers.items())})
 
 
 class WorkerClient:
@@ -207,6 +226,8 @@ class WorkerClient:
         #: Whether a sync waits for the round to close (sync) or returns the newest model at once (async), as the
         #: ps said at join.
         self.rounds_mode = async_rounds.SYNC
+        #: Every this many rounds, the ps asks each worker to test the global model (comind.federated_eval); 0: never.
+        self.federated_eval_every = 0
         #: How updates go to the ps, as it said at join; its error feedback, if any, lives in this process only.
         self.encoder = encodings.Encoder(encodings.Float32())
         self._metadata = call_metadata(token)
@@ -249,8 +270,15 @@ class WorkerClient:
         self._start_heartbeats()
         return state
 
+    def connect(self) -> None:
+        """Joins the ps, if this worker has not yet, to learn what it asks of workers (:attr:`mode`,
+        :attr:`federated_eval_every`) before preparing data; :meth:`join` then continues this membership."""
+        self._retrying("joining", lambda member: member)
+        self._start_heartbeats()  # the data may take longer to prepare than the lease lasts
+
     def sync(self, weights: Sequence[np.ndarray], num_examples: int, loss: float = 0.0,
-             accuracy: float = 0.0, change: Sequence[np.ndarray] | None = None) -> GlobalState:
+             accuracy: float = 0.0, change: Sequence[np.ndarray] | None = None,
+             evaluation: federated_eval.Report | None = None) -> GlobalState:
         """Sends the change of the local weights for the next round and returns the new global model.
 
         Blocks until the round closes (with asynchronous rounds, returns the
@@ -266,6 +294,8 @@ class WorkerClient:
             change: the update itself, tensor by tensor, when it is not ``weights`` minus the
                 global model (distributed mode sends minus a gradient, exactly: a subtraction
                 of weights would round it); integer tensors as values.
+            evaluation: this worker's test of the global model it trained from, when the ps asked
+                for one (:attr:`federated_eval_every`); it goes up with the update.
         """
         if self._layout is None or self._global is None:
             raise RuntimeError("Call join() before sync(): the worker needs the first global model.")
@@ -273,7 +303,8 @@ class WorkerClient:
         packed = self._packed(weights, "weights")
         changed = delta(layout, packed, self._global) if change is None else self._packed(change, "change")
         target = self.round + 1
-        update = Update(pb.UPDATE_KIND_DELTA, target, changed, int(num_examples), float(loss), float(accuracy))
+        update = Update(pb.UPDATE_KIND_DELTA, target, changed, int(num_examples), float(loss), float(accuracy),
+                        federated_eval=evaluation)
         # Should the ps have lost every model (a restart without checkpoints), the chief starts it again from this.
         restart = Update(pb.UPDATE_KIND_INITIAL, 0, packed) if self.is_chief else None
         started = time.perf_counter()
@@ -343,6 +374,7 @@ class WorkerClient:
                                         f"{reply.rounds_mode}); run the same coMind version on the ps and the "
                                         f"workers.")
                 self.mode, self.rounds_mode = _MODES[reply.mode], _ROUNDS_MODES[reply.rounds_mode]
+                self.federated_eval_every = reply.federated_eval_every
                 try:
                     encoding = encodings.parse(reply.update_encoding)
                 except ValueError as error:
@@ -508,6 +540,8 @@ class WorkerClient:
             self._last_contact = time.monotonic()
 
     def _start_heartbeats(self) -> None:
+        if self._heartbeats is not None:
+            return
         self._heartbeats = threading.Thread(target=self._heartbeat_loop, name="comind-heartbeat", daemon=True)
         self._heartbeats.start()
 

@@ -7,6 +7,9 @@ compiled loss and the accuracy itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import keras
 import numpy as np
 
@@ -21,10 +24,15 @@ def predict(model: keras.Model, x: np.ndarray, batch_size: int = 1024) -> np.nda
     return np.concatenate([model.predict_on_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
-    """The model's compiled loss and its accuracy on ``(x, y)``."""
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1024,
+             loss: Callable[[Any, Any], Any] | None = None) -> tuple[float, float]:
+    """The model's loss (``loss``, or the compiled one) and its accuracy on ``(x, y)``."""
+    if loss is None:
+        loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
+    if loss is None:
+        raise ValueError("Evaluating a model needs its loss: compile the model with one, or give the loss "
+                         "function. Received: an uncompiled model and loss=None")
     outputs = predict(model, x, batch_size)
-    loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
     value = float(np.mean(keras.ops.convert_to_numpy(loss(y, outputs))))
     accuracy = float(np.mean(np.argmax(outputs, axis=-1) == y.reshape(-1)))
     return value, accuracy

@@ -33,7 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from comind import modes
+from comind import evaluation, federated_eval, modes
 from comind.client import GlobalState, WorkerClient
 from comind.dpsgd import ExampleAccountant, ExampleLevelPrivacy, check
 from comind.metrics import WorkerMetrics
@@ -42,6 +42,10 @@ from comind.sync_replicas import SyncReplicasOptimizer, gradients_by_variable, s
 log = logging.getLogger(__name__)
 
 OnRound = Callable[[GlobalState], None]
+#: A worker's held-out examples, inputs and labels, for federated evaluation.
+EvalData = tuple[np.ndarray, np.ndarray]
+#: A loss function ``loss(y_true, y_pred)``, as Keras's losses are.
+Loss = Callable[[Any, Any], Any]
 
 
 class _Proximal:
@@ -101,7 +105,8 @@ class _ModelSync:
     """The bookkeeping the callback and the wrapper share."""
 
     def __init__(self, client: WorkerClient, interval_steps: int, on_round: OnRound | None,
-                 metrics: WorkerMetrics | None, num_examples: int | None, proximal_mu: float = 0.0):
+                 metrics: WorkerMetrics | None, num_examples: int | None, proximal_mu: float = 0.0,
+                 eval_data: EvalData | None = None, eval_loss: Loss | None = None):
         if interval_steps < 1:
             raise ValueError(f"interval_steps must be at least 1. Received: interval_steps={interval_steps}")
         if num_examples is not None and num_examples < 1:
@@ -113,6 +118,13 @@ class _ModelSync:
         self.on_round = on_round
         self.metrics = metrics
         self.proximal = _Proximal(proximal_mu) if proximal_mu else None
+        if eval_data is not None and not (len(eval_data) == 2 and 0 < len(eval_data[0]) == len(eval_data[1])):
+            raise ValueError(f"eval_data is this worker's held-out examples, a pair (x, y) of as many inputs as "
+                             f"labels, at least one. Received: eval_data of {len(eval_data)} parts")
+        self.eval_data = eval_data
+        self.eval_loss = eval_loss
+        #: This worker's test of the global model it trains from, to go up with its next update.
+        self.evaluation: federated_eval.Report | None = None
         #: Example-level DP-SGD's ledger of this worker's steps, if it trains with DP-SGD: its epsilon is logged and
         #: shown at every sync.
         self.accountant: ExampleAccountant | None = None
@@ -132,7 +144,14 @@ class _ModelSync:
         """Joins, and starts from the global model (the chief's weights, or a checkpoint)."""
         self.model = model
         if self.state is None:
-            self._adopt(self.client.join(model.get_weights(), [w.path for w in model.weights]))
+            state = self.client.join(model.get_weights(), [w.path for w in model.weights])
+            if self.client.federated_eval_every and self.eval_data is None:
+                raise ValueError(f"The ps asks every worker to test the global model every "
+                                 f"{self.client.federated_eval_every} rounds (COMIND_FEDERATED_EVAL_EVERY) on "
+                                 f"examples it holds out: give this worker's as eval_data=(x, y) (comind worker "
+                                 f"holds out --eval-fraction of its shard), or unset it on the ps. Received: "
+                                 f"eval_data=None")
+            self._adopt(state)
         if self.distributed and self.proximal:
             raise ValueError(f"The ps trains in distributed mode, where the ps's optimizer takes every step: FedProx's "
                              f"term has no local training to pull towards the global model. Leave proximal_mu at 0, "
@@ -185,7 +204,8 @@ class _ModelSync:
             weight = self.num_examples if self.num_examples is not None else max(1, self._examples)
             change = None
         state = self.client.sync(model.get_weights(), num_examples=weight, loss=self._loss, accuracy=self._accuracy,
-                                 change=change)
+                                 change=change, evaluation=self.evaluation)
+        self.evaluation = None
         # Local training against time spent between rounds: what a round costs beyond its steps.
         log.debug("Round %d: %d local steps in %.4f s; the sync took %.4f s.", state.round, self._steps,
                   pushed - self._resumed, time.perf_counter() - pushed)
@@ -200,6 +220,14 @@ class _ModelSync:
 
     def _adopt(self, state: GlobalState) -> None:
         self._started().set_weights(state.weights)
+        if self.eval_data is not None and not state.done and \
+                federated_eval.due(state.round, self.client.federated_eval_every):
+            # Before training from it, in line: a held-out share of one shard takes milliseconds.
+            x, y = self.eval_data
+            loss, accuracy = evaluation.evaluate(self._started(), x, y, loss=self.eval_loss)
+            self.evaluation = federated_eval.Report(state.round, loss, accuracy, len(y))
+            log.info("Round %d federated evaluation: this worker's %d held-out examples, loss %.4f, accuracy %.4f.",
+                     state.round, len(y), loss, accuracy)
         if self.proximal:
             self.proximal.anchor(self._started())
         self.state = state
@@ -239,6 +267,10 @@ class FederatedAveraging(keras.callbacks.Callback):
         dp_example_noise_multiplier: z of example-level DP-SGD.
         dp_delta: the delta this worker's example-level epsilon is given at,
             logged at every sync (``example_epsilon``).
+        eval_data: this worker's held-out examples ``(x, y)``, which it never
+            trains on: when the ps asks for federated evaluation
+            (``--federated-eval-every``), the worker tests the global model on
+            them with the compiled loss, and reports with its next update.
 
     Example:
         >>> client = comind.WorkerClient("ps:2222", task_index=0)
@@ -250,9 +282,10 @@ class FederatedAveraging(keras.callbacks.Callback):
     def __init__(self, client: WorkerClient, interval_steps: int = 100, batch_size: int | None = None,
                  on_round: OnRound | None = None, metrics: WorkerMetrics | None = None,
                  num_examples: int | None = None, proximal_mu: float = 0.0, dp_example_clip: float | None = None,
-                 dp_example_noise_multiplier: float | None = None, dp_delta: float = 1e-5):
+                 dp_example_noise_multiplier: float | None = None, dp_delta: float = 1e-5,
+                 eval_data: EvalData | None = None):
         super().__init__()
-        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu)
+        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu, eval_data)
         self._batch_size = batch_size or 1
         self._privacy = None
         if check(dp_example_clip, dp_example_noise_multiplier):
@@ -339,7 +372,9 @@ class FederatedAveragingOptimizer:
     With ``proximal_mu`` > 0 (FedProx, Li et al. 2020), ``apply`` adds
     ``proximal_mu * (w - x)`` to the gradient of each variable ``w``, ``x``
     the global model it last received; the gradients given are those of the
-    loss alone.
+    loss alone. ``eval_data`` and ``eval_loss`` serve federated evaluation,
+    when the ps asks for it: the worker's held-out examples ``(x, y)``, and
+    the loss to report on them (None: the model's compiled loss).
 
     Example:
         >>> opt = comind.FederatedAveragingOptimizer(keras.optimizers.Adam(1e-3), model, client,
@@ -357,13 +392,14 @@ class FederatedAveragingOptimizer:
                  interval_steps: int = 100, replicas_to_aggregate: int | None = None,
                  is_chief: bool | None = None, on_round: OnRound | None = None,
                  metrics: WorkerMetrics | None = None, num_examples: int | None = None,
-                 proximal_mu: float = 0.0):
+                 proximal_mu: float = 0.0, eval_data: EvalData | None = None, eval_loss: Loss | None = None):
         if is_chief is not None:
             client.is_chief = is_chief
         self.optimizer = optimizer
         self.model = model
         self.replicas_to_aggregate = replicas_to_aggregate
-        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu)
+        self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu, eval_data,
+                                eval_loss)
 
     @property
     def done(self) -> bool:

@@ -11,6 +11,8 @@ import math
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from comind.federated_eval import STATISTICS, Evaluation
+
 log = logging.getLogger(__name__)
 
 #: Rounds last from milliseconds (a small model on loopback) to many minutes
@@ -39,6 +41,10 @@ ROUND_WORKERS = ("population", "selected", "reported", "dropped")
 #: ``comind_joins_refused_total`` labels: registrations faster than the ps takes them, for a task index a live
 #: member of another process holds, or beyond the ps's most members.
 JOIN_REFUSALS = ("rate", "taken", "full")
+
+#: ``comind_federated_eval_reports_total`` labels: workers' tests of the global model taken with their update, or
+#: refused with it (not finite, out of range, or of a round the ps did not ask for).
+FEDERATED_EVAL_RESULTS = ("accepted", "rejected")
 
 
 class PsMetrics:
@@ -117,6 +123,7 @@ class PsMetrics:
         self.buffer_size = Gauge(
             "comind_buffer_size", "Asynchronous rounds: K, the updates that make a version (COMIND_BUFFER_SIZE, or "
             "half the live workers).", registry=registry)
+        self.federated_eval = FederatedEvalMetrics(registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy, self.dp_epsilon,
                       self.dp_clip, self.dp_noise_multiplier):
@@ -130,6 +137,42 @@ class PsMetrics:
             self.joins_refused.labels(reason)
         for status in ROUND_WORKERS:
             self.round_workers.labels(status)
+
+
+class FederatedEvalMetrics:
+    """The last federated evaluation (:mod:`comind.federated_eval`): the global model of one round, tested by each
+    worker on its own held-out examples; NaN until one is in."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.round = Gauge("comind_federated_eval_round", "Round of the global model the last federated evaluation "
+                           "tested.", registry=registry)
+        self.workers = Gauge("comind_federated_eval_workers", "Workers that reported in the last federated "
+                             "evaluation.", registry=registry)
+        self.examples = Gauge("comind_federated_eval_examples", "Held-out examples the workers tested in the last "
+                              "federated evaluation.", registry=registry)
+        self.accuracy, self.loss = (Gauge(
+            f"comind_federated_eval_{figure}", f"The workers' {figure} in the last federated evaluation: min, median "
+            f"and max over the workers, and their mean weighted by held-out examples.", ["statistic"],
+            registry=registry) for figure in ("accuracy", "loss"))
+        self.reports = Counter(
+            "comind_federated_eval_reports", "Workers' federated evaluation reports, by result.", ["result"],
+            registry=registry)
+        for gauge in (self.round, self.workers, self.examples):
+            gauge.set(math.nan)
+        for statistic in STATISTICS:
+            self.accuracy.labels(statistic).set(math.nan)
+            self.loss.labels(statistic).set(math.nan)
+        for result in FEDERATED_EVAL_RESULTS:
+            self.reports.labels(result)
+
+    def show(self, evaluation: Evaluation) -> None:
+        self.round.set(evaluation.round)
+        self.workers.set(len(evaluation.workers))
+        self.examples.set(evaluation.num_examples)
+        for figure, gauge in (("accuracy", self.accuracy), ("loss", self.loss)):
+            distribution = evaluation.distribution(figure)
+            for statistic in STATISTICS:
+                gauge.labels(statistic).set(getattr(distribution, statistic))
 
 
 class WorkerMetrics:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from comind import async_rounds, encodings, refusals, tensors
+from comind import async_rounds, encodings, federated_eval, refusals, tensors
 from comind.admission import Summary, TokenBucket
 from comind.checkpoint import CheckpointStore
 from comind.metrics import JOIN_REFUSALS, PsMetrics
@@ -91,6 +91,8 @@ class UpdateHeader:
     encoding: str = encodings.FLOAT32
     #: Names the update among its worker's (:mod:`comind.async_rounds`); empty: not given.
     update_id: bytes = b""
+    #: The worker's test of the model it trained from, when the ps asked for one (:mod:`comind.federated_eval`).
+    federated_eval: federated_eval.Report | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,7 @@ class JoinInfo:
     mode: str
     update_encoding: str = encodings.FLOAT32
     rounds_mode: str = async_rounds.SYNC
+    federated_eval_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,10 @@ class GlobalModel:
     train_accuracy: float = math.nan
     #: Worker-level DP's epsilon at its delta after this model's round (the ledger's); NaN without DP.
     epsilon: float = math.nan
+    #: The server optimizer's learning rate in this model's round.
+    server_learning_rate: float = math.nan
+    #: The federated evaluation this model's round brought in (of the previous round's model), if one did.
+    federated_eval: federated_eval.Evaluation | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,11 +173,14 @@ class ParameterServer:
         max_model_bytes: the largest model accepted.
         max_concurrent_updates: updates received at once (each holds a model-sized buffer).
         max_examples_per_update: the most training examples an update may claim (its weight in the mean).
+        federated_eval_every: every this many rounds, each worker tests the global model on its held-out
+            examples and reports with its next update (:mod:`comind.federated_eval`); 0: never.
     """
 
     def __init__(self, policy: RoundPolicy, metrics: PsMetrics, *, pipeline: ServerPipeline | None = None,
                  store: CheckpointStore | None = None, max_model_bytes: int = 4 << 30,
-                 max_concurrent_updates: int = 2, max_examples_per_update: int = 10**7):
+                 max_concurrent_updates: int = 2, max_examples_per_update: int = 10**7,
+                 federated_eval_every: int = 0):
         self.metrics = metrics
         self.pipeline = pipeline or ServerPipeline()
         self.pipeline.check_quorum(policy.expected_updates)
@@ -183,6 +193,7 @@ class ParameterServer:
         self.store = store
         self.max_model_bytes = max_model_bytes
         self.max_examples_per_update = max_examples_per_update
+        self.evaluations = federated_eval.Collector(federated_eval_every, max_examples_per_update)
         self.model: GlobalModel | None = None
         checkpoint = store.latest() if store else None
         self.rounds = Rounds(policy, round=checkpoint.round if checkpoint else -1)
@@ -305,7 +316,7 @@ class ParameterServer:
         policy = self.rounds.policy
         return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
                         policy.replicas_to_aggregate, self.pipeline.settings.mode, self.pipeline.update_encoding.name,
-                        self.pipeline.settings.rounds_mode)
+                        self.pipeline.settings.rounds_mode, self.evaluations.every)
 
     def _admit(self, task_index: int, peer: bytes | None, instance: str) -> str | None:
         """Whether a registration may go ahead: None if so, the member id to give back if the same worker
@@ -525,6 +536,11 @@ class ParameterServer:
                 f"This ps takes updates encoded as {encoding.name} (COMIND_UPDATE_ENCODING), as it said when the "
                 f"worker joined; run the same coMind version on the ps and the workers. Received: "
                 f"encoding={header.encoding[:40]!r}")
+        try:
+            self.evaluations.check(header.federated_eval, header.round)
+        except refusals.Refusal:
+            self.metrics.federated_eval.reports.labels("rejected").inc()
+            raise
         assert self.model is not None  # _check_layout needs one
         # From the ps's own layout, which the header's matches: the bytes to read follow from it and the encoding.
         wire = encoding.wire_layout(self.model.layout)
@@ -628,6 +644,9 @@ class ParameterServer:
             self._stats += (header.num_examples, header.num_examples * header.loss,
                             header.num_examples * header.accuracy, staleness)
             self.metrics.buffer_updates.set(self.rounds.buffered)
+            if header.federated_eval is not None:
+                self.evaluations.add(task, header.federated_eval)
+                self.metrics.federated_eval.reports.labels("accepted").inc()
         return UpdateResult.ACCEPTED
 
     def _staleness(self, task: int, header: UpdateHeader) -> tuple[int, float]:
@@ -677,11 +696,15 @@ class ParameterServer:
             self._stats = np.zeros(4)
             if self.pipeline.update_ids:
                 self.pipeline.update_ids.publish()  # saved with the version they make
+            evaluation = self.evaluations.close(closed.round)
             packed, state = await self._next_model(closed, in_progress, model)
-            if not await self._publish(closed.round, model.layout, packed, state, closed.loss, closed.accuracy):
+            if not await self._publish(closed.round, model.layout, packed, state, closed.loss, closed.accuracy,
+                                       evaluation):
                 return False
             self.last_closed = closed
         self._closed(closed)
+        if evaluation is not None:
+            self._evaluated(evaluation)
         self._draw()  # the next round's workers, after the line of this one
         return not self.done
 
@@ -704,6 +727,15 @@ class ParameterServer:
                  sampled, spent, stale)
         if self.rounds.done:
             log.info("Training is done after round %d; waiting for the workers to leave.", closed.round)
+
+    def _evaluated(self, evaluation: federated_eval.Evaluation) -> None:
+        """A federated evaluation's metrics and its line in the log."""
+        self.metrics.federated_eval.show(evaluation)
+        accuracy, loss = evaluation.distribution("accuracy"), evaluation.distribution("loss")
+        log.info("Round %d federated evaluation: %d workers, %d held-out examples; accuracy min %.4f, median %.4f, "
+                 "max %.4f, mean %.4f; loss min %.4f, median %.4f, max %.4f, mean %.4f.", evaluation.round,
+                 len(evaluation.workers), evaluation.num_examples, accuracy.min, accuracy.median, accuracy.max,
+                 accuracy.mean, loss.min, loss.median, loss.max, loss.mean)
 
     def _name_the_silent(self) -> None:
         """Says which live workers a round closes without, when it closes at its deadline: a worker that renews
@@ -737,7 +769,8 @@ class ParameterServer:
         return packed, self.pipeline.state()
 
     async def _publish(self, round: int, layout: Layout, packed: np.ndarray, state: dict[str, np.ndarray],
-                       train_loss: float = math.nan, train_accuracy: float = math.nan) -> bool:
+                       train_loss: float = math.nan, train_accuracy: float = math.nan,
+                       evaluation: federated_eval.Evaluation | None = None) -> bool:
         """Makes a new global model durable, then visible; False if it could not be saved. Holds ``_lock``."""
         if self.store:
             started = time.perf_counter()
@@ -754,7 +787,7 @@ class ParameterServer:
                 return False
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         self._end_within_budget(round)
-        self._set_model(round, layout, packed, train_loss, train_accuracy)
+        self._set_model(round, layout, packed, train_loss, train_accuracy, evaluation)
         self.rounds.complete(round)
         self.metrics.buffer_updates.set(self.rounds.buffered)
         now = time.monotonic()
@@ -772,11 +805,12 @@ class ParameterServer:
         return True
 
     def _set_model(self, round: int, layout: Layout, packed: np.ndarray, train_loss: float = math.nan,
-                   train_accuracy: float = math.nan) -> None:
+                   train_accuracy: float = math.nan, evaluation: federated_eval.Evaluation | None = None) -> None:
         total = self.rounds.policy.total_rounds
         privacy = self.pipeline.privacy
         epsilon = privacy.ledger.epsilon if privacy else math.nan
-        self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy, epsilon)
+        self.model = GlobalModel(round, total, layout, packed, round >= total, train_loss, train_accuracy, epsilon,
+                                 self.pipeline.optimizer.learning_rate, evaluation)
         if privacy:
             self.metrics.dp_epsilon.set(epsilon)
             self.metrics.dp_clip.set(privacy.clip)

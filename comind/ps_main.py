@@ -62,6 +62,11 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
                               client_fraction=settings.client_fraction, over_selection=settings.over_selection)
     if sampling.enabled and (settings.dp_noise_multiplier is not None or settings.dp_clip is not None):
         sampling = sampling.poisson(settings.num_workers)
+    if settings.federated_eval_every and settings.rounds_mode == ASYNC:
+        # A version's updates come from several older models: their reports would not test one model.
+        raise ValueError("Federated evaluation tests one global model per round, and asynchronous rounds have none: "
+                         "set COMIND_FEDERATED_EVAL_EVERY to 0, or COMIND_ROUNDS_MODE to sync. Received: "
+                         f"federated_eval_every={settings.federated_eval_every}, rounds_mode={ASYNC!r}")
     return RoundPolicy(
         num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
@@ -143,7 +148,8 @@ def run_ps(settings: PsSettings) -> int:
         ps = ParameterServer(policy, metrics.PsMetrics(REGISTRY), pipeline=pipeline, store=store,
                              max_model_bytes=settings.max_model_bytes,
                              max_concurrent_updates=settings.max_concurrent_updates,
-                             max_examples_per_update=settings.max_examples_per_update)
+                             max_examples_per_update=settings.max_examples_per_update,
+                             federated_eval_every=settings.federated_eval_every)
         server, port = service.build_server(ps, settings.listen, token, tls)
         metrics.serve(settings.metrics_port, REGISTRY, settings.metrics_host)
         if not token:
@@ -180,6 +186,9 @@ def run_ps(settings: PsSettings) -> int:
         if not (pipeline.update_encoding.identity and pipeline.model_encoding.identity):
             log.info("Updates come in as %s; the model goes down as %s.", pipeline.update_encoding.name,
                      pipeline.model_encoding.name)
+        if settings.federated_eval_every:
+            log.info("Federated evaluation: every %d rounds each worker tests the global model on its held-out "
+                     "examples and reports with its next update.", settings.federated_eval_every)
         if pipeline.clip:
             log.info("Each update is clipped to norm %g.", pipeline.clip.max_norm)
         if pipeline.privacy:
@@ -190,6 +199,10 @@ def run_ps(settings: PsSettings) -> int:
                      f"norm {dp.clip:g}" if dp.clip else f"an adaptive norm from {dp.initial_clip:g}",
                      "" if settings.weighting else ", set by DP", dp.noise_multiplier, dp.expected_updates, dp.delta,
                      dp.accountant.upper(), f", within {dp.target_epsilon:g}" if dp.target_epsilon else "")
+            if settings.federated_eval_every:
+                log.warning("Federated evaluation's reports are each worker's own loss and accuracy on its data, "
+                            "outside the differential privacy guarantee: set COMIND_FEDERATED_EVAL_EVERY to 0 where "
+                            "a worker's figures must stay private.")
             if dp.expected_updates < 100 and not sampling.enabled:
                 log.warning("Worker-level DP over %d workers a round gives no meaningful epsilon: every worker is in "
                             "every round, and hiding one of a handful takes noise that swamps the model. It is for "

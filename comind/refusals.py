@@ -59,6 +59,10 @@ class NotFinite(Refusal):
     """NaN or Inf in an update, a loss or an accuracy."""
 
 
+class OutOfRange(Refusal):
+    """A figure outside the range it has: an accuracy past 1, a negative loss or count."""
+
+
 class TruncatedStream(Refusal):
     """A stream that ended before the bytes its header declared."""
 

@@ -6,7 +6,9 @@
   evaluation of the global model), worker-level DP's ``epsilon`` after each
   round (the ps's ledger; null without DP), example-level DP-SGD's
   ``example_epsilon`` of this process's own steps (null without it),
-  ``round_seconds`` (how long the round took, as the chief saw it), and the
+  ``round_seconds`` (how long the round took, as the chief saw it), the
+  server optimizer's ``server_learning_rate``, with federated evaluation the
+  workers' tests of the previous round's model (``federated_eval``), and the
   final evaluation.
 * ``predictions.png``: 25 test images with predicted and true labels, green
   when right and red when wrong, as in the original tutorials.
@@ -50,6 +52,12 @@ class RoundRecord:
     example_epsilon: float | None = None
     #: How long the round (the epoch) took; None where it is not known (the chief's first model, if not round 0's).
     round_seconds: float | None = None
+    #: The ps's server optimizer's learning rate eta in the round; None where there is none (one process).
+    server_learning_rate: float | None = None
+    #: The federated evaluation the round brought in, of the previous round's model (its ``round``): the
+    #: distributions over the workers and each worker's figures by task index
+    #: (:meth:`comind.federated_eval.Evaluation.to_json`); None in the other rounds.
+    federated_eval: dict | None = None
     elapsed_seconds: float = 0.0  # since training started, when this record was made
 
 

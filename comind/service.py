@@ -14,6 +14,9 @@ another's member id   PERMISSION_DENIED      unchanged (mutual TLS: the id
                                              is bound to its certificate)
 dtype, shape, order   INVALID_ARGUMENT       unchanged
 NaN or Inf            OUT_OF_RANGE           unchanged
+a figure out of its   OUT_OF_RANGE           unchanged
+range (an accuracy
+past 1)
 truncated stream      DATA_LOSS              unchanged
 oversized stream      RESOURCE_EXHAUSTED     unchanged
 no model yet          FAILED_PRECONDITION    unchanged
@@ -55,7 +58,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from comind import async_rounds, encodings, modes, refusals
+from comind import async_rounds, encodings, federated_eval, modes, refusals
 from comind.auth import TlsFiles, TokenInterceptor
 from comind.decoding import DecodingInterceptor
 from comind.proto import comind_pb2 as pb
@@ -92,6 +95,7 @@ STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
     refusals.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     refusals.ModelTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     refusals.NotFinite: grpc.StatusCode.OUT_OF_RANGE,
+    refusals.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     refusals.TruncatedStream: grpc.StatusCode.DATA_LOSS,
     refusals.OversizedStream: grpc.StatusCode.RESOURCE_EXHAUSTED,
     refusals.Busy: grpc.StatusCode.UNAVAILABLE,
@@ -125,7 +129,8 @@ class Service(pb_grpc.ParameterServerServicer):
         return pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
                             total_rounds=info.total_rounds, done=info.done,
                             replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode],
-                            update_encoding=info.update_encoding, rounds_mode=ROUNDS_MODES[info.rounds_mode])
+                            update_encoding=info.update_encoding, rounds_mode=ROUNDS_MODES[info.rounds_mode],
+                            federated_eval_every=info.federated_eval_every)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         await _answer(context, self.ps.renew, request.member_id, _peer(context))
@@ -211,8 +216,10 @@ class Service(pb_grpc.ParameterServerServicer):
             raise refusals.ModelTooLarge(str(error)) from None
         except LayoutError as error:
             raise refusals.InvalidRequest(str(error)) from None
+        report = message.federated_eval
         return UpdateHeader(kind, message.round, layout, message.num_examples, message.loss, message.accuracy,
-                            message.encoding or encodings.FLOAT32, message.update_id)
+                            message.encoding or encodings.FLOAT32, message.update_id,
+                            federated_eval.from_proto(report) if message.HasField("federated_eval") else None)
 
     async def _renewals(self, requests: _Requests, member_id: str, peer: bytes | None, unread: bool) -> None:
         while (message := await requests.next()) is not None:
@@ -320,6 +327,12 @@ def _serialize(model: GlobalModel, encoded: np.ndarray, encoding: encodings.Enco
                             train_accuracy=model.train_accuracy, encoding="" if encoding.identity else encoding.name)
     if not math.isnan(model.epsilon):
         header.epsilon = model.epsilon
+    if not math.isnan(model.server_learning_rate):
+        header.server_learning_rate = model.server_learning_rate
+    if model.federated_eval is not None:
+        header.federated_eval.round = model.federated_eval.round
+        for task, report in model.federated_eval.workers.items():
+            header.federated_eval.workers[task].CopyFrom(federated_eval.to_proto(report))
     parts = chunks(encoded)
     first = next(parts, b"")
     yield pb.PsMessage(model=header, data=first).SerializeToString(), len(first)

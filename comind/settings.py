@@ -206,6 +206,10 @@ class PsSettings(_Cluster):
     max_members: int | None = _setting(
         None, "most live workers at once; registrations are taken at up to this many per lease. Unset: twice "
         "--num-workers, and --num-workers + 16 at least", config.positive_int)
+    federated_eval_every: int = _setting(
+        0, "federated evaluation: every this many rounds, each worker tests the global model on the examples it "
+        "holds out of its shard (--eval-fraction) and reports with its next update; the ps exports the "
+        "distribution over the workers; 0: never", config.non_negative_int)
     exit_grace: float = _setting(30.0, "seconds to wait for workers to leave after the last round",
                                  config.positive_float)
 
@@ -220,6 +224,10 @@ class WorkerSettings(_Cluster, _Training):
                           config.shard_methods)
     dirichlet_alpha: float = _setting(0.5, "concentration of the non-IID split: smaller is more skewed",
                                       config.positive_float)
+    eval_fraction: float = _setting(
+        0.1, "with federated evaluation on (the ps's --federated-eval-every), the fraction of this worker's shard it "
+        "holds out to test the global model on (a seeded draw, at least one example); it trains on the rest",
+        config.fraction_between)
     eval_every: int | None = _setting(
         None, "the chief evaluates every this many rounds; unset: about 100 times in all", config.positive_int)
     unreachable_timeout: float = _setting(600.0, "seconds a worker keeps retrying an unreachable ps",

@@ -110,3 +110,35 @@ def _split_by_shares(members: np.ndarray, shares: np.ndarray) -> list[np.ndarray
     """``members`` cut into ``len(shares)`` consecutive pieces sized by ``shares`` (which sum to 1)."""
     cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
     return np.split(members, cuts)
+
+
+def hold_out(indices: np.ndarray, fraction: float, seed: int = 0, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A worker's shard split into the examples it trains on and those it tests the global model on.
+
+    Federated evaluation (:mod:`comind.federated_eval`) tests the global model on data each worker holds and
+    never trains on: ``ceil(fraction * len(indices))`` of its examples, at least one, drawn by
+    ``np.random.default_rng([seed, index])`` (so a restarted worker holds out the same ones), and at least one left to
+    train on. Drawn from the shard, the held-out examples follow its class mix: on non-IID shards, each
+    worker's figures say how the global model serves that worker's data.
+
+    Args:
+        indices: the shard, as :func:`shard` gives it.
+        fraction: the share held out, ``0 < fraction < 1``.
+        seed: the draw's seed, the one every worker shares.
+        index: the shard's index: each worker draws its own.
+
+    Returns:
+        The indices to train on and those held out, each sorted.
+
+    Raises:
+        ValueError: a fraction outside (0, 1), or a shard of fewer than two examples.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"The fraction held out is between 0 and 1, exclusive. Received: fraction={fraction!r}")
+    if len(indices) < 2:
+        raise ValueError(f"Holding examples out for federated evaluation needs a shard of two examples at least, "
+                         f"one to train on and one to test; use fewer workers or more data. Received: "
+                         f"{len(indices)} examples")
+    count = min(len(indices) - 1, math.ceil(fraction * len(indices)))
+    order = np.random.default_rng([seed, index]).permutation(len(indices))
+    return np.sort(indices[order[count:]]), np.sort(indices[order[:count]])

@@ -6,15 +6,15 @@ Under ``OUTPUT_DIR/tensorboard`` (``tensorboard --logdir OUTPUT_DIR/tensorboard`
   step r, round r's ``train/loss`` and ``train/accuracy`` (the ps's
   example-weighted mean over the round's updates), ``test/loss`` and
   ``test/accuracy`` (the chief's test of the global model, in the rounds it
-  tested), ``round/seconds`` and, with worker-level DP, ``privacy/epsilon``:
-  the figures of ``metrics.json``;
+  tested), ``round/seconds``, ``server/learning_rate`` (the ps's server
+  optimizer's eta) and, with worker-level DP, ``privacy/epsilon``: the
+  figures of ``metrics.json``; with federated evaluation, at the round of the
+  model the workers tested, ``federated/accuracy_min`` (``_median``,
+  ``_max``, ``_mean``) and ``federated/loss_*`` likewise;
 * ``worker-N``, written by worker N: ``local/loss`` and ``local/accuracy``
   as Keras reports them, once per round (every ``interval_steps`` local
   steps, the figures that go with the worker's update), the step the
   worker's local step count.
-
-The ps's server learning rate is not here: the ps does not tell the workers
-(it is ``comind_server_learning_rate`` on the ps's metrics).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
+from comind.federated_eval import STATISTICS
 from comind.report import RoundRecord
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,14 @@ def figures(record: RoundRecord) -> dict[str, float | None]:
     """A round's figures under their tags."""
     return {"train/loss": record.train_loss, "train/accuracy": record.train_accuracy,
             "test/loss": record.eval_loss, "test/accuracy": record.eval_accuracy,
-            "round/seconds": record.round_seconds, "privacy/epsilon": record.epsilon}
+            "round/seconds": record.round_seconds, "privacy/epsilon": record.epsilon,
+            "server/learning_rate": record.server_learning_rate}
+
+
+def federated_figures(evaluation: Mapping[str, Any]) -> dict[str, float | None]:
+    """A federated evaluation's distributions (as metrics.json has them) under their tags."""
+    return {f"federated/{figure}_{statistic}": evaluation[figure][statistic]
+            for figure in ("accuracy", "loss") for statistic in STATISTICS}
 
 
 class LocalFigures(keras.callbacks.Callback):

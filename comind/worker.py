@@ -84,7 +84,6 @@ def run_worker(settings: WorkerSettings) -> int:
     dataset = datasets.load(settings.dataset, settings.data_dir)
     indices = sharding.shard(dataset.y_train, shard_count(task, settings.num_workers), task, settings.shard,
                              settings.dirichlet_alpha, settings.seed)
-    x, y = prepare(dataset.x_train[indices]), dataset.y_train[indices]
     distributed = settings.mode == modes.DISTRIBUTED
     model = _model(settings, dataset, SyncReplicasOptimizer() if distributed else None)
     worker_metrics = metrics.WorkerMetrics(REGISTRY)
@@ -94,6 +93,14 @@ def run_worker(settings: WorkerSettings) -> int:
         tls=TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
         description=socket.gethostname(), unreachable_timeout=settings.unreachable_timeout,
         metrics=worker_metrics)
+    client.connect()  # whether the ps asks for federated evaluation decides what this worker trains on
+    eval_data = None
+    if client.federated_eval_every:
+        indices, held_out = sharding.hold_out(indices, settings.eval_fraction, settings.seed, task)
+        eval_data = prepare(dataset.x_train[held_out]), dataset.y_train[held_out]
+        log.info("Worker %d holds out %d examples of its shard (--eval-fraction %g) to test the global model every "
+                 "%d rounds.", task, len(held_out), settings.eval_fraction, client.federated_eval_every)
+    x, y = prepare(dataset.x_train[indices]), dataset.y_train[indices]
     log.info("Worker %d: %d training examples of %s (%s shard), model %s.", task, len(x), dataset.name,
              settings.shard, settings.model)
     if settings.proximal_mu:
@@ -106,7 +113,7 @@ def run_worker(settings: WorkerSettings) -> int:
                                   num_examples=len(x), proximal_mu=settings.proximal_mu,
                                   dp_example_clip=settings.dp_example_clip,
                                   dp_example_noise_multiplier=settings.dp_example_noise_multiplier,
-                                  dp_delta=settings.dp_delta)
+                                  dp_delta=settings.dp_delta, eval_data=eval_data)
     if chief:
         chief.example_epsilon = lambda: callback.example_epsilon
     local_figures = tensorboard.Scalars(tensorboard.directory(settings.output_dir, f"worker-{task}"))
@@ -212,7 +219,10 @@ class _Chief:
         # metrics are one worker's, and a running mean since the epoch began.
         record = report.RoundRecord(state.round, state.train_loss, state.train_accuracy,
                                     epsilon=None if math.isnan(state.epsilon) else state.epsilon,
-                                    example_epsilon=self.example_epsilon(), round_seconds=seconds)
+                                    example_epsilon=self.example_epsilon(), round_seconds=seconds,
+                                    server_learning_rate=None if math.isnan(state.server_learning_rate) else
+                                    state.server_learning_rate,
+                                    federated_eval=state.federated_eval.to_json() if state.federated_eval else None)
         for done in [f for f in self._pending if f.done()]:
             done.result()  # a test that failed stops training here
             self._pending.remove(done)
@@ -231,6 +241,8 @@ class _Chief:
                      record.eval_loss, record.eval_accuracy)
         self.history.add(record)
         self.figures.write(record.round, tensorboard.figures(record))
+        if record.federated_eval:  # at the round of the model the workers tested
+            self.figures.write(record.federated_eval["round"], tensorboard.federated_figures(record.federated_eval))
 
     def finish(self, state: GlobalState) -> None:
         """Writes the outputs, evaluating the final model first if that has not been done."""

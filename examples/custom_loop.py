@@ -9,6 +9,10 @@ Start a ps, then one of these per worker:
 Each worker trains the basic classifier on its half of the embedded digits
 with its own GradientTape loop; every ``--interval-steps`` steps the wrapper
 averages the weights through the ps, until the ps says training is done.
+When the ps asks for federated evaluation (``comind ps
+--federated-eval-every N``), each worker holds ``--eval-fraction`` of its
+shard out of training, and the wrapper tests the global model on it every N
+rounds.
 """
 
 import argparse
@@ -32,18 +36,27 @@ def main() -> None:
     parser.add_argument("--task-index", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--interval-steps", type=int, default=20)
+    parser.add_argument("--shard", default="contiguous", choices=sharding.METHODS)
+    parser.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    parser.add_argument("--eval-fraction", type=float, default=0.1)
     args = parser.parse_args()
 
     data = datasets.load("digits")
-    mine = sharding.shard(data.y_train, args.num_workers, args.task_index)
-    batches = (tf.data.Dataset.from_tensor_slices((prepare(data.x_train[mine]), data.y_train[mine]))
-               .shuffle(len(mine), seed=args.task_index).batch(32).repeat())
+    mine = sharding.shard(data.y_train, args.num_workers, args.task_index, args.shard, args.dirichlet_alpha)
     model = models.basic(data.input_shape, data.num_classes)
     cross_entropy = keras.losses.SparseCategoricalCrossentropy()
 
     with comind.WorkerClient(args.ps_address, task_index=args.task_index) as client:
+        client.connect()  # to learn whether the ps asks for federated evaluation
+        held_out = None
+        if client.federated_eval_every:
+            mine, tested = sharding.hold_out(mine, args.eval_fraction, index=args.task_index)
+            held_out = prepare(data.x_train[tested]), data.y_train[tested]
+        batches = (tf.data.Dataset.from_tensor_slices((prepare(data.x_train[mine]), data.y_train[mine]))
+                   .shuffle(len(mine), seed=args.task_index).batch(32).repeat())
         optimizer = comind.FederatedAveragingOptimizer(keras.optimizers.Adam(1e-3), model, client,
-                                                       interval_steps=args.interval_steps, num_examples=len(mine))
+                                                       interval_steps=args.interval_steps, num_examples=len(mine),
+                                                       eval_data=held_out, eval_loss=cross_entropy)
         optimizer.start()  # every worker now holds the chief's initial weights
         for x, y in batches:
             with tf.GradientTape() as tape:

@@ -95,6 +95,7 @@ def test_update_ids_survive_in_the_state_and_the_buffer_does_not():
     (["--mode", "distributed"], "asynchronous rounds are for federated mode"),
     (["--rounds-mode", "later"], "--rounds-mode must be one of sync, async"),
     (["--aggregation", "median", "--num-workers", "5"], "median needs rounds of at least 3 updates"),
+    (["--federated-eval-every", "2"], "set COMIND_FEDERATED_EVAL_EVERY to 0"),
 ])
 def test_what_asynchronous_rounds_do_not_combine_with_is_refused_at_start(args, words):
     result = subprocess.run([sys.executable, "-m", "comind", "ps", "--rounds-mode", "async", *args], cwd=ROOT,

@@ -164,7 +164,7 @@ def test_a_variable_without_a_gradient_in_a_step_sends_none_not_the_last_steps()
 
 
 class _Client:
-    is_chief, replicas_to_aggregate = True, None
+    is_chief, replicas_to_aggregate, federated_eval_every = True, None, 0
 
     def __init__(self, mode: str):
         self.mode = mode

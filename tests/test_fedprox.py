@@ -20,6 +20,7 @@ class FakeClient:
     is_chief = True
     replicas_to_aggregate = None
     mode = "federated"
+    federated_eval_every = 0
 
     def __init__(self, global_model: list[np.ndarray]):
         self.global_model = global_model
@@ -28,7 +29,7 @@ class FakeClient:
     def join(self, weights, names=None) -> GlobalState:
         return GlobalState([w.copy() for w in self.global_model], 0, False)
 
-    def sync(self, weights, num_examples, loss=0.0, accuracy=0.0, change=None) -> GlobalState:
+    def sync(self, weights, num_examples, loss=0.0, accuracy=0.0, change=None, evaluation=None) -> GlobalState:
         self.pushed.append([np.array(w) for w in weights])
         return GlobalState([w.copy() for w in self.global_model], len(self.pushed), False)
 

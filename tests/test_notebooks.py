@@ -89,6 +89,13 @@ def test_federated_model_beats_each_worker_alone_on_non_iid_data(outputs):
     assert federated >= 0.85
     assert federated > max(alone) + 0.1, (federated, alone)
     assert "The ps stopped at round 30." in (outputs / "federated" / "logs" / "ps.log").read_text()
+    # Each worker's accuracy on its own held-out examples, from the federated evaluation of round 27's model.
+    workers = re.findall(r"Round 27's model on worker (\d)'s \d+ held-out examples: accuracy (\d\.\d+)", text)
+    assert [task for task, _ in workers] == ["0", "1"]
+    summary = re.search(r"Worst worker (\d\.\d+), best (\d\.\d+), all held-out examples (\d\.\d+)", text)
+    worst, best, mean = map(float, summary.groups())
+    assert (worst, best) == (min(float(a) for _, a in workers), max(float(a) for _, a in workers))
+    assert worst <= mean <= best
     # The second run: the same shards with FedAdam on the ps, and both curves in one picture.
     assert pictures >= 6
     assert accuracy(r"FedAdam global model: test accuracy (\d\.\d+)", text)[-1] >= 0.85

@@ -90,14 +90,16 @@ def test_metrics_json_has_the_round_figures_the_console_printed(local_run):
 #: The chief's TensorBoard tags and the metrics.json fields they show (no worker-level DP here: no epsilon).
 TENSORBOARD_TAGS = {"train/loss": "train_loss", "train/accuracy": "train_accuracy", "test/loss": "eval_loss",
                     "test/accuracy": "eval_accuracy", "round/seconds": "round_seconds"}
+#: With a ps: its server optimizer's learning rate too.
+PS_TAGS = {**TENSORBOARD_TAGS, "server/learning_rate": "server_learning_rate"}
 
 
-def chief_tensorboard(output: Path) -> tuple[list[dict], dict[str, dict[int, float]]]:
+def chief_tensorboard(output: Path, tags: dict[str, str] = PS_TAGS) -> tuple[list[dict], dict[str, dict[int, float]]]:
     """metrics.json's rounds and the chief's TensorBoard run, checked to hold the same figures."""
     records = json.loads((output / "metrics.json").read_text())["rounds"]
     chief = tensorboard_scalars(output / "tensorboard")
-    assert set(chief) == set(TENSORBOARD_TAGS)
-    for tag, field in TENSORBOARD_TAGS.items():
+    assert set(chief) == set(tags)
+    for tag, field in tags.items():
         assert chief[tag] == {r["round"]: np.float32(r[field]) for r in records if r[field] is not None}, tag
     return records, chief
 
@@ -107,7 +109,7 @@ def test_tensorboard_has_the_figures_of_metrics_json_and_each_workers_local_loss
     records, chief = chief_tensorboard(output)
     total = int(ROUND_LINE.search(result.stdout).group(2))
     assert [r["round"] for r in records] == list(range(1, total + 1))
-    assert len(chief["train/loss"]) == len(chief["round/seconds"]) == total
+    assert len(chief["train/loss"]) == len(chief["round/seconds"]) == len(chief["server/learning_rate"]) == total
     assert chief["test/loss"]  # every round, or about 100 of a longer run
     # Each worker's local figures, once per round at its local step count; the round's loss is their mean.
     local = [tensorboard_scalars(output / "tensorboard" / f"worker-{task}") for task in range(2)]
@@ -213,7 +215,7 @@ def test_one_machine_training(tmp_path):
     assert result.returncode == 0, result.stderr
     assert final_accuracy(tmp_path) >= 0.90
     assert (tmp_path / "history.png").exists()
-    records, epochs = chief_tensorboard(tmp_path)  # an epoch a step
+    records, epochs = chief_tensorboard(tmp_path, TENSORBOARD_TAGS)  # an epoch a step; no ps, no server optimizer
     assert sorted(epochs["test/accuracy"]) == [r["round"] for r in records] == list(range(1, len(records) + 1))
 
 

@@ -68,7 +68,7 @@ class JoinRequest(_message.Message):
     def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding", "rounds_mode")
+    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding", "rounds_mode", "federated_eval_every")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class JoinReply(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_MODE_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     lease_seconds: float
     round: int
@@ -87,7 +88,8 @@ class JoinReply(_message.Message):
     mode: TrainingMode
     update_encoding: str
     rounds_mode: RoundsMode
-    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ..., rounds_mode: _Optional[_Union[RoundsMode, str]] = ...) -> None: ...
+    federated_eval_every: int
+    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ..., rounds_mode: _Optional[_Union[RoundsMode, str]] = ..., federated_eval_every: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("member_id", "have_round", "update")
@@ -100,7 +102,7 @@ class Hello(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., have_round: _Optional[int] = ..., update: _Optional[_Union[UpdateHeader, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors", "encoding", "update_id")
+    __slots__ = ("kind", "round", "num_examples", "loss", "accuracy", "tensors", "encoding", "update_id", "federated_eval")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,7 @@ class UpdateHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_FIELD_NUMBER: _ClassVar[int]
     kind: UpdateKind
     round: int
     num_examples: int
@@ -117,7 +120,35 @@ class UpdateHeader(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     encoding: str
     update_id: bytes
-    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[str] = ..., update_id: _Optional[bytes] = ...) -> None: ...
+    federated_eval: FederatedEvalReport
+    def __init__(self, kind: _Optional[_Union[UpdateKind, str]] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[str] = ..., update_id: _Optional[bytes] = ..., federated_eval: _Optional[_Union[FederatedEvalReport, _Mapping]] = ...) -> None: ...
+
+class FederatedEvalReport(_message.Message):
+    __slots__ = ("round", "loss", "accuracy", "num_examples")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    loss: float
+    accuracy: float
+    num_examples: int
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class FederatedEvalResult(_message.Message):
+    __slots__ = ("round", "workers")
+    class WorkersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: FederatedEvalReport
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[FederatedEvalReport, _Mapping]] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    workers: _containers.MessageMap[int, FederatedEvalReport]
+    def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Mapping[int, FederatedEvalReport]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "data", "end", "renewal")
@@ -140,7 +171,7 @@ class Receipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., result: _Optional[_Union[UpdateResult, str]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy", "encoding", "epsilon")
+    __slots__ = ("ready", "round", "done", "total_rounds", "tensors", "train_loss", "train_accuracy", "encoding", "epsilon", "federated_eval", "server_learning_rate")
     READY_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +181,8 @@ class ModelHeader(_message.Message):
     TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     round: int
     done: bool
@@ -159,7 +192,9 @@ class ModelHeader(_message.Message):
     train_accuracy: float
     encoding: str
     epsilon: float
-    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., encoding: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
+    federated_eval: FederatedEvalResult
+    server_learning_rate: float
+    def __init__(self, ready: _Optional[bool] = ..., round: _Optional[int] = ..., done: _Optional[bool] = ..., total_rounds: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., encoding: _Optional[str] = ..., epsilon: _Optional[float] = ..., federated_eval: _Optional[_Union[FederatedEvalResult, _Mapping]] = ..., server_learning_rate: _Optional[float] = ...) -> None: ...
 
 class PsMessage(_message.Message):
     __slots__ = ("receipt", "model", "data")
