@@ -383,8 +383,18 @@ def test_the_ps_keeps_checkpoints_on_a_claim_and_workers_may_have_data_volumes(e
     assert result.returncode != 0 and "set lifecycle=serve" in result.stderr
 
 
-def test_every_pod_runs_under_the_restricted_security_profile(everything):
-    for name, spec in pod_specs(everything).items():
+def output_reader(helm: str, *args: str) -> tuple[str, str, dict]:
+    """The pod that NOTES' `kubectl run --overrides` starts to copy the outputs: its name, image and spec."""
+    notes = helm_run(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+                     *args).stdout.split("NOTES:", 1)[1]
+    run = re.search(r"kubectl --namespace \S+ run (\S+) --restart=Never --image=(\S+) --overrides='(.+)'", notes)
+    assert f"kubectl --namespace {NAMESPACE} cp {run[1]}:/output ./comind-output" in notes
+    return run[1], run[2], json.loads(run[3])["spec"]
+
+
+def test_every_pod_runs_under_the_restricted_security_profile(everything, helm):
+    train = {f"{name} (lifecycle train)": spec for name, spec in pod_specs(render(helm)).items()}
+    for name, spec in {**pod_specs(everything), **train}.items():
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["securityContext"]["runAsUser"] == 10001, name
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
@@ -397,7 +407,13 @@ def test_every_pod_runs_under_the_restricted_security_profile(everything):
             [tmp] = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
             assert "emptyDir" in volumes[tmp["name"]], name
         # Only the test pod talks to the Kubernetes API.
-        assert spec["automountServiceAccountToken"] is (name == "comind-test"), name
+        assert spec["automountServiceAccountToken"] is name.startswith("comind-test"), name
+    # The pod that copies the outputs out reads them alone.
+    _, _, reader = output_reader(helm)
+    assert reader["securityContext"] == yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]
+    [container] = reader["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and not reader["automountServiceAccountToken"]
+    assert container["volumeMounts"] == [{"name": "output", "mountPath": "/output", "readOnly": True}]
 
 
 def test_network_policy_lets_workers_reach_only_the_ps_and_the_ps_only_its_ports(everything):
@@ -478,13 +494,19 @@ def test_the_helm_test_pod_may_read_only_the_worker_statefulset(everything):
                                  f"--namespace={NAMESPACE}", "--statefulset=comind-worker"]
 
 
-def test_notes_give_the_exact_port_forward_command(helm):
+def test_notes_give_the_exact_port_forward_wait_and_copy_commands(helm):
     result = helm_run(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
                       "--set", "auth.enabled=false")
     notes = result.stdout.split("NOTES:", 1)[1]
     assert f"kubectl --namespace {NAMESPACE} port-forward service/comind-ps 8000:8000" in notes
     assert f"helm test {RELEASE} --namespace {NAMESPACE}" in notes
     assert "WARNING: authentication is off" in notes
+    assert f"kubectl --namespace {NAMESPACE} wait --for=condition=complete --timeout=24h job " \
+           f"-l app.kubernetes.io/instance={RELEASE}" in notes
+    serve = helm_run(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+                     "--set", "lifecycle=serve").stdout.split("NOTES:", 1)[1]
+    assert f"kubectl --namespace {NAMESPACE} cp comind-worker-0:/output ./comind-output" in serve
+    assert "condition=complete" not in serve
 
 
 # The token across upgrades -----------------------------------------------------------
@@ -638,19 +660,13 @@ def test_what_the_chart_renders_trains_to_completion_through_a_ps_crash_and_keep
     assert "Final test accuracy" in runner.logs(workers[0].name)
 
     # NOTES' commands: a pod that mounts the claim, and `kubectl cp` from it.
-    notes = helm_run(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
-                     "--set", "image.tag=latest").stdout.split("NOTES:", 1)[1]
-    assert f"kubectl --namespace {NAMESPACE} wait --for=condition=complete --timeout=24h job " \
-           f"-l app.kubernetes.io/instance={RELEASE}" in notes
-    run = re.search(r"kubectl --namespace \S+ run (\S+) --restart=Never --image=(\S+) --overrides='(.+)'", notes)
-    name, image, overrides = run[1], run[2], json.loads(run[3])
-    assert f"kubectl --namespace {NAMESPACE} cp {name}:/output ./comind-output" in notes
-    reader = {**overrides, "kind": "Pod", "metadata": {"name": name}}
+    name, image, spec = output_reader(helm, "--set", "image.tag=latest")
+    reader = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(reader, version, strict=True)
-    [spec_container] = reader["spec"]["containers"]
+    [spec_container] = spec["containers"]
     assert spec_container["image"] == image == "comind:latest"
-    runner.start(Pod(name, {"run": name}, reader["spec"]))
+    runner.start(Pod(name, {"run": name}, spec))
     runner.wait_until_ready(name, timeout=30)
     copied = copy_out(runner, name, "/output", tmp_path / "comind-output")
     assert {"model.keras", "metrics.json", "history.png", "predictions.png"} <= set(copied)
