@@ -220,12 +220,14 @@ class ParameterServer:
         #: The last round that closed, once one has.
         self.last_closed: RoundClosed | None = None
         self._poke = asyncio.Event()        # wakes the timer when leases or deadlines change
-        self.training_done = asyncio.Event()
         self.failed = asyncio.Event()       # a checkpoint could not be written: the ps must stop
         self.failure = ""
         self.finished = asyncio.Event()     # training is done and every worker has left
+        self.training_done = asyncio.Event()
         if self.rounds.done:
-            # It keeps serving, as a restarted StatefulSet pod must (README, Kubernetes): say why it does not train.
+            # A ps that stopped after its last checkpoint (a crash, a rescheduled pod): the workers it had may
+            # still come for the final model. Say why it does not train.
+            self.training_done.set()
             log.warning("The checkpoint is at round %d, and training is %d rounds: training is already done. Serving "
                         "the final model to workers that come for it; raise COMIND_ROUNDS to train on.",
                         self.rounds.round, policy.total_rounds)

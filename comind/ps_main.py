@@ -135,6 +135,7 @@ def run_ps(settings: PsSettings) -> int:
     from comind.auth import TlsFiles, load_token
     from comind.checkpoint import CheckpointStore
     from comind.ps import ParameterServer
+    from comind.settings import SERVE
 
     log = logging.getLogger("comind.ps")
     policy = round_policy(settings)
@@ -208,6 +209,6 @@ def run_ps(settings: PsSettings) -> int:
                             "every round, and hiding one of a handful takes noise that swamps the model. It is for "
                             "large populations, sampled; a few data holders need example-level DP on each instead "
                             "(README, \"Differential privacy\").", dp.expected_updates)
-        return await service.run(ps, server, settings.exit_grace)
+        return await service.run(ps, server, settings.exit_grace, serve=settings.after_training == SERVE)
 
     return asyncio.run(serve())

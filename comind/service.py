@@ -406,8 +406,10 @@ def build_server(ps: ParameterServer, listen: str, token: str | None,
     return server, port
 
 
-async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: float) -> int:
-    """Serves until training is done and the workers left (or a grace period passed), or SIGTERM.
+async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: float, serve: bool = False) -> int:
+    """Serves until training is done and the workers left (or a grace period passed), or SIGTERM; with
+    ``serve``, until SIGTERM alone. A ps resumed from a final checkpoint is done at once, and waits the grace
+    period for the workers that come for the final model.
 
     Returns the exit status: 1 if a checkpoint could not be written, else 0.
     """
@@ -421,12 +423,12 @@ async def run(ps: ParameterServer, server: grpc.aio.Server, exit_grace_seconds: 
     finished = asyncio.create_task(ps.finished.wait())
     done = asyncio.create_task(ps.training_done.wait())
     failed = asyncio.create_task(ps.failed.wait())
-    await asyncio.wait({stopped, done, failed}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({stopped, failed} if serve else {stopped, done, failed}, return_when=asyncio.FIRST_COMPLETED)
     if ps.failed.is_set():
         pass  # already said why
     elif not stop.is_set():
         await asyncio.wait({stopped, finished}, timeout=exit_grace_seconds, return_when=asyncio.FIRST_COMPLETED)
-        if not finished.done():
+        if not finished.done() and ps.rounds.members:
             log.warning("%d workers had not left %.0f s after training ended; exiting anyway.",
                         len(ps.rounds.members), exit_grace_seconds)
     else:

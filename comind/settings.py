@@ -31,7 +31,9 @@ LOCAL_LISTEN = "127.0.0.1:0"
 PS_METRICS_PORT = 8000
 #: Settings that `comind local` sets itself for each process it starts: it takes them from no flag or variable.
 LOCAL_ONLY = frozenset({"listen", "ps_address", "task_index", "num_workers", "token", "token_file", "tls_cert",
-                        "tls_key", "tls_ca"})
+                        "tls_key", "tls_ca", "after_training"})
+#: What the ps and the workers do after the last round (``after_training``).
+EXIT, SERVE = "exit", "serve"
 
 _OPTION = "comind.option"
 
@@ -79,6 +81,11 @@ class _Cluster(_Common):
     tls_key: str | None = _setting(None, "PEM private key of that certificate")
     tls_ca: str | None = _setting(None, "PEM CA: a worker verifies the ps with it; a ps given one requires "
                                         "client certificates it signed (mutual TLS)")
+    #: A Kubernetes Job needs processes that end; a StatefulSet restarts every one that does (README, Kubernetes).
+    after_training: str = _setting(
+        EXIT, "after the last round: exit (status 0; the ps once the workers left, at most --exit-grace seconds "
+        "later, and so does a ps resumed from a final checkpoint) or serve (stay up until stopped: the ps serving "
+        "the final model, a worker idle)", str, (EXIT, SERVE))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

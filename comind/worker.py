@@ -29,7 +29,7 @@ from comind.client import GlobalState, WorkerClient
 from comind.errors import PsRefusal
 from comind.evaluation import evaluate as evaluate_model
 from comind.federated import FederatedAveraging
-from comind.settings import TrainSettings, WorkerSettings
+from comind.settings import SERVE, TrainSettings, WorkerSettings
 from comind.sync_replicas import SyncReplicasOptimizer
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,17 @@ def full_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf
 
 
 def run_worker(settings: WorkerSettings) -> int:
+    """Trains until the ps says training is done; returns 0, or with ``after_training`` serve stays up until
+    stopped, so that the pod a StatefulSet keeps is not restarted over and over."""
+    status = _train(settings)
+    if settings.after_training == SERVE:
+        log.info("Training is done; this worker stays up until stopped (COMIND_AFTER_TRAINING=serve).")
+        while True:
+            signal.pause()  # until SIGTERM, which _stop turns into an exit
+    return status
+
+
+def _train(settings: WorkerSettings) -> int:
     task = settings.task_index
     dataset = datasets.load(settings.dataset, settings.data_dir)
     indices = sharding.shard(dataset.y_train, shard_count(task, settings.num_workers), task, settings.shard,

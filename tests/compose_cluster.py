@@ -50,7 +50,7 @@ class Cluster:
         self.project = f"comind-test-{uuid.uuid4().hex[:8]}"
         self.output = output
         self.ports = {service: free_port() for service in SERVICES}
-        self.env = {**os.environ, "BASE_IMAGE": base_image, "COMIND_OUTPUT_HOST_DIR": str(output),
+        self.env = {**os.environ, "BASE_IMAGE": base_image,
                     "COMIND_PS_METRICS_HOST_PORT": str(self.ports["ps"]),
                     "COMIND_WORKER0_METRICS_HOST_PORT": str(self.ports["worker-0"]),
                     "COMIND_WORKER1_METRICS_HOST_PORT": str(self.ports["worker-1"]), **settings}
@@ -58,6 +58,11 @@ class Cluster:
     def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "compose", "-f", COMPOSE_FILE, "-p", self.project, *args], cwd=ROOT,
                               env=self.env, capture_output=True, text=True, timeout=timeout, check=check)
+
+    def copy_output(self) -> Path:
+        """The chief's outputs, copied out of the `output` volume as compose.yaml says: into ``self.output``."""
+        self.compose("cp", "worker-0:/output", str(self.output))
+        return self.output
 
     def containers(self) -> list:
         return self.client.containers.list(all=True, filters={"label": f"com.docker.compose.project={self.project}"})

@@ -22,8 +22,10 @@ from pathlib import Path
 # Discovery documents: which kinds the server knows, by group and version.
 RESOURCES = {
     "v1": [("secrets", "Secret"), ("configmaps", "ConfigMap"), ("services", "Service"),
-           ("serviceaccounts", "ServiceAccount"), ("pods", "Pod")],
+           ("serviceaccounts", "ServiceAccount"), ("pods", "Pod"),
+           ("persistentvolumeclaims", "PersistentVolumeClaim")],
     "apps/v1": [("statefulsets", "StatefulSet")],
+    "batch/v1": [("jobs", "Job")],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
     "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy")],
     "rbac.authorization.k8s.io/v1": [("roles", "Role"), ("rolebindings", "RoleBinding")],

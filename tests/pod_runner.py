@@ -9,8 +9,12 @@ as they do a pod's; Secrets as read-only files), its security context (user,
 groups, read-only root file system, no capabilities, no privilege
 escalation) and memory limit. Every pod joins one Docker network under the
 DNS names Kubernetes would give it: those of the Services that select it,
-and its own through its StatefulSet's governing Service. A pod that mounts
-its service account token gets one for the API server given as ``kube_api``.
+and its own as hostname.subdomain (a StatefulSet's governing Service, an
+Indexed Job's headless one). A pod that mounts its service account token
+gets one for the API server given as ``kube_api``. Pods come from a
+StatefulSet (:func:`statefulset_pods`) or a Job (:func:`job_pods`), as their
+controllers make them; a claim (``persistentVolumeClaim``) is one volume for
+every pod that names it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 _QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_LABEL_FIELD = re.compile(r"^metadata\.labels\['(.+)'\]$")
+_METADATA_FIELD = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
+# Kubernetes expands $(NAME) in command and args from the container's environment; $$ is a literal $.
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def memory_bytes(quantity: str) -> int:
@@ -60,9 +67,15 @@ class Pod:
     name: str
     labels: dict[str, str]
     spec: dict
-    subdomain: str | None = None          # the governing Service of a StatefulSet pod
+    subdomain: str | None = None          # the governing Service of a StatefulSet pod, or spec.subdomain
     claims: dict[str, dict] = field(default_factory=dict)  # volumeClaimTemplates by name
-    extra_env: dict[str, str] = field(default_factory=dict)  # what an operator injects (TF_CONFIG)
+    extra_env: dict[str, str] = field(default_factory=dict)  # what a controller injects (TF_CONFIG, the index)
+    hostname: str | None = None           # unset: the pod's name
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.hostname or self.name
 
     @property
     def container(self) -> dict:
@@ -79,6 +92,28 @@ def statefulset_pods(statefulset: dict, replicas: int | None = None) -> list[Pod
                                 "statefulset.kubernetes.io/pod-name": f"{name}-{i}"},
                 spec["template"]["spec"], spec.get("serviceName"), claims)
             for i in range(spec["replicas"] if replicas is None else replicas)]
+
+
+def job_pods(job: dict, indexes: range | list[int] | None = None) -> list[Pod]:
+    """The pods a Job controller makes: for an Indexed Job, one per completion index (all of them, or
+    ``indexes``) named JOB-INDEX-xxxxx, with hostname JOB-INDEX, the index in a label, an annotation and
+    JOB_COMPLETION_INDEX; else JOB-xxxxx. Called again, it makes replacements, under new names."""
+    spec, name = job["spec"], job["metadata"]["name"]
+    template = spec["template"]
+    labels = {**template["metadata"].get("labels", {}), "job-name": name, "batch.kubernetes.io/job-name": name}
+    if spec.get("completionMode") != "Indexed":
+        return [Pod(f"{name}-{uuid.uuid4().hex[:5]}", labels, template["spec"], template["spec"].get("subdomain"),
+                    hostname=template["spec"].get("hostname"))
+                for _ in range(spec.get("parallelism", 1))]
+    return [Pod(f"{name}-{i}-{uuid.uuid4().hex[:5]}", {**labels, COMPLETION_INDEX: str(i)}, template["spec"],
+                template["spec"].get("subdomain"), extra_env={"JOB_COMPLETION_INDEX": str(i)},
+                hostname=f"{name}-{i}", annotations={COMPLETION_INDEX: str(i)})
+            for i in (range(spec["completions"]) if indexes is None else indexes)]
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """``$(NAME)`` replaced as Kubernetes replaces it in a command: by the variable, left as it is when unset."""
+    return _REFERENCE.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
 def dns_names(name: str, namespace: str) -> list[str]:
@@ -121,7 +156,7 @@ class PodRunner:
             if selector and selector.items() <= pod.labels.items():
                 names += dns_names(service["metadata"]["name"], self.namespace)
         if pod.subdomain:
-            names += dns_names(f"{pod.name}.{pod.subdomain}", self.namespace)
+            names += dns_names(f"{pod.host}.{pod.subdomain}", self.namespace)
         return names
 
     def env(self, pod: Pod) -> dict[str, str]:
@@ -144,9 +179,9 @@ class PodRunner:
     def _value_from(self, pod: Pod, source: dict) -> str:
         if "fieldRef" in source:
             path = source["fieldRef"]["fieldPath"]
-            label = _LABEL_FIELD.match(path)
-            if label:
-                return pod.labels[label.group(1)]
+            metadata = _METADATA_FIELD.match(path)
+            if metadata:
+                return (pod.labels if metadata.group(1) == "labels" else pod.annotations)[metadata.group(2)]
             return {"metadata.name": pod.name, "metadata.namespace": self.namespace}[path]
         if "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
@@ -185,10 +220,14 @@ class PodRunner:
                 continue
             if not ("emptyDir" in volume or "persistentVolumeClaim" in volume or name in pod.claims):
                 raise AssertionError(f"{pod.name}: volume {name} is of a kind the runner does not know: {volume}")
-            # emptyDir: the pod's lifetime; a claim: longer. Both outlive a container restart.
-            source = f"{self.prefix}-{pod.name}-{name}"
-            self.client.volumes.create(source, labels={"comind-test": self.prefix})
-            self._volumes.append(source)
+            # emptyDir: the pod's lifetime; a claim: longer, and shared by the pods that name it. Both outlive a
+            # container restart.
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            source = f"{self.prefix}-claim-{claim}" if claim else f"{self.prefix}-{pod.name}-{name}"
+            read_only = read_only or volume.get("persistentVolumeClaim", {}).get("readOnly", False)
+            if source not in self._volumes:
+                self.client.volumes.create(source, labels={"comind-test": self.prefix})
+                self._volumes.append(source)
             mounts.append(Mount(mount["mountPath"], source, type="volume", read_only=read_only))
         if self._mounts_service_account(pod):
             source = str(self._files(pod, "kube-api-access", self.kube_api.files))
@@ -200,12 +239,15 @@ class PodRunner:
         security = {**pod.spec.get("securityContext", {}), **container.get("securityContext", {})}
         ports = {f"{p['containerPort']}/tcp": ("127.0.0.1", None) for p in container.get("ports", [])}
         memory = container.get("resources", {}).get("limits", {}).get("memory")
+        env = self.env(pod)
+        command, args = ([expand(part, env) for part in container[key]] if key in container else None
+                         for key in ("command", "args"))
         created = self.client.containers.create(
             container["image"] if self.image is None else self.image,
-            name=f"{self.prefix}-{pod.name}", hostname=pod.name,
+            name=f"{self.prefix}-{pod.name}", hostname=pod.host,
             # command replaces the image's ENTRYPOINT, args its CMD, as in Kubernetes.
-            entrypoint=container.get("command"), command=container.get("args"),
-            environment=self.env(pod), mounts=self._mounts(pod), ports=ports,
+            entrypoint=command, command=args,
+            environment=env, mounts=self._mounts(pod), ports=ports,
             user=f"{security['runAsUser']}:{security['runAsGroup']}",
             group_add=[str(security["fsGroup"])] if "fsGroup" in security else None,
             read_only=security.get("readOnlyRootFilesystem", False),

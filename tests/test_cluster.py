@@ -212,14 +212,35 @@ def test_a_ps_whose_checkpoints_are_all_unreadable_refuses_to_start(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_ps_resumed_past_its_last_round_says_so_and_serves_the_final_model(start_ps, tmp_path):
+def test_a_ps_resumed_past_its_last_round_serves_the_final_model_then_exits_0(start_ps, tmp_path):
+    """A Kubernetes Job's ps that stopped after its final checkpoint must end with success, not serve forever."""
     weights = [np.zeros(3, np.float32)]
     CheckpointStore(tmp_path).save(6, Layout.of(weights), Layout.of(weights).pack(weights))
-    ps = start_ps("--checkpoint-dir", str(tmp_path), "--rounds", "3")
+    ps = start_ps("--checkpoint-dir", str(tmp_path), "--rounds", "3", "--exit-grace", "60")
     ps.wait_for("round 6, and training is 3 rounds: training is already done")
     with WorkerClient(ps.address, task_index=1) as client:
         state = client.join(weights)
     assert (state.round, state.done) == (6, True)
+    # The worker that came for the final model left: the ps does not wait out its grace period.
+    assert ps.wait(timeout=30) == 0
+    # Nobody comes: it exits after the grace period.
+    alone = start_ps("--checkpoint-dir", str(tmp_path), "--rounds", "3", "--exit-grace", "1")
+    assert alone.wait(timeout=30) == 0
+    assert "had not left" not in alone.log()
+
+
+def test_with_after_training_serve_the_ps_stays_up_after_the_last_round_until_stopped(start_ps, tmp_path):
+    weights = [np.zeros(3, np.float32)]
+    CheckpointStore(tmp_path).save(6, Layout.of(weights), Layout.of(weights).pack(weights))
+    ps = start_ps("--checkpoint-dir", str(tmp_path), "--rounds", "3", "--exit-grace", "1",
+                  env={"COMIND_AFTER_TRAINING": "serve"})
+    for _ in range(2):  # workers come and go; it serves each the final model
+        with WorkerClient(ps.address, task_index=1) as client:
+            assert client.join(weights).done
+    with pytest.raises(subprocess.TimeoutExpired):
+        ps.wait(timeout=3)  # past the grace period
+    ps.proc.send_signal(signal.SIGTERM)
+    assert ps.wait(timeout=30) == 0
 
 
 def test_workers_are_back_within_a_lease_of_a_ps_that_was_away_for_long(start_ps, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import time
@@ -66,16 +67,20 @@ def test_compose_up_trains_to_the_end_and_down_leaves_nothing(cluster):
 
     states = {c.labels["com.docker.compose.service"]: c.attrs["State"] for c in project.containers()}
     assert {s: (st["Status"], st["ExitCode"]) for s, st in states.items()} == {
-        s: ("exited", 0) for s in ("certificates", "ps", "worker-0", "worker-1", "output-folder")}
+        s: ("exited", 0) for s in ("certificates", "ps", "worker-0", "worker-1")}
     ps_log = project.logs("ps")
     assert re.search(r"Listening on \S+ \(TLS\)", ps_log)  # the workers trained over TLS, with the token
     total = int(ROUND.search(ps_log).group(2))
     assert rounds_closed(ps_log) == list(range(1, total + 1))
     assert "Final test accuracy" in project.logs("worker-0")
-    metrics = json.loads((project.output / "metrics.json").read_text())
+    output = project.copy_output()  # compose.yaml's `docker compose cp worker-0:/output ./comind-output`
+    # Copied as the user who ran it: no root helper, and nothing world-writable.
+    assert all(f.stat().st_uid == os.getuid() and not f.stat().st_mode & 0o002 for f in (output, *output.rglob("*")))
+    assert (output / "tensorboard").is_dir()
+    metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["final"]["round"] == total and metrics["final"]["eval_accuracy"] >= 0.90
     for picture in ("predictions.png", "history.png", "model.keras"):
-        assert (project.output / picture).stat().st_size > 1000
+        assert (output / picture).stat().st_size > 1000
 
     project.down()
     assert project.leftovers() == []

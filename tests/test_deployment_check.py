@@ -61,7 +61,7 @@ def test_passes_when_the_ps_counts_every_ready_worker(ps):
     _, address, url = ps
     ok, found = run_check(address, url, lambda: (2, 2))
     assert ok, found
-    assert "counts 2 live workers" in found and "2 of 2 replicas ready (round 7)" in found
+    assert "counts 2 live workers" in found and "2 of the 2 pods of ml/comind-worker are ready (round 7)" in found
 
 
 def test_waits_for_workers_that_are_still_starting(ps):
@@ -72,9 +72,9 @@ def test_waits_for_workers_that_are_still_starting(ps):
 
 
 @pytest.mark.parametrize(("replicas", "hint"), [
-    ((2, 1), "1 of 2 replicas ready"),                  # a worker that never turns ready
+    ((2, 1), "1 of the 2 pods"),                  # a worker that never turns ready
     ((3, 3), "Ready workers that the ps does not count cannot reach it"),
-    ((1, 1), "Workers that the StatefulSet does not count hold leases"),
+    ((1, 1), "Workers that the chart's workloads do not count hold leases"),
 ])
 def test_fails_with_what_disagrees(ps, replicas, hint):
     _, address, url = ps
@@ -92,6 +92,17 @@ def test_fails_when_the_ps_does_not_answer(ps):
     assert not ok and "has no comind_workers series" in found
 
 
+def job(name: str, parallelism: int, ready: int | None) -> dict:
+    """A Job as the API server reports it; ``ready`` None leaves the status empty, as before its pods start."""
+    labels = {"app.kubernetes.io/component": "worker"}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"parallelism": parallelism, "completions": parallelism,
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "worker", "image": "comind:latest"}]}}},
+            "status": {} if ready is None else {"active": parallelism, "ready": ready}}
+
+
 @pytest.fixture
 def kube_api(tmp_path, monkeypatch):
     """A fake API server holding the worker StatefulSet, and a kubeconfig that points at it."""
@@ -102,7 +113,7 @@ def kube_api(tmp_path, monkeypatch):
 
 
 def test_reads_the_statefulset_with_the_kubernetes_client(kube_api):
-    read = deployment_check.replicas_reader(NAMESPACE, "comind-worker")
+    read = deployment_check.replicas_reader(NAMESPACE, deployment_check.STATEFULSET, ["comind-worker"])
     assert read() == (2, 2)
     kube_api.objects = [statefulset(3, None)]  # no pod ready yet: the API leaves the field out
     assert read() == (3, 0)
@@ -110,9 +121,18 @@ def test_reads_the_statefulset_with_the_kubernetes_client(kube_api):
 
 
 def test_a_statefulset_it_cannot_read_fails_at_once_with_the_reason(kube_api):
-    read = deployment_check.replicas_reader(NAMESPACE, "no-such-workers")
+    read = deployment_check.replicas_reader(NAMESPACE, deployment_check.STATEFULSET, ["no-such-workers"])
     with pytest.raises(ValueError, match=r"Cannot read StatefulSet ml/no-such-workers: 404 Not Found"):
         read()
+
+
+def test_reads_the_chief_s_and_the_workers_jobs_and_sums_their_pods(kube_api):
+    kube_api.objects = [job("comind-chief", 1, 1), job("comind-worker", 3, None)]
+    read = deployment_check.replicas_reader(NAMESPACE, deployment_check.JOB, ["comind-chief", "comind-worker"])
+    assert read() == (4, 1)
+    kube_api.objects = [job("comind-chief", 1, 1), job("comind-worker", 3, 2)]
+    assert read() == (4, 3)
+    assert kube_api.requests[-1] == f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/comind-worker"
 
 
 def test_main_prints_the_verdict_and_exits_0_or_1(ps, kube_api, capsys):
@@ -124,3 +144,8 @@ def test_main_prints_the_verdict_and_exits_0_or_1(ps, kube_api, capsys):
     kube_api.objects = [statefulset(3, 3)]
     assert deployment_check.main(args) == 1
     assert "FAILED: after 0 s" in capsys.readouterr().err
+    kube_api.objects = [job("comind-chief", 1, 1), job("comind-worker", 1, 1)]
+    jobs = [*args[:6], "--job", "comind-chief", "--job", "comind-worker", "--timeout", "0"]
+    assert deployment_check.main(jobs) == 0
+    assert f"2 of the 2 pods of Jobs {NAMESPACE}/comind-chief, {NAMESPACE}/comind-worker are ready" in \
+        capsys.readouterr().out

@@ -110,3 +110,27 @@ def test_no_layer_holds_a_secret(image):
     history = " ".join(step.get("CreatedBy", "") for step in found.history())
     assert dev_token.decode() not in history and not re.search(r"(TOKEN|PIP_CERT)=(?!/run/secrets/)\S", history)
     print(f"\n{scanned} files in the layers of {IMAGE}: no secret among them")
+
+
+def test_the_image_holds_no_packaging_tools_and_no_build_only_files(image):
+    client, _ = image
+    probe = ("import importlib.util, pathlib\n"
+             "for name in ('pip', 'setuptools', 'wheel', 'clang', 'tensorflow', 'comind'):\n"
+             "    print(name, importlib.util.find_spec(name) is not None)\n"
+             "tf = pathlib.Path(importlib.util.find_spec('tensorflow').origin).parent\n"
+             "print('headers', (tf / 'include').exists())\n")
+    output = client.containers.run(IMAGE, entrypoint=["/opt/comind/bin/python", "-c", probe], remove=True,
+                                   read_only=True, tmpfs={"/tmp": ""})
+    found = dict(line.split() for line in output.decode().splitlines())
+    # What runs is there; pip and its kind, libclang and TensorFlow's C++ headers are not.
+    assert found == {"pip": "False", "setuptools": "False", "wheel": "False", "clang": "False",
+                     "tensorflow": "True", "comind": "True", "headers": "False"}
+
+
+def test_every_locked_package_is_pinned_with_the_hash_of_its_wheel():
+    lines = [line for line in (ROOT / "images" / "requirements.lock").read_text().splitlines()
+             if not line.startswith("#")]
+    assert len(lines) > 50
+    bad = [line for line in lines if not re.fullmatch(r"[a-z0-9_]+==[^ ]+ --hash=sha256:[0-9a-f]{64}", line)]
+    assert bad == []
+    assert not [line for line in lines if line.split("==")[0] in ("pip", "setuptools", "wheel", "libclang")]

@@ -48,7 +48,7 @@ def test_the_chart_offers_the_registry(setting, value, registry: Registry):
     assert schema["enum"] == unset + list(registry.names())
     values = yaml.safe_load((CHART / "values.yaml").read_text())["ps"]
     assert values[value] == _default(setting, registry)
-    template = (CHART / "templates" / "ps-statefulset.yaml").read_text()
+    template = (CHART / "templates" / "ps.yaml").read_text()
     passed = (f"{{{{- with .Values.ps.{value} }}}}\n            - name: COMIND_{setting.upper()}\n              value: "
               f"{{{{ . | quote }}}}" if unset else
               f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}")
@@ -99,7 +99,7 @@ def test_the_chart_offers_the_encodings():
     assert not pattern.match("int4")
     assert schema["modelEncoding"]["enum"] == list(encodings.MODEL_ENCODINGS)
     values = yaml.safe_load((CHART / "values.yaml").read_text())["ps"]
-    template = (CHART / "templates" / "ps-statefulset.yaml").read_text()
+    template = (CHART / "templates" / "ps.yaml").read_text()
     for setting, value in ENCODING_SETTINGS:
         assert values[value] == encodings.FLOAT32
         passed = f"- name: COMIND_{setting.upper()}\n              value: {{{{ .Values.ps.{value} | quote }}}}"

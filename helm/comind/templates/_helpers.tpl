@@ -40,6 +40,43 @@ that Kubernetes appends for its controller-revision-hash label, must fit in
 {{- include "comind.componentName" (dict "root" . "component" "worker") }}
 {{- end }}
 
+{{- /* The chief's Job (lifecycle train): worker 0, which writes the outputs. */}}
+{{- define "comind.chiefName" -}}
+{{- include "comind.componentName" (dict "root" . "component" "chief") }}
+{{- end }}
+
+{{- /* The claim that the chief writes its outputs to (lifecycle train). */}}
+{{- define "comind.outputClaimName" -}}
+{{- include "comind.componentName" (dict "root" . "component" "output") }}
+{{- end }}
+
+{{/*
+How a Job (lifecycle train) treats its pods' ends. Exit 0 after the last
+round completes it. Exit 2 is a bad setting, said in one line at start: a
+retry would fail the same way, so the Job fails at once. An eviction, a
+preemption or a drained node (the DisruptionTarget condition) is no fault of
+the process: its replacement costs no retry. Any other failure (a crash, an
+out-of-memory kill, a failed liveness probe) is retried in a new pod, up to
+backoffLimit times: the ps resumes from its checkpoint, a worker rejoins.
+Takes (dict "container" "ps" "backoffLimit" .Values.ps.backoffLimit).
+*/}}
+{{- define "comind.jobPolicy" -}}
+backoffLimit: {{ .backoffLimit }}
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        containerName: {{ .container }}
+        operator: In
+        values: [2]
+      # Empty, yet required by the schema of Kubernetes 1.28.
+      onPodConditions: []
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+{{- end }}
+
 {{/*
 The ps's headless Service, which gives its pod a stable DNS name.
 */}}
@@ -302,9 +339,22 @@ TLS, its client certificate. Takes (dict "root" $ "role" "ps").
 {{- end }}
 
 {{/*
-A StatefulSet's claim template, from a persistence value (size, storage
-class, access modes). Takes (dict "root" $ "component" "ps" "name"
-"checkpoints" "persistence" .Values.ps.persistence).
+A claim's spec from a persistence value (size, storage class, access modes).
+*/}}
+{{- define "comind.claimSpec" -}}
+accessModes:
+  {{- toYaml .accessModes | nindent 2 }}
+{{- with .storageClass }}
+storageClassName: {{ . }}
+{{- end }}
+resources:
+  requests:
+    storage: {{ .size }}
+{{- end }}
+
+{{/*
+A StatefulSet's claim template, from a persistence value. Takes (dict "root"
+$ "component" "ps" "name" "checkpoints" "persistence" .Values.ps.persistence).
 */}}
 {{- define "comind.volumeClaimTemplate" -}}
 - metadata:
@@ -312,14 +362,7 @@ class, access modes). Takes (dict "root" $ "component" "ps" "name"
     labels:
       {{- include "comind.selectorLabels" . | nindent 6 }}
   spec:
-    accessModes:
-      {{- toYaml .persistence.accessModes | nindent 6 }}
-    {{- with .persistence.storageClass }}
-    storageClassName: {{ . }}
-    {{- end }}
-    resources:
-      requests:
-        storage: {{ .persistence.size }}
+    {{- include "comind.claimSpec" .persistence | nindent 4 }}
 {{- end }}
 
 {{/*
@@ -339,4 +382,21 @@ so the ps's rule also admits it. Takes (dict "root" $ "component" "ps").
           {{- include "comind.selectorLabels" (dict "root" $.root "component" "test") | nindent 10 }}
     {{- end }}
   {{- end }}
+{{- end }}
+
+{{/*
+The pod that NOTES.txt's `kubectl run --overrides` starts to copy the chief's
+outputs from their claim (lifecycle train): the image's user, the restricted
+profile, the claim read-only at /output. One line of JSON.
+*/}}
+{{- define "comind.outputPod" -}}
+{{- $name := include "comind.outputClaimName" . }}
+{{- $container := dict "name" $name "image" (include "comind.image" .) "command" (list "sleep" "3600")
+      "securityContext" .Values.securityContext
+      "resources" (dict "requests" (dict "cpu" "10m" "memory" "16Mi") "limits" (dict "memory" "64Mi"))
+      "volumeMounts" (list (dict "name" "output" "mountPath" "/output" "readOnly" true)) }}
+{{- $spec := dict "securityContext" .Values.podSecurityContext "automountServiceAccountToken" false
+      "containers" (list $container)
+      "volumes" (list (dict "name" "output" "persistentVolumeClaim" (dict "claimName" $name "readOnly" true))) }}
+{{- dict "apiVersion" "v1" "spec" $spec | toJson }}
 {{- end }}
