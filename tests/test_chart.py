@@ -355,13 +355,13 @@ def test_the_mode_the_server_optimizer_and_fedprox_reach_the_ps_and_the_workers_
 def test_asynchronous_rounds_reach_the_ps_as_its_settings(helm):
     objects = render(helm, "--set", "ps.roundsMode=async,ps.bufferSize=3,ps.stalenessExponent=0.25,"
                      "ps.maxStaleness=4,ps.aggregation=median")
-    [ps] = named(objects, "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    ps = container(objects, "comind-ps")
     variables = {name: entry["value"] for name, entry in env_of(ps).items() if "value" in entry}
     loaded = load_settings("ps", {}, {**named(objects, "ConfigMap")["comind"]["data"], **variables})
     assert (loaded.rounds_mode, loaded.buffer_size, loaded.staleness_exponent, loaded.max_staleness) == \
         ("async", 3, 0.25, 4)
     # Synchronous by default, and the async settings are left to the ps's defaults.
-    [ps] = named(render(helm), "StatefulSet")["comind-ps"]["spec"]["template"]["spec"]["containers"]
+    ps = container(render(helm), "comind-ps")
     assert env_of(ps)["COMIND_ROUNDS_MODE"]["value"] == "sync"
     assert not {"COMIND_BUFFER_SIZE", "COMIND_STALENESS_EXPONENT", "COMIND_MAX_STALENESS"} & set(env_of(ps))
 
