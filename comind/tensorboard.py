@@ -6,8 +6,9 @@ Under ``OUTPUT_DIR/tensorboard`` (``tensorboard --logdir OUTPUT_DIR/tensorboard`
   step r, round r's ``train/loss`` and ``train/accuracy`` (the ps's
   example-weighted mean over the round's updates), ``test/loss`` and
   ``test/accuracy`` (the chief's test of the global model, in the rounds it
-  tested), ``round/seconds`` and, with worker-level DP, ``privacy/epsilon``:
-  the figures of ``metrics.json``;
+  tested), ``round/seconds``, with worker-level DP ``privacy/epsilon`` (the
+  ps's ledger) and with example-level DP-SGD ``privacy/example_epsilon`` (the
+  chief's own ledger): the figures of ``metrics.json``;
 * ``worker-N``, written by worker N: ``local/loss`` and ``local/accuracy``
   as Keras reports them, once per round (every ``interval_steps`` local
   steps, the figures that go with the worker's update), the step the
@@ -81,7 +82,8 @@ def figures(record: RoundRecord) -> dict[str, float | None]:
     """A round's figures under their tags."""
     return {"train/loss": record.train_loss, "train/accuracy": record.train_accuracy,
             "test/loss": record.eval_loss, "test/accuracy": record.eval_accuracy,
-            "round/seconds": record.round_seconds, "privacy/epsilon": record.epsilon}
+            "round/seconds": record.round_seconds, "privacy/epsilon": record.epsilon,
+            "privacy/example_epsilon": record.example_epsilon}
 
 
 class LocalFigures(keras.callbacks.Callback):

@@ -23,6 +23,7 @@ import comind
 from comind import models
 from comind.dpsgd import ExampleAccountant, ExampleLevelPrivacy, check, private_sum
 from comind.metrics import WorkerMetrics
+from events import tensorboard_scalars
 from tests.test_fedprox import FakeClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +186,8 @@ def test_comind_local_with_dp_sgd_trains_and_each_rounds_epsilon_is_the_chiefs_l
         epsilons.append(record["example_epsilon"])
     assert [r["round"] for r in metrics["rounds"]] == list(range(1, rounds + 1))
     assert epsilons == sorted(set(epsilons))  # every round spends
+    written = tensorboard_scalars(out / "tensorboard")["privacy/example_epsilon"]
+    assert written == pytest.approx(dict(enumerate(epsilons, start=1)), rel=1e-6)  # as float32
     for task, log in enumerate(logs):
         ledger = ExampleAccountant(z, BATCH, examples[task], 1e-5)
         ledger.step(rounds * interval)
