@@ -397,6 +397,7 @@ class FederatedAveragingOptimizer:
             raise ValueError("Example-level DP-SGD computes each example's gradient of the model's loss: compile the "
                              "model with it first (model.compile(loss=...); the wrapper's optimizer trains). "
                              "Received: model.compiled=False")
+        self._private_gradients = self._privacy.traced_gradients(model) if self._privacy else None
 
     @property
     def done(self) -> bool:
@@ -447,10 +448,10 @@ class FederatedAveragingOptimizer:
 
         Returns the batch's mean loss (the model's compiled loss, before the step).
         """
-        if not self._privacy:
+        if not self._private_gradients:
             raise ValueError("train_step is example-level DP-SGD's step: give dp_example_clip and "
                              "dp_example_noise_multiplier, or compute the gradients and call apply(gradients).")
-        gradients, losses, _ = self._privacy.gradients(self.model, x, y, sample_weight)
+        gradients, losses, _ = self._private_gradients(x, y, sample_weight)
         loss = float(keras.ops.mean(losses))
         self._apply(gradients, int(keras.ops.shape(losses)[0]), loss, None)
         return loss
