@@ -162,9 +162,9 @@ def test_comind_train_with_dp_sgd_reports_epsilon(tmp_path):
 
 
 def test_comind_local_with_dp_sgd_trains_and_each_rounds_epsilon_is_the_chiefs_ledgers(tmp_path):
-    """Two workers, 3 rounds of 5 steps: metrics.json's example_epsilon of round r is the chief's ledger after
-    5 r steps of q = 32 / its examples; each worker logs its own."""
-    rounds, interval, z = 3, 5, 1.1
+    """Two workers, 3 rounds of 10 steps: metrics.json's example_epsilon of round r is the chief's ledger after
+    10 r steps of q = 32 / its examples; each worker logs its own."""
+    rounds, interval, z = 3, 10, 1.1
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "comind", "local", "--workers", "2", "--rounds", str(rounds),
                              "--interval-steps", str(interval), "--eval-every", str(rounds), "--learning-rate",
@@ -192,7 +192,8 @@ def test_comind_local_with_dp_sgd_trains_and_each_rounds_epsilon_is_the_chiefs_l
         ledger = ExampleAccountant(z, BATCH, examples[task], 1e-5)
         ledger.step(rounds * interval)
         assert f"example-level DP epsilon {ledger.epsilon:.4g} at delta 1e-05 after {rounds * interval} steps" in log
-    # It trains: the noised steps still take the global model well past chance (0.1) on the 360 test digits.
+    # It trains: the noised steps take the global model well past chance (0.1) on the 360 test digits (0.54 to
+    # 0.73 in three runs).
     assert metrics["final"]["eval_accuracy"] > 0.3
 
 
