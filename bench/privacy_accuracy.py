@@ -161,6 +161,29 @@ def example_level(z: float | None, rounds: int, workdir: Path) -> dict:
             "round_s": statistics.median(seconds), "rate": examples_per_second(logs)}
 
 
+def step_costs(steps: int = 40) -> tuple[float, float]:
+    """Milliseconds of one local step of the basic model on a batch of 32 digits: plain, and DP-SGD (median)."""
+    import keras
+
+    from comind import models
+    from comind.dpsgd import ExampleLevelPrivacy
+    from comind.worker import prepare
+
+    d = datasets.load("digits")
+    x, y = prepare(d.x_train[:32]), d.y_train[:32]
+    plain, private = (models.build("basic", d.input_shape, d.num_classes) for _ in range(2))
+    ExampleLevelPrivacy(EXAMPLE_CLIP, 1.0).install(private)
+    times: tuple[list[float], list[float]] = ([], [])
+    for step in range(steps + 2):  # alternately, so that a busy machine's load hits both alike; 2 to trace
+        for model, seconds in zip((plain, private), times, strict=True):
+            started = time.perf_counter()
+            model.train_on_batch(x, y)
+            if step >= 2:
+                seconds.append(time.perf_counter() - started)
+    keras.backend.clear_session()
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
+
+
 def shown(epsilon: float | None) -> str:
     return "none (no DP)" if epsilon is None else f"{epsilon:.3g}"
 
@@ -200,7 +223,8 @@ def main() -> None:
     worker = [runs[0] for runs in repeats.values()]
     lines += [f"worker-level DP-FedAvg: {WORKERS} workers (7-8 digits each), Poisson q = {FRACTION} "
               f"(20 a round expected), {args.rounds} rounds, C = {WORKER_CLIP}, softmax regression; "
-              f"{REPEATS} runs each: test accuracy median [min, max], the ps's ms a round median",
+              f"{REPEATS} runs each: test accuracy median [min, max], the ps's ms a round median, a worker's "
+              f"change's median L2 norm before clipping",
               f"{'noise':<10}{'epsilon':>14}{'test accuracy':>26}{'ps ms/round':>13}{'update norm':>13}"]
     for z, runs in repeats.items():
         accuracies = sorted(r["accuracy"] for r in runs)
@@ -209,7 +233,8 @@ def main() -> None:
                      f"{statistics.median(r['ps_ms'] for r in runs):>13.2f}"
                      f"{statistics.median(r['median_norm'] for r in runs):>13.3f}")
     mean_ms, dp_ms = large_model_costs()
-    lines.append(f"the ps's round for a 10 MB model and 8 updates: mean {mean_ms:.0f} ms, DP {dp_ms:.0f} ms")
+    lines.append(f"the ps's pipeline for a 10 MB model and 8 updates, alternately: mean {mean_ms:.0f} ms a round, DP "
+                 f"{dp_ms:.0f} ms (median of 5 each)")
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         example = []
@@ -223,6 +248,10 @@ def main() -> None:
               f"{r['rate']:>12.0f}" for r in example]
     lines.append("(s/round: the chief's median time between global models, testing each one included; examples/s: "
                  "trained, summed over the two workers, syncs included)")
+    plain_ms, private_ms = step_costs()
+    lines.append(f"one local step, basic model, batch 32, alternately: plain {plain_ms:.1f} ms, DP-SGD "
+                 f"{private_ms:.1f} ms (median of 40 each)")
+    lines.append(f"load average at the end: {os.getloadavg()[0]:.1f}")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
