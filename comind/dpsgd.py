@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -146,6 +146,12 @@ class ExampleLevelPrivacy:
         batch_size = tf.shape(losses)[0]
         private = private_sum(per_example, self.clip, self.noise_multiplier, batch_size, self._step_seed(model))
         return private, losses, predictions
+
+    def traced_gradients(self, model: keras.Model) -> Callable[..., tuple[list, Any, Any]]:
+        """:meth:`gradients` of ``model`` as one traced TensorFlow function, for a custom loop: called eagerly,
+        :func:`tf.vectorized_map` traces the per-example computation anew at every step (seconds each)."""
+        return tf.function(lambda x, y, sample_weight=None: self.gradients(model, x, y, sample_weight),
+                           reduce_retracing=True)
 
     def train_step(self, model: keras.Model, data: Any) -> Any:
         """Keras's TensorFlow ``train_step``, with DP-SGD's gradients."""

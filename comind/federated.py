@@ -140,6 +140,23 @@ class _ModelSync:
     def done(self) -> bool:
         return self.state is not None and self.state.done
 
+    def example_level(self, clip: float | None, noise_multiplier: float | None, batch_size: int | None,
+                      delta: float) -> ExampleLevelPrivacy | None:
+        """Example-level DP-SGD's step for these settings, with this worker's ledger; None without DP-SGD."""
+        if not check(clip, noise_multiplier):
+            return None
+        assert clip is not None and noise_multiplier is not None
+        if batch_size is None or self.num_examples is None:
+            raise ValueError(f"Example-level DP-SGD's accounting needs the fraction of this worker's examples each "
+                             f"step samples: give batch_size and num_examples. Received: batch_size={batch_size!r}, "
+                             f"num_examples={self.num_examples!r}")
+        self.accountant = ExampleAccountant(noise_multiplier, batch_size, self.num_examples, delta)
+        return ExampleLevelPrivacy(clip, noise_multiplier)
+
+    @property
+    def example_epsilon(self) -> float | None:
+        return self.accountant.epsilon if self.accountant else None
+
     def start(self, model: keras.Model) -> None:
         """Joins, and starts from the global model (the chief's weights, or a checkpoint)."""
         self.model = model
@@ -287,20 +304,12 @@ class FederatedAveraging(keras.callbacks.Callback):
         super().__init__()
         self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu, eval_data)
         self._batch_size = batch_size or 1
-        self._privacy = None
-        if check(dp_example_clip, dp_example_noise_multiplier):
-            assert dp_example_clip is not None and dp_example_noise_multiplier is not None
-            if batch_size is None or num_examples is None:
-                raise ValueError(f"Example-level DP-SGD's accounting needs the fraction of this worker's examples "
-                                 f"each step samples: give batch_size and num_examples. Received: "
-                                 f"batch_size={batch_size!r}, num_examples={num_examples!r}")
-            self._privacy = ExampleLevelPrivacy(dp_example_clip, dp_example_noise_multiplier)
-            self._sync.accountant = ExampleAccountant(dp_example_noise_multiplier, batch_size, num_examples, dp_delta)
+        self._privacy = self._sync.example_level(dp_example_clip, dp_example_noise_multiplier, batch_size, dp_delta)
 
     @property
     def example_epsilon(self) -> float | None:
         """Example-level DP-SGD's epsilon spent by this worker's steps so far; None without it."""
-        return self._sync.accountant.epsilon if self._sync.accountant else None
+        return self._sync.example_epsilon
 
     @property
     def syncs(self) -> int:
@@ -376,6 +385,17 @@ class FederatedAveragingOptimizer:
     when the ps asks for it: the worker's held-out examples ``(x, y)``, and
     the loss to report on them (None: the model's compiled loss).
 
+    With ``dp_example_clip`` and ``dp_example_noise_multiplier`` (example-level
+    DP-SGD, Abadi et al. 2016; see :mod:`comind.dpsgd`), gradients computed
+    outside cannot be clipped per example, so :meth:`apply` is refused and
+    :meth:`train_step` takes the batch instead: each example's gradient
+    clipped to L2 norm C, their sum noised with std ``z C``, over the batch
+    size. The model must be compiled with its loss (``model.compile(loss=...)``;
+    its own optimizer is not used). The worker's ledger counts the steps
+    (``batch_size / num_examples`` sampled each), and its epsilon at
+    ``dp_delta`` is logged at every sync, set in ``comind_worker_dp_epsilon``
+    and given by :attr:`example_epsilon`.
+
     Example:
         >>> opt = comind.FederatedAveragingOptimizer(keras.optimizers.Adam(1e-3), model, client,
         ...                                          interval_steps=10, num_examples=len(x_train))
@@ -386,13 +406,22 @@ class FederatedAveragingOptimizer:
         ...     if opt.done:
         ...         break
         >>> opt.finish()
+
+        With DP-SGD, each step is ``opt.train_step(x, y)`` instead of computing
+        gradients and applying them:
+
+        >>> opt = comind.FederatedAveragingOptimizer(keras.optimizers.SGD(0.1), model, client, interval_steps=10,
+        ...                                          num_examples=len(x_train), batch_size=32,
+        ...                                          dp_example_clip=1.0, dp_example_noise_multiplier=1.1)
     """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, model: keras.Model, client: WorkerClient, *,
                  interval_steps: int = 100, replicas_to_aggregate: int | None = None,
                  is_chief: bool | None = None, on_round: OnRound | None = None,
                  metrics: WorkerMetrics | None = None, num_examples: int | None = None,
-                 proximal_mu: float = 0.0, eval_data: EvalData | None = None, eval_loss: Loss | None = None):
+                 proximal_mu: float = 0.0, eval_data: EvalData | None = None, eval_loss: Loss | None = None,
+                 batch_size: int | None = None, dp_example_clip: float | None = None,
+                 dp_example_noise_multiplier: float | None = None, dp_delta: float = 1e-5):
         if is_chief is not None:
             client.is_chief = is_chief
         self.optimizer = optimizer
@@ -400,10 +429,21 @@ class FederatedAveragingOptimizer:
         self.replicas_to_aggregate = replicas_to_aggregate
         self._sync = _ModelSync(client, interval_steps, on_round, metrics, num_examples, proximal_mu, eval_data,
                                 eval_loss)
+        self._privacy = self._sync.example_level(dp_example_clip, dp_example_noise_multiplier, batch_size, dp_delta)
+        if self._privacy and not model.compiled:
+            raise ValueError("Example-level DP-SGD computes each example's gradient of the model's loss: compile the "
+                             "model with it first (model.compile(loss=...); the wrapper's optimizer trains). "
+                             "Received: model.compiled=False")
+        self._private_gradients = self._privacy.traced_gradients(model) if self._privacy else None
 
     @property
     def done(self) -> bool:
         return self._sync.done
+
+    @property
+    def example_epsilon(self) -> float | None:
+        """Example-level DP-SGD's epsilon spent by this worker's steps so far; None without it."""
+        return self._sync.example_epsilon
 
     @property
     def state(self) -> GlobalState | None:
@@ -434,6 +474,27 @@ class FederatedAveragingOptimizer:
         ``comind_train_*`` series show their example-weighted mean (0 for a
         figure never given).
         """
+        if self._privacy:
+            raise ValueError("This wrapper trains with example-level DP-SGD, whose gradients are each example's, "
+                             "clipped and noised: gradients computed outside cannot be. Call train_step(x, y) "
+                             "instead of apply(gradients).")
+        self._apply(gradients, num_examples, loss, accuracy)
+
+    def train_step(self, x: Any, y: Any, sample_weight: Any = None) -> float:
+        """One DP-SGD step on a batch: applies its privatised gradients, counts it, syncs every ``interval_steps``.
+
+        Returns the batch's mean loss (the model's compiled loss, before the step).
+        """
+        if not self._private_gradients:
+            raise ValueError("train_step is example-level DP-SGD's step: give dp_example_clip and "
+                             "dp_example_noise_multiplier, or compute the gradients and call apply(gradients).")
+        gradients, losses, _ = self._private_gradients(x, y, sample_weight)
+        loss = float(keras.ops.mean(losses))
+        self._apply(gradients, int(keras.ops.shape(losses)[0]), loss, None)
+        return loss
+
+    def _apply(self, gradients: Iterable[Any], num_examples: int, loss: float | None,
+               accuracy: float | None) -> None:
         variables = self.model.trainable_variables
         if self._sync.distributed:
             self._sync.step(num_examples, loss, accuracy, gradients_by_variable(gradients, variables))

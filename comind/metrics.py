@@ -124,9 +124,12 @@ class PsMetrics:
             "comind_buffer_size", "Asynchronous rounds: K, the updates that make a version (COMIND_BUFFER_SIZE, or "
             "half the live workers).", registry=registry)
         self.federated_eval = FederatedEvalMetrics(registry)
+        self.dp_target_epsilon = Gauge(
+            "comind_dp_target_epsilon", "Worker-level DP's budget: training ends at the last round whose epsilon "
+            "stays within it (COMIND_DP_TARGET_EPSILON); NaN without one.", registry=registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy, self.dp_epsilon,
-                      self.dp_clip, self.dp_noise_multiplier):
+                      self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon):
             gauge.set(math.nan)
         # Pre-create labelled series so that they read 0 rather than being absent.
         for result in UPDATE_RESULTS:

@@ -266,6 +266,8 @@ class ParameterServer:
             log.info("The privacy ledger holds %d rounds: epsilon %.4g at delta %g.", ledger.rounds, ledger.epsilon,
                      ledger.delta)
         target = privacy.settings.target_epsilon
+        if target is not None:
+            self.metrics.dp_target_epsilon.set(target)
         if round < 1 and target is not None and not privacy.affordable(self.sampled_fraction()):
             raise ValueError(f"One round already spends more than COMIND_DP_TARGET_EPSILON={target:g} (epsilon "
                              f"{privacy.ledger.epsilon_after(self.sampled_fraction()):.4g} at delta {ledger.delta:g}): "

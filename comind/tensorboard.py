@@ -7,8 +7,9 @@ Under ``OUTPUT_DIR/tensorboard`` (``tensorboard --logdir OUTPUT_DIR/tensorboard`
   example-weighted mean over the round's updates), ``test/loss`` and
   ``test/accuracy`` (the chief's test of the global model, in the rounds it
   tested), ``round/seconds``, ``server/learning_rate`` (the ps's server
-  optimizer's eta) and, with worker-level DP, ``privacy/epsilon``: the
-  figures of ``metrics.json``; with federated evaluation, at the round of the
+  optimizer's eta), with worker-level DP ``privacy/epsilon`` (the ps's
+  ledger) and with example-level DP-SGD ``privacy/example_epsilon`` (the
+  chief's own ledger): the figures of ``metrics.json``; with federated evaluation, at the round of the
   model the workers tested, ``federated/accuracy_min`` (``_median``,
   ``_max``, ``_mean``) and ``federated/loss_*`` likewise;
 * ``worker-N``, written by worker N: ``local/loss`` and ``local/accuracy``
@@ -83,7 +84,7 @@ def figures(record: RoundRecord) -> dict[str, float | None]:
     return {"train/loss": record.train_loss, "train/accuracy": record.train_accuracy,
             "test/loss": record.eval_loss, "test/accuracy": record.eval_accuracy,
             "round/seconds": record.round_seconds, "privacy/epsilon": record.epsilon,
-            "server/learning_rate": record.server_learning_rate}
+            "server/learning_rate": record.server_learning_rate, "privacy/example_epsilon": record.example_epsilon}
 
 
 def federated_figures(evaluation: Mapping[str, Any]) -> dict[str, float | None]:

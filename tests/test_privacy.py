@@ -38,11 +38,11 @@ def pipeline_for(**flags: object) -> ServerPipeline:
     return server_pipeline(loaded, round_policy(loaded))
 
 
-def ps_for(**flags: object) -> ParameterServer:
+def ps_for(registry: CollectorRegistry | None = None, **flags: object) -> ParameterServer:
     """The ps as `comind ps` builds it from these settings: its round rules and its pipeline."""
     loaded = settings.load("ps", {k: str(v) for k, v in flags.items()})
     policy = round_policy(loaded)
-    return ParameterServer(policy, PsMetrics(CollectorRegistry()), pipeline=server_pipeline(loaded, policy))
+    return ParameterServer(policy, PsMetrics(registry or CollectorRegistry()), pipeline=server_pipeline(loaded, policy))
 
 
 def one_round(pipeline: ServerPipeline, layout: Layout, updates: list[list[np.ndarray]],
@@ -268,6 +268,15 @@ def test_a_ps_sigkilled_and_restarted_continues_the_ledger(start_ps, tmp_path):
     # The chief's view: every model carries the ledger's epsilon.
     seen = {h["round"]: h["epsilon"] for h in read_history(outs[0]) if h["round"] > 0}
     assert seen == pytest.approx({r: epsilons[r] for r in seen}, rel=1e-3) and json.dumps(seen)
+
+
+@pytest.mark.parametrize("target", [24.0, None])
+def test_the_ps_exports_its_target_epsilon_for_the_budget_alert(target):
+    registry = CollectorRegistry()
+    ps_for(registry, num_workers=2, dp_noise_multiplier=0.5, dp_clip=1.0,
+           **({"dp_target_epsilon": target} if target else {}))
+    exported = registry.get_sample_value("comind_dp_target_epsilon")
+    assert exported == target if target else math.isnan(exported)
 
 
 def test_the_accountant_brings_no_tensorflow_into_the_ps():
