@@ -36,6 +36,11 @@ ROUND_WORKERS = ("population", "selected", "reported", "dropped")
 #: member of another process holds, or beyond the ps's most members.
 JOIN_REFUSALS = ("rate", "taken", "full")
 
+#: ``comind_secagg_bytes_total`` labels: secure aggregation's stages, by what travels in each (comind/secagg).
+SECAGG_STAGES = ("advertise", "share", "masked_input", "unmask")
+#: ``comind_secagg_rounds_total`` labels: attempts at a round that were unmasked, or failed for lack of survivors.
+SECAGG_RESULTS = ("aggregated", "failed")
+
 
 class PsMetrics:
     def __init__(self, registry: CollectorRegistry):
@@ -102,6 +107,20 @@ class PsMetrics:
         self.dp_noise_multiplier = Gauge(
             "comind_dp_noise_multiplier", "Worker-level DP's noise multiplier z (COMIND_DP_NOISE_MULTIPLIER).",
             registry=registry)
+        self.secagg_rounds = Counter(
+            "comind_secagg_rounds", "Secure aggregation's attempts at a round: aggregated (unmasked), or failed (too "
+            "few survivors to unmask; the previous model stood and the round started again).", ["result"],
+            registry=registry)
+        self.secagg_dropouts_recovered = Counter(
+            "comind_secagg_dropouts_recovered", "Workers that dropped out of a securely aggregated round after "
+            "sharing keys, whose masks the survivors' shares removed.", registry=registry)
+        self.secagg_bytes = Counter(
+            "comind_secagg_bytes", "Secure aggregation's bytes on the wire, both directions, by stage (masked_input: "
+            "the masked updates).", ["stage"], registry=registry)
+        self.secagg_refusals = Counter(
+            "comind_secagg_refusals", "Secure-aggregation messages refused as breaking the protocol (a key advertised "
+            "twice, a replayed, forged or misaddressed share, a message of another round), by kind.", ["reason"],
+            registry=registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy, self.dp_epsilon,
                       self.dp_clip, self.dp_noise_multiplier):
@@ -115,6 +134,10 @@ class PsMetrics:
             self.joins_refused.labels(reason)
         for status in ROUND_WORKERS:
             self.round_workers.labels(status)
+        for result in SECAGG_RESULTS:
+            self.secagg_rounds.labels(result)
+        for stage in SECAGG_STAGES:
+            self.secagg_bytes.labels(stage)
 
 
 class WorkerMetrics:

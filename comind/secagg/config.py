@@ -19,11 +19,13 @@ class SecAggSettings:
         neighbours: k, each party's neighbours (an even number); None: everyone in rounds of up to
             :data:`graph.COMPLETE_UP_TO` parties, else about 3 log2 n (SecAgg+).
         clip_range: c, the bound on every value of an update (the fixed-point encoding's range).
+        max_update_norm: the bound on each update's L2 norm, which the workers apply before masking; None: none.
     """
 
     threshold: float | None = None
     neighbours: int | None = None
     clip_range: float = DEFAULT_CLIP_RANGE
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.5 < self.threshold <= 1:

@@ -52,3 +52,11 @@ class RangeExceeded(ValueError):
 class TooFewSurvivors(Exception):
     """Fewer parties than the threshold remain, or a secret lacks the shares to rebuild it: the round cannot be
     unmasked. The previous model stands and the round starts again."""
+
+
+class RoundFailed(Refusal):
+    """The attempt at a round that this call was part of failed for lack of survivors: send the update again, to a
+    new attempt at the round (with new keys)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retry_after=0.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from comind.secagg.errors import RangeExceeded
+from comind.tensors import Layout
 
 #: Elements of the ring: every masked input is 4 bytes per parameter.
 RING_DTYPE = np.dtype("<u4")
@@ -29,15 +30,9 @@ def scale(clip_range: float, num_parties: int) -> float:
     return (_HALF_RING - 1 - num_parties) / (num_parties * clip_range)
 
 
-def encode(values: np.ndarray, clip_range: float, num_parties: int, rng: np.random.Generator) -> np.ndarray:
-    """``values`` (floats) as ring elements, stochastically rounded.
-
-    ``rng`` draws only the rounding (it hides nothing); masks come from a stream cipher.
-
-    Raises:
-        RangeExceeded: a value is outside [-clip_range, clip_range] or not finite.
-    """
-    flat = np.asarray(values, np.float64).reshape(-1)
+def check_range(values: np.ndarray, clip_range: float) -> None:
+    """Raises RangeExceeded if a value is outside [-clip_range, clip_range] or not finite."""
+    flat = np.asarray(values).reshape(-1)
     if flat.size:
         worst = float(np.max(np.abs(flat)))
         if not worst <= clip_range:
@@ -46,6 +41,18 @@ def encode(values: np.ndarray, clip_range: float, num_parties: int, rng: np.rand
                 f"[-{clip_range:g}, {clip_range:g}], so the round's sum could wrap: raise COMIND_SECAGG_CLIP_RANGE on "
                 f"the ps, or bound updates with COMIND_MAX_UPDATE_NORM (the worker clips before masking). "
                 f"Received: max |value|={worst!r}")
+
+
+def encode(values: np.ndarray, clip_range: float, num_parties: int, rng: np.random.Generator) -> np.ndarray:
+    """``values`` (floats) as ring elements, stochastically rounded.
+
+    ``rng`` draws only the rounding (it hides nothing); masks come from a stream cipher.
+
+    Raises:
+        RangeExceeded: a value is outside [-clip_range, clip_range] or not finite.
+    """
+    check_range(values, clip_range)
+    flat = np.asarray(values, np.float64).reshape(-1)
     scaled = flat * scale(clip_range, num_parties)
     rounded = np.floor(scaled + rng.random(flat.size))
     return rounded.astype(np.int64).astype(SIGNED_DTYPE).view(RING_DTYPE)
@@ -54,3 +61,14 @@ def encode(values: np.ndarray, clip_range: float, num_parties: int, rng: np.rand
 def decode_sum(total: np.ndarray, clip_range: float, num_parties: int) -> np.ndarray:
     """The float sum that ring element ``total`` (a sum of at most ``num_parties`` encodings) stands for."""
     return np.asarray(total, RING_DTYPE).view(SIGNED_DTYPE).astype(np.float64) / scale(clip_range, num_parties)
+
+
+def float_size(layout: Layout) -> int:
+    """Values in a masked input: every value of the model's floating-point tensors."""
+    return sum(spec.size for spec in layout.specs if spec.dtype.kind == "f")
+
+
+def float_values(layout: Layout, packed: np.ndarray) -> np.ndarray:
+    """The floating-point values of ``packed``, one flat float64 array: what a worker encodes and masks."""
+    views = [v.reshape(-1) for v in layout.views(packed) if v.dtype.kind == "f"]
+    return np.concatenate(views).astype(np.float64) if views else np.zeros(0)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from comind.secagg import primitives
-
 #: Rounds of up to this many parties use the complete graph by default.
 COMPLETE_UP_TO = 20
 
@@ -39,6 +37,9 @@ def neighbours(parties: Sequence[int], degree: int, seed: bytes) -> dict[int, fr
     if degree >= n - 1:
         return {p: frozenset(q for q in parties if q != p) for p in parties}
     check_degree(degree)
+    # Here, not at the top: the settings' checks (config.py) run on a ps without the secagg extra, to say it is missing.
+    from comind.secagg import primitives
+
     ring = primitives.shuffled(sorted(parties), seed)
     half = degree // 2
     return {p: frozenset(ring[(i + d) % n] for d in range(-half, half + 1) if d) for i, p in enumerate(ring)}

@@ -46,14 +46,14 @@ _COMMITMENT_BYTES = 32
 class SecAggServer:
     """Args:
         round: the round.
-        parties: the workers invited to it (their task indices).
+        parties: the workers invited to it (their task indices); None: whoever the caller lets advertise.
         settings: threshold, graph degree and clipping range.
         size: ring elements in a masked input (parameters of the model's floating-point tensors).
     """
 
-    def __init__(self, round: int, parties: Iterable[int], settings: SecAggSettings, size: int):
+    def __init__(self, round: int, parties: Iterable[int] | None, settings: SecAggSettings, size: int):
         self.round = round
-        self.invited = frozenset(parties)
+        self.invited = None if parties is None else frozenset(parties)
         self.settings = settings
         self.size = size
         self.stage = Stage.ADVERTISE
@@ -71,7 +71,7 @@ class SecAggServer:
     def advertise(self, ad: Advertisement) -> None:
         expect(self.stage, Stage.ADVERTISE, "An advertisement of keys")
         check_round(ad.round, self.round, "The advertisement")
-        if ad.party not in self.invited:
+        if self.invited is not None and ad.party not in self.invited:
             raise NotAParty(f"Party {ad.party} is not one of round {self.round}'s.")
         if ad.party in self._keys:
             raise KeyAdvertisedTwice(f"Party {ad.party} advertised its keys a second time in round {self.round}.")
@@ -205,6 +205,21 @@ class SecAggServer:
 
     def fail(self) -> None:
         self.stage = Stage.FAILED
+
+    @property
+    def revealed(self) -> frozenset[int]:
+        """The survivors whose unmask shares are in."""
+        return frozenset(self._revealed)
+
+    def pending(self) -> frozenset[int]:
+        """The parties the current stage still waits for."""
+        if self.stage is Stage.SHARE:
+            return frozenset(self._roster().keys) - self._sent.keys()
+        if self.stage is Stage.MASKED_INPUT:
+            return frozenset(self._sent) - self._masked
+        if self.stage is Stage.UNMASK:
+            return self._request().survivors - self._revealed.keys()
+        return frozenset()
 
     # ---------------------------------------------------------------------------
 
