@@ -241,19 +241,19 @@ class SecureRounds:
             await self._next_stage(attempt)
 
     async def _next_stage(self, attempt: Attempt) -> None:
-        server = attempt.server
+        server, stage = attempt.server, attempt.stage
         try:
-            if attempt.stage is Stage.ADVERTISE:
+            if stage is Stage.ADVERTISE:
                 server.close_advertising()
-            elif attempt.stage is Stage.SHARE:
+            elif stage is Stage.SHARE:
                 attempt.inboxes = server.close_sharing()
-            elif attempt.stage is Stage.MASKED_INPUT:
+            elif stage is Stage.MASKED_INPUT:
                 server.close_masking()
             else:
                 await self._unmask(attempt)
                 return
         except TooFewSurvivors as error:
-            self._fail(attempt, str(error))
+            self._fail(attempt, stage, str(error))
             return
         attempt.moved_on()
         if attempt.stage is not Stage.ADVERTISE:
@@ -266,7 +266,7 @@ class SecureRounds:
             # Seconds of keystream for a large model and many parties: in a thread, so that calls go on meanwhile.
             total, survivors = await asyncio.to_thread(attempt.server.finish)
         except TooFewSurvivors as error:
-            self._fail(attempt, str(error))
+            self._fail(attempt, Stage.UNMASK, str(error))
             return
         finally:
             attempt.unmasking = False
@@ -289,8 +289,8 @@ class SecureRounds:
         return np.array([sum(c.num_examples for c in figures), sum(c.num_examples * c.loss for c in figures),
                          sum(c.num_examples * c.accuracy for c in figures)], np.float64)
 
-    def _fail(self, attempt: Attempt, reason: str) -> None:
-        message = (f"Round {attempt.round}'s secure aggregation failed at its stage '{attempt.stage.value}': "
+    def _fail(self, attempt: Attempt, stage: Stage, reason: str) -> None:
+        message = (f"Round {attempt.round}'s secure aggregation failed at its stage '{stage.value}': "
                    f"{reason} The previous model stands; the round starts again.")
         log.warning(message)
         self.metrics.secagg_rounds.labels("failed").inc()
