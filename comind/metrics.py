@@ -40,6 +40,9 @@ JOIN_REFUSALS = ("rate", "taken", "full")
 SECAGG_STAGES = ("advertise", "share", "masked_input", "unmask")
 #: ``comind_secagg_rounds_total`` labels: attempts at a round that were unmasked, or failed for lack of survivors.
 SECAGG_RESULTS = ("aggregated", "failed")
+#: ``comind_secagg_refusals_total`` labels: each refusal of comind/secagg/errors.py, by name.
+SECAGG_REFUSALS = ("wrong_stage", "wrong_round", "not_a_party", "key_advertised_twice", "duplicate_message",
+                   "misaddressed_share", "forged_share", "invalid_message")
 
 
 class PsMetrics:
@@ -138,6 +141,8 @@ class PsMetrics:
             self.secagg_rounds.labels(result)
         for stage in SECAGG_STAGES:
             self.secagg_bytes.labels(stage)
+        for reason in SECAGG_REFUSALS:
+            self.secagg_refusals.labels(reason)
 
 
 class WorkerMetrics:

@@ -277,3 +277,13 @@ def test_a_worker_reveals_shares_once_and_never_both_of_one_party():
     refused(TooFewSurvivors, client, client.unmask, UnmaskRequest(5, frozenset({0}), frozenset({1, 2, 3})))
     client.unmask(UnmaskRequest(5, frozenset({0, 1, 2}), frozenset({3})))
     refused(WrongStage, client, client.unmask, UnmaskRequest(5, frozenset({0, 1}), frozenset({2, 3})))
+
+
+def test_every_refusal_has_its_pre_created_metric_label():
+    from comind.metrics import SECAGG_REFUSALS
+    from comind.secagg import errors
+    from comind.secure_rounds import _snake
+
+    refusals = {_snake(cls.__name__) for cls in vars(errors).values()
+                if isinstance(cls, type) and issubclass(cls, errors.SecAggRefusal) and cls is not errors.SecAggRefusal}
+    assert refusals == set(SECAGG_REFUSALS)
