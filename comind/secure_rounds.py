@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from comind import refusals
+from comind.ps import OFFLOAD_BYTES
 from comind.secagg import fixed_point
 from comind.secagg.config import SecAggSettings
 from comind.secagg.errors import RoundFailed, SecAggRefusal, TooFewSurvivors
@@ -263,8 +264,12 @@ class SecureRounds:
         attempt.unmasking = True
         started = time.perf_counter()
         try:
-            # Seconds of keystream for a large model and many parties: in a thread, so that calls go on meanwhile.
-            total, survivors = await asyncio.to_thread(attempt.server.finish)
+            # Seconds of keystream for a large model and many parties: in a thread, so that calls go on meanwhile
+            # (below OFFLOAD_BYTES, the hop costs more than it saves).
+            if attempt.server.size * 4 > OFFLOAD_BYTES:
+                total, survivors = await asyncio.to_thread(attempt.server.finish)
+            else:
+                total, survivors = attempt.server.finish()
         except TooFewSurvivors as error:
             self._fail(attempt, Stage.UNMASK, str(error))
             return

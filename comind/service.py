@@ -99,6 +99,7 @@ STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
     refusals.TooSlow: grpc.StatusCode.DEADLINE_EXCEEDED,
     refusals.NotServing: grpc.StatusCode.UNAVAILABLE,
     # Secure aggregation (comind/secagg): a message that breaks the protocol; an attempt at a round that failed.
+    secagg_errors.SecAggRefusal: grpc.StatusCode.INVALID_ARGUMENT,
     secagg_errors.WrongStage: grpc.StatusCode.FAILED_PRECONDITION,
     secagg_errors.WrongRound: grpc.StatusCode.FAILED_PRECONDITION,
     secagg_errors.NotAParty: grpc.StatusCode.PERMISSION_DENIED,
