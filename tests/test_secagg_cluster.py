@@ -9,13 +9,19 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
+from comind.proto import comind_pb2 as pb
 from numpy_cluster import assert_finishes, read_history, start_worker
 from processes import ROOT
+from raw_protocol import RawClient, update_header
+from scrape import Scrape, free_port
 
 SPY = str(ROOT / "tests" / "secagg_spy")
 DELTAS = [0.5, 1.0, 1.5]
@@ -122,3 +128,41 @@ def test_comind_local_trains_the_digits_as_well_with_secure_aggregation(tmp_path
     assert "aggregates securely" in (tmp_path / "secure" / "logs" / "worker-1.log").read_text()
     assert accuracy["plain"] > 0.5
     assert abs(accuracy["secure"] - accuracy["plain"]) <= 0.005, accuracy
+
+
+def test_hostile_calls_get_their_status_and_are_counted(start_ps):
+    """Over the wire: a worker that advertises another's keys, and a plain update to a ps that aggregates
+    securely, are refused with their statuses; the honest worker's call goes on."""
+    port = free_port()
+    ps = start_ps("--num-workers", "2", "--rounds", "2", "--secure-aggregation", "--metrics-port", str(port),
+                  "--round-timeout", "30")
+    arrays = [np.zeros((4, 3), np.float32)]
+    with RawClient(ps.address) as client:
+        honest, copycat = client.join(0), client.join(1)
+        client.initialize(honest, arrays)
+        keys = pb.SecAggKeys(cipher_key=bytes(range(32)), mask_key=bytes(range(1, 33)))
+        waiting = threading.Event()
+
+        def advertise():  # open until the roster: the other worker never advertises keys of its own
+            yield pb.WorkerMessage(hello=pb.Hello(member_id=honest, have_round=0, update=update_header(arrays),
+                                                  secagg_keys=keys))
+            waiting.wait(30)
+
+        call = client.stub.Round(advertise(), timeout=30)
+        ps.wait_for(r"Worker 0 joined")
+        deadline = time.monotonic() + 10
+        while not Scrape(port)("comind_secagg_bytes_total", stage="advertise") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as copied:
+            client.call([pb.WorkerMessage(hello=pb.Hello(member_id=copycat, have_round=0,
+                                                         update=update_header(arrays), secagg_keys=keys))])
+        assert copied.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "already advertised" in copied.value.details()
+        with pytest.raises(grpc.RpcError) as plain:
+            client.send(copycat, arrays)
+        assert plain.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "aggregates securely" in plain.value.details()
+        metrics = Scrape(port)
+        assert metrics("comind_secagg_refusals_total", reason="key_advertised_twice") == 1
+        waiting.set()
+        call.cancel()
