@@ -166,3 +166,44 @@ def test_hostile_calls_get_their_status_and_are_counted(start_ps):
         assert metrics("comind_secagg_refusals_total", reason="key_advertised_twice") == 1
         waiting.set()
         call.cancel()
+
+
+def test_client_sampling_makes_the_selected_workers_a_rounds_parties(start_ps, tmp_path):
+    deltas = [0.5, 1.0, 1.5, 2.0]
+    ps = start_ps("--num-workers", "4", "--rounds", "3", "--exit-grace", "5", "--secure-aggregation",
+                  "--clients-per-round", "3")
+    workers = [start_worker(ps.address, task, tmp_path / f"w{task}.jsonl", delta=deltas[task]) for task in range(4)]
+    for worker in workers:
+        assert_finishes(worker, ps, timeout=60)
+    assert ps.wait() == 0
+    selected = [{int(t) for t in re.findall(r"\d+", re.sub(r"(\d+)\.\.(\d+)", lambda m: ",".join(
+        map(str, range(int(m[1]), int(m[2]) + 1))), tasks))}
+        for tasks in re.findall(r"Round \d selects .*: tasks ([\d.,]+)\.", ps.log())]
+    assert [len(s) for s in selected] == [3, 3, 3]
+    expected = np.cumsum([0] + [np.mean([deltas[t] for t in s]) for s in selected])
+    for task in range(4):  # a worker not selected waits: its history skips that round's model
+        history = read_history(tmp_path / f"w{task}.jsonl")
+        np.testing.assert_allclose(values(history), [expected[entry["round"]] for entry in history], atol=1e-6)
+
+
+def test_a_ps_restarted_mid_round_starts_the_round_again(start_ps, tmp_path):
+    """The ps dies while round 3 waits at its unmask stage for worker 2: the restarted ps resumes from round 2's
+    checkpoint, and round 3 runs again from its first stage, with new keys, to the same mean."""
+    flags = ["--num-workers", "3", "--rounds", "4", "--exit-grace", "5", "--secure-aggregation",
+             "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    first = start_ps(*flags)
+    workers = [start_worker(first.address, task, tmp_path / f"w{task}.jsonl", delta=DELTAS[task],
+                            env={"PYTHONPATH": f"{SPY}:{ROOT}", "COMIND_TEST_SECAGG_PAUSE": "unmask:3:6"}
+                            if task == 2 else None) for task in range(3)]
+    first.wait_for(r"Round 2/4")
+    time.sleep(2)
+    first.kill()
+    assert "Round 3/4" not in first.log()
+    second = start_ps(*flags, port=first.port)
+    assert second.wait_for(r"Resumed from \S+ at round (\d+)").group(1) == "2"
+    for worker in workers:
+        assert_finishes(worker, second, timeout=90)
+    assert second.wait(timeout=60) == 0
+    assert "Round 3/4: 3 updates" in second.log()
+    for task in range(3):
+        np.testing.assert_allclose(values(read_history(tmp_path / f"w{task}.jsonl"))[-1], 4.0, atol=1e-6)

@@ -5,18 +5,21 @@ Python imports this module at start in every process whose PYTHONPATH begins wit
 masking (``encoded-*``), every masked input the ps takes (``masked-*``), and anything the ps decodes or folds into a
 plain aggregate (``plain-*``: there must be none). With ``COMIND_TEST_SECAGG_KILL=STAGE:ROUND``, a worker SIGKILLs
 itself when the ps's message for that stage of that round arrives (share: the roster; masked_input: its inbox;
-unmask: the unmask request), before it answers.
+unmask: the unmask request), before it answers; with ``COMIND_TEST_SECAGG_PAUSE=STAGE:ROUND:SECONDS`` it waits that
+long there instead.
 """
 
 import os
 
 _FOLDER = os.environ.get("COMIND_TEST_SECAGG_RECORD")
 _KILL = os.environ.get("COMIND_TEST_SECAGG_KILL")
+_PAUSE = os.environ.get("COMIND_TEST_SECAGG_PAUSE")
 
-if _FOLDER or _KILL:
+if _FOLDER or _KILL or _PAUSE:
     import functools
     import itertools
     import signal
+    import time
 
     import numpy as np
 
@@ -45,17 +48,21 @@ if _FOLDER or _KILL:
         _spy(aggregation.RunningWeightedSum, "add", "plain",
              lambda args, result: np.concatenate([np.ravel(t) for t in args[1]]))
 
+    def _intercept(stage, round, act):
+        name = {"share": "share_keys", "masked_input": "mask", "unmask": "unmask"}[stage]
+        original = getattr(client.SecAggClient, name)
+
+        @functools.wraps(original)
+        def intercepted(self, *args, **kwargs):
+            if self.round == int(round):
+                act()
+            return original(self, *args, **kwargs)
+        setattr(client.SecAggClient, name, intercepted)
+
     if _KILL:
         _stage, _round = _KILL.split(":")
+        _intercept(_stage, _round, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
-        def _killer(name):
-            original = getattr(client.SecAggClient, name)
-
-            @functools.wraps(original)
-            def killed(self, *args, **kwargs):
-                if self.round == int(_round):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return original(self, *args, **kwargs)
-            setattr(client.SecAggClient, name, killed)
-
-        _killer({"share": "share_keys", "masked_input": "mask", "unmask": "unmask"}[_stage])
+    if _PAUSE:
+        _stage, _round, _seconds = _PAUSE.split(":")
+        _intercept(_stage, _round, lambda: time.sleep(float(_seconds)))
