@@ -287,3 +287,16 @@ def test_every_refusal_has_its_pre_created_metric_label():
     refusals = {_snake(cls.__name__) for cls in vars(errors).values()
                 if isinstance(cls, type) and issubclass(cls, errors.SecAggRefusal) and cls is not errors.SecAggRefusal}
     assert refusals == set(SECAGG_REFUSALS)
+
+
+def test_a_worker_clips_before_masking_and_refuses_values_outside_the_range():
+    from comind.secure_worker import SecureExchange, SecureParameters
+    from comind.tensors import Layout
+
+    layout = Layout.of([np.zeros((2, 3), np.float32), np.zeros(2, np.float32)])
+    change = layout.pack([np.full((2, 3), 3.0, np.float32), np.full(2, 4.0, np.float32)])
+    exchange = SecureExchange(0, 1, layout, change, SecureParameters(4.0, max_update_norm=1.0), lambda m: None)
+    assert np.linalg.norm(exchange._values) == pytest.approx(1.0)
+    assert np.allclose(layout.views(change)[0], 3.0)  # the update itself is not changed
+    with pytest.raises(RangeExceeded, match="COMIND_SECAGG_CLIP_RANGE"):
+        SecureExchange(0, 1, layout, change, SecureParameters(3.5), lambda m: None)
