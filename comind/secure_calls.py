@@ -98,15 +98,15 @@ async def exchange(ps: ParameterServer, hello: pb.Hello, header: UpdateHeader, n
     ps.renew(member_id, peer)
     metrics = ps.metrics.secagg_bytes
     result = ps.check_update(member_id, header)
-    inbound = Inbound(next_message, lambda: ps.renew(member_id, peer))
     if result is not None:
         ps.metrics.updates.labels(result.value).inc()
-        return result, inbound.task
+        return result, Inbound(next_message, lambda: ps.renew(member_id, peer)).task
     party = ps.rounds.members[member_id].task_index
     attempt = secure.advertise(header.layout, member_id, party, Contribution(
         header.num_examples, header.loss, header.accuracy), secagg_wire.advertisement(header.round, party,
                                                                                       hello.secagg_keys))
     metrics.labels("advertise").inc(hello.secagg_keys.ByteSize())
+    inbound = Inbound(next_message, lambda: ps.renew(member_id, peer))
     finished = False
     try:
         await ps.maybe_close()  # the last party's keys close the first stage
