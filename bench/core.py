@@ -167,18 +167,18 @@ def run_client(address: str, task_index: int, weights: list[np.ndarray],
 
 
 def client_process(address: str, task_indices: Sequence[int], model_bytes: int, rounds: int,
-                   results, release) -> None:
+                   results, release, run: Callable = run_client) -> None:
     """One worker process: a thread per task index, all sharing one copy of the weights.
 
-    It reports its timings, then keeps its workers registered until
-    ``release`` is set, so that the ps is still alive (and its peak memory
-    readable) when the parent looks.
+    It reports its timings (``run``'s, for each worker), then keeps its
+    workers registered until ``release`` is set, so that the ps is still
+    alive (and its peak memory readable) when the parent looks.
     """
     clients = []
     try:
         weights = make_model(model_bytes)
         with ThreadPoolExecutor(len(task_indices)) as pool:
-            futures = [pool.submit(run_client, address, task, weights, rounds) for task in task_indices]
+            futures = [pool.submit(run, address, task, weights, rounds) for task in task_indices]
             outcomes = [future.result() for future in futures]
         clients = [client for client, _ in outcomes]
         results.put(("ok", [timing for _, timings in outcomes for timing in timings]))

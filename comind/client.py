@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import numpy as np
@@ -31,9 +32,12 @@ from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
 from comind.metrics import WorkerMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, RETRY_AFTER_KEY, round_call_seconds
+from comind.protocol import GRPC_OPTIONS, RETRY_AFTER_KEY, round_call_seconds, transfer_seconds
 from comind.rounds import MIN_LEASE_SECONDS
 from comind.tensors import Assembler, Layout, StreamError, chunks
+
+if TYPE_CHECKING:
+    from comind.secure_worker import SecureExchange, SecureParameters
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +234,8 @@ class WorkerClient:
         self.federated_eval_every = 0
         #: How updates go to the ps, as it said at join; its error feedback, if any, lives in this process only.
         self.encoder = encodings.Encoder(encodings.Float32())
+        #: Secure aggregation's parameters, when the ps said at join that it aggregates securely.
+        self.secure_aggregation: SecureParameters | None = None
         self._metadata = call_metadata(token)
         options = [*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 30000),
                    # gRPC's own reconnect back-off grows to 2 minutes; a ps back from an outage waits one lease
@@ -383,9 +389,32 @@ class WorkerClient:
                 if encoding.name != self.encoder.encoding.name:
                     log.info("The ps takes updates encoded as %s.", encoding.name)
                     self.encoder = encodings.Encoder(encoding)
+                self._secure_parameters(reply)
                 log.info("Joined the ps at %s (its round %d%s).", self.address, reply.round,
                          ", asynchronous rounds" if self.rounds_mode == async_rounds.ASYNC else "")
             return Membership(self._member_id, self._known_round)
+
+    def _secure_parameters(self, reply: pb.JoinReply) -> None:
+        if not reply.HasField("secure_aggregation"):
+            self.secure_aggregation = None
+            return
+        from comind.secure_worker import SecureParameters  # with the secagg extra only
+
+        if self.secure_aggregation is None:
+            log.info("The ps aggregates securely: this worker's updates go masked, and the ps learns only each "
+                     "round's sum.")
+        self.secure_aggregation = SecureParameters.of(reply)
+
+    def _secure_exchange(self, send: Update | None, outbox: queue.Queue[pb.WorkerMessage | None]
+                         ) -> SecureExchange | None:
+        """The call's part in secure aggregation's stages, when the ps aggregates securely and it carries a delta."""
+        if self.secure_aggregation is None or send is None or send.kind != pb.UPDATE_KIND_DELTA:
+            return None
+        from comind.secure_worker import SecureExchange
+
+        assert self._layout is not None
+        return SecureExchange(self.task_index, send.round, self._layout, send.packed, self.secure_aggregation,
+                              outbox.put)
 
     def _forget_membership(self, member_id: str | None) -> None:
         with self._lock:
@@ -407,9 +436,14 @@ class WorkerClient:
         elif send is not None and send.kind == pb.UPDATE_KIND_INITIAL:
             send = None  # the ps has a model already
         hello = pb.Hello(member_id=member.id, have_round=self.round)
-        wire = send.encoded(layout, self.encoder) if send is not None else None
+        # Under secure aggregation, the stages' messages (its masked input among them) go up through here.
+        outbox: queue.Queue[pb.WorkerMessage | None] = queue.Queue()
+        exchange = self._secure_exchange(send, outbox)
+        wire = send.encoded(layout, self.encoder) if send is not None and exchange is None else None
         if send is not None:
             hello.update.CopyFrom(send.header(layout))
+        if exchange is not None:
+            hello.secagg_keys.CopyFrom(exchange.keys)
         finished = threading.Event()  # the call is over: stop renewing
 
         def requests() -> Iterator[pb.WorkerMessage]:
@@ -424,8 +458,14 @@ class WorkerClient:
                     yield pb.WorkerMessage(data=data)
                 else:
                     yield pb.WorkerMessage(end=True)
-            while not finished.wait(self._lease / 3):
-                yield pb.WorkerMessage(renewal=True)
+            while not finished.is_set():
+                try:
+                    message = outbox.get(timeout=self._lease / 3)
+                except queue.Empty:
+                    message = pb.WorkerMessage(renewal=True)
+                if message is None:  # the call is over
+                    return
+                yield message
 
         def on_receipt(receipt: pb.Receipt) -> None:
             if send is None or receipt.round != send.round or receipt.result not in _RECEIPTS:
@@ -448,15 +488,20 @@ class WorkerClient:
                             send.round)
 
         timeout = round_call_seconds(wire.nbytes if wire is not None else 0, layout.nbytes)
+        if exchange is not None:
+            from comind.secure_worker import STAGES_SECONDS
+
+            timeout += transfer_seconds(layout.nbytes) + STAGES_SECONDS  # its masked input, and the stages
         self._call_opened()
         responses = self._stub.Round(requests(), timeout=timeout, metadata=self._metadata)
         try:
-            received = read_model(responses, layout, on_receipt)
+            received = read_model(exchange.answer(responses) if exchange else responses, layout, on_receipt)
         except (ProtocolError, ModelMismatch):
             responses.cancel()
             raise
         finally:
             finished.set()
+            outbox.put(None)
             self._call_closed()
         if received is None:
             return None
@@ -490,6 +535,10 @@ class WorkerClient:
                 continue  # a long poll ended before the round closed: call again
             except grpc.RpcError as error:
                 code = error.code()
+                if code == grpc.StatusCode.ABORTED and self.secure_aggregation is not None:
+                    # Too few parties survived the round's secure aggregation: take part in its next attempt.
+                    log.warning("%s Sending %s again.", error.details(), what)
+                    continue
                 if code == grpc.StatusCode.NOT_FOUND and member is not None:
                     log.warning("The ps no longer knows this worker (%s); joining again.", error.details())
                     self._forget_membership(member.id)

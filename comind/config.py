@@ -75,6 +75,24 @@ def fraction_up_to_one(text: str) -> float:
     return value
 
 
+def fraction_above_half(text: str) -> float:
+    value = float(text)
+    if not 0.5 < value <= 1:
+        raise ValueError
+    return value
+
+
+#: What a switch accepts, any case; a switch given as a flag alone (``--secure-aggregation``) is on.
+_SWITCH = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def switch(text: str) -> bool:
+    try:
+        return _SWITCH[text.strip().lower()]
+    except KeyError:
+        raise ValueError from None
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not 0 <= value < math.inf:
@@ -148,6 +166,8 @@ _TYPE_NAMES: dict[Callable[[str], Any], Callable[[], str]] = {
     fraction_below_half: lambda: "a number from 0 up to, not including, 0.5",
     fraction_below_one: lambda: "a number from 0 up to, not including, 1",
     fraction_up_to_one: lambda: "a number more than 0 and at most 1",
+    fraction_above_half: lambda: "a number more than 0.5 and at most 1",
+    switch: lambda: "true or false (or 1/0, yes/no, on/off)",
     non_negative_float: lambda: "a finite number >= 0",
     clip_bound: lambda: "a positive, finite number, or adaptive",
     fraction_between: lambda: "a number between 0 and 1, both excluded",
@@ -203,5 +223,10 @@ class Option:
 def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
     for option in options:
         shown = "unset" if option.default is None else option.default
-        parser.add_argument(option.flag, dest=option.name, default=None, metavar=option.name.upper(),
-                            help=f"{option.help} [env {option.env}; default {shown}]")
+        # A switch alone on the command line turns it on; it may also take a value (--secure-aggregation false).
+        help = f"{option.help} [env {option.env}; default {shown}]"
+        if option.parse is switch:
+            parser.add_argument(option.flag, dest=option.name, default=None, metavar=option.name.upper(), help=help,
+                                nargs="?", const="true")
+        else:
+            parser.add_argument(option.flag, dest=option.name, default=None, metavar=option.name.upper(), help=help)

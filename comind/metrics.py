@@ -45,6 +45,13 @@ JOIN_REFUSALS = ("rate", "taken", "full")
 #: ``comind_federated_eval_reports_total`` labels: workers' tests of the global model taken with their update, or
 #: refused with it (not finite, out of range, or of a round the ps did not ask for).
 FEDERATED_EVAL_RESULTS = ("accepted", "rejected")
+#: ``comind_secagg_bytes_total`` labels: secure aggregation's stages, by what travels in each (comind/secagg).
+SECAGG_STAGES = ("advertise", "share", "masked_input", "unmask")
+#: ``comind_secagg_rounds_total`` labels: attempts at a round that were unmasked, or failed for lack of survivors.
+SECAGG_RESULTS = ("aggregated", "failed")
+#: ``comind_secagg_refusals_total`` labels: each refusal of comind/secagg/errors.py, by name.
+SECAGG_REFUSALS = ("wrong_stage", "wrong_round", "not_a_party", "key_advertised_twice", "duplicate_message",
+                   "misaddressed_share", "forged_share", "invalid_message")
 
 
 class PsMetrics:
@@ -127,6 +134,20 @@ class PsMetrics:
         self.dp_target_epsilon = Gauge(
             "comind_dp_target_epsilon", "Worker-level DP's budget: training ends at the last round whose epsilon "
             "stays within it (COMIND_DP_TARGET_EPSILON); NaN without one.", registry=registry)
+        self.secagg_rounds = Counter(
+            "comind_secagg_rounds", "Secure aggregation's attempts at a round: aggregated (unmasked), or failed (too "
+            "few survivors to unmask; the previous model stood and the round started again).", ["result"],
+            registry=registry)
+        self.secagg_dropouts_recovered = Counter(
+            "comind_secagg_dropouts_recovered", "Workers that dropped out of a securely aggregated round after "
+            "sharing keys, whose masks the survivors' shares removed.", registry=registry)
+        self.secagg_bytes = Counter(
+            "comind_secagg_bytes", "Secure aggregation's bytes on the wire, both directions, by stage (masked_input: "
+            "the masked updates).", ["stage"], registry=registry)
+        self.secagg_refusals = Counter(
+            "comind_secagg_refusals", "Secure-aggregation messages refused as breaking the protocol (a key advertised "
+            "twice, a replayed, forged or misaddressed share, a message of another round), by kind.", ["reason"],
+            registry=registry)
         # No loss or accuracy exists before the first round: NaN, not a misleading 0.
         for gauge in (self.train_loss, self.train_accuracy, self.eval_loss, self.eval_accuracy, self.dp_epsilon,
                       self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon):
@@ -140,6 +161,12 @@ class PsMetrics:
             self.joins_refused.labels(reason)
         for status in ROUND_WORKERS:
             self.round_workers.labels(status)
+        for result in SECAGG_RESULTS:
+            self.secagg_rounds.labels(result)
+        for stage in SECAGG_STAGES:
+            self.secagg_bytes.labels(stage)
+        for reason in SECAGG_REFUSALS:
+            self.secagg_refusals.labels(reason)
 
 
 class FederatedEvalMetrics:

@@ -33,6 +33,7 @@ from comind import async_rounds, encodings, modes
 from comind.aggregators import AGGREGATORS, AggregatorSettings, RoundAggregate
 from comind.clipping import NormClip
 from comind.privacy import DpFedAvg, DpRound, DpSettings
+from comind.secagg.config import SecAggSettings
 from comind.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
 from comind.tensors import Layout
 from comind.weighting import WEIGHTINGS
@@ -61,6 +62,8 @@ class PipelineSettings:
     privacy: DpSettings | None = None
     #: Synchronous rounds, or asynchronous ones (:mod:`comind.async_rounds`).
     rounds_mode: str = async_rounds.SYNC
+    #: Secure aggregation (``secure_rounds.py``); None: off.
+    secure_aggregation: SecAggSettings | None = None
 
     def __post_init__(self) -> None:
         WEIGHTINGS[self.weighting], AGGREGATORS[self.aggregation], SERVER_OPTIMIZERS[self.server_optimizer]
@@ -71,6 +74,8 @@ class PipelineSettings:
         if self.mode not in modes.MODES:
             raise ValueError(f"mode must be one of {', '.join(modes.MODES)}. Received: mode={self.mode!r}")
         self._check_rounds_mode()
+        if self.secure_aggregation is not None:
+            self._check_secure_aggregation()
         if self.privacy is None:
             return
         # DP bounds each worker's influence on a sum: C, if every update counts once and is clipped to C.
@@ -106,6 +111,31 @@ class PipelineSettings:
             raise ValueError(f"Worker-level differential privacy accounts synchronous rounds (each worker in a round "
                              f"at most once, a fixed number of updates a round); asynchronous rounds have neither. "
                              f"Set --rounds-mode sync, or turn DP off. Received: rounds_mode={self.rounds_mode!r}")
+
+    def _check_secure_aggregation(self) -> None:
+        """Refuses what needs the individual updates that secure aggregation hides (ARCHITECTURE.md, decision 13)."""
+        if self.aggregation != "mean":
+            raise ValueError(f"Secure aggregation shows the ps only the sum of a round's updates, and "
+                             f"COMIND_AGGREGATION={self.aggregation} needs each of them: set it to mean, or turn "
+                             f"COMIND_SECURE_AGGREGATION off. Received: aggregation={self.aggregation!r}")
+        if self.weighting != "uniform":
+            raise ValueError(f"Under secure aggregation every update counts once: a weight by examples would be "
+                             f"applied by each worker to its own update, so that one worker's claim could scale its "
+                             f"influence unseen. Leave COMIND_WEIGHTING unset or set it to uniform. Received: "
+                             f"weighting={self.weighting!r}")
+        if self.privacy is not None:
+            raise ValueError("Worker-level differential privacy under secure aggregation needs distributed noise "
+                             "(each worker adds its share before masking), which is not built yet: unset "
+                             "COMIND_DP_NOISE_MULTIPLIER and COMIND_DP_CLIP, or COMIND_SECURE_AGGREGATION. "
+                             "Received: dp_noise_multiplier set")
+        if self.update_encoding != encodings.FLOAT32:
+            raise ValueError(f"Under secure aggregation updates travel as masked 32-bit fixed point (4 bytes a value); "
+                             f"unset COMIND_UPDATE_ENCODING. Received: update_encoding={self.update_encoding!r}")
+        if self.rounds_mode != async_rounds.SYNC:
+            # Its four stages are barriers among one round's parties; a version's updates have no such round.
+            raise ValueError(f"Secure aggregation unmasks the sum of one round's parties together, and asynchronous "
+                             f"rounds have no such round: set COMIND_ROUNDS_MODE to sync, or turn "
+                             f"COMIND_SECURE_AGGREGATION off. Received: rounds_mode={self.rounds_mode!r}")
 
 
 class RoundInProgress:
@@ -157,7 +187,9 @@ class ServerPipeline:
         self.settings = settings
         self.weight = WEIGHTINGS[settings.weighting]
         self.aggregator = AGGREGATORS[settings.aggregation](AggregatorSettings(settings.trim_fraction))
-        self.clip = NormClip(settings.max_update_norm) if settings.max_update_norm is not None else None
+        # Under secure aggregation the ps sees no update to clip: the workers clip before masking.
+        self.clip = NormClip(settings.max_update_norm) \
+            if settings.max_update_norm is not None and settings.secure_aggregation is None else None
         self.optimizer = SERVER_OPTIMIZERS[settings.server_optimizer](settings.server_optimizer_settings)
         #: The decode stage: what every update's bytes are, and what the model's are on their way down.
         self.update_encoding = encodings.parse(settings.update_encoding)

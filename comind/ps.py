@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -37,8 +37,12 @@ from comind.pipeline import RoundInProgress, ServerPipeline
 from comind.protocol import MIN_BYTES_PER_SECOND, MIN_TRANSFER_SECONDS, transfer_seconds
 from comind.rounds import RoundPolicy, Rounds, Verdict
 from comind.sampling import Selection
+from comind.secagg.config import SecAggSettings
 from comind.tensors import Assembler, Layout
 from comind.transfers import BufferPool, Slots
+
+if TYPE_CHECKING:
+    from comind.secure_rounds import SecureRounds
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,8 @@ class JoinInfo:
     update_encoding: str = encodings.FLOAT32
     rounds_mode: str = async_rounds.SYNC
     federated_eval_every: int = 0
+    #: Secure aggregation's settings; None when it is off.
+    secure_aggregation: SecAggSettings | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +211,12 @@ class ParameterServer:
         else:
             self._start_privacy(-1)
         self._round: RoundInProgress | None = None
+        #: Secure aggregation's attempts at rounds (``secure_rounds.py``); None when it is off.
+        self.secure: SecureRounds | None = None
+        if self.pipeline.settings.secure_aggregation is not None:
+            from comind.secure_rounds import SecureRounds  # with the secagg extra only
+
+            self.secure = SecureRounds(self.pipeline.settings.secure_aggregation, metrics, self.rounds)
         self._stats = np.zeros(4)  # examples, examples * loss, examples * accuracy, staleness (async rounds)
         self._round_opened = time.monotonic()
         self._receiving = Slots(max_concurrent_updates, "receiving")
@@ -320,7 +332,8 @@ class ParameterServer:
         policy = self.rounds.policy
         return JoinInfo(member_id, policy.lease_seconds, self.rounds.round, policy.total_rounds, self.rounds.done,
                         policy.replicas_to_aggregate, self.pipeline.settings.mode, self.pipeline.update_encoding.name,
-                        self.pipeline.settings.rounds_mode, self.evaluations.every)
+                        self.pipeline.settings.rounds_mode, self.evaluations.every,
+                        self.pipeline.settings.secure_aggregation)
 
     def _admit(self, task_index: int, peer: bytes | None, instance: str) -> str | None:
         """Whether a registration may go ahead: None if so, the member id to give back if the same worker
@@ -509,6 +522,42 @@ class ParameterServer:
         return _UNREAD[verdict]
 
     async def _update(self, member_id: str, header: UpdateHeader, data: AsyncIterator[bytes]) -> UpdateResult:
+        if self.secure is not None:
+            raise refusals.InvalidRequest("This ps aggregates securely: an update goes masked, after the worker's "
+                                          "keys (run the same coMind version on the ps and the workers).")
+        result = self.check_update(member_id, header)
+        if result is not None:
+            return result
+        encoding = self.pipeline.update_encoding
+        if header.encoding != encoding.name:
+            raise refusals.InvalidRequest(
+                f"This ps takes updates encoded as {encoding.name} (COMIND_UPDATE_ENCODING), as it said when the "
+                f"worker joined; run the same coMind version on the ps and the workers. Received: "
+                f"encoding={header.encoding[:40]!r}")
+        assert self.model is not None  # check_update's layout check needs one
+        # From the ps's own layout, which the header's matches: the bytes to read follow from it and the encoding.
+        wire = encoding.wire_layout(self.model.layout)
+        nbytes = header.layout.nbytes
+        async with self._receiving.hold(wire.nbytes) as deadline:
+            buffer = self._buffers.take(nbytes)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if encoding.identity:
+                        packed = await self._read(header.layout, data, buffer, member_id)
+                    else:
+                        encoded = await self._read(wire, data, np.empty(wire.nbytes, np.uint8), member_id)
+                        packed = await self._offload(nbytes, self._decode, encoding, encoded, buffer)
+                        del encoded
+                return await self._commit(member_id, header, packed)
+            finally:
+                self._buffers.give_back(buffer)
+
+    def check_update(self, member_id: str, header: UpdateHeader) -> UpdateResult | None:
+        """What becomes of an update without reading it (None: read it), once its header is checked.
+
+        Raises:
+            Refusal: a header that does not fit the ps's model or claims what it may not.
+        """
         result = self._verdict(member_id, header.round)
         if result is not None:
             policy = self.rounds.asynchronous
@@ -534,34 +583,12 @@ class ParameterServer:
         if not (math.isfinite(header.loss) and math.isfinite(header.accuracy)):
             raise refusals.NotFinite(f"Loss and accuracy must be finite numbers. Received: loss={header.loss}, "
                                      f"accuracy={header.accuracy}")
-        encoding = self.pipeline.update_encoding
-        if header.encoding != encoding.name:
-            raise refusals.InvalidRequest(
-                f"This ps takes updates encoded as {encoding.name} (COMIND_UPDATE_ENCODING), as it said when the "
-                f"worker joined; run the same coMind version on the ps and the workers. Received: "
-                f"encoding={header.encoding[:40]!r}")
         try:
             self.evaluations.check(header.federated_eval, header.round)
         except refusals.Refusal:
             self.metrics.federated_eval.reports.labels("rejected").inc()
             raise
-        assert self.model is not None  # _check_layout needs one
-        # From the ps's own layout, which the header's matches: the bytes to read follow from it and the encoding.
-        wire = encoding.wire_layout(self.model.layout)
-        nbytes = header.layout.nbytes
-        async with self._receiving.hold(wire.nbytes) as deadline:
-            buffer = self._buffers.take(nbytes)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    if encoding.identity:
-                        packed = await self._read(header.layout, data, buffer, member_id)
-                    else:
-                        encoded = await self._read(wire, data, np.empty(wire.nbytes, np.uint8), member_id)
-                        packed = await self._offload(nbytes, self._decode, encoding, encoded, buffer)
-                        del encoded
-                return await self._commit(member_id, header, packed)
-            finally:
-                self._buffers.give_back(buffer)
+        return None
 
     def _decode(self, encoding: encodings.Encoding, encoded: np.ndarray, out: np.ndarray) -> np.ndarray:
         """An update's encoded bytes decoded into ``out``, and checked as the bytes of one sent as it is are."""
@@ -683,7 +710,12 @@ class ParameterServer:
     async def _close(self) -> bool:
         """Closes the open round if it may; whether it did."""
         async with self._lock:
-            if not self.rounds.ready_to_close():
+            if self.secure is not None:  # the round closes once its parties' sum is unmasked
+                secure_sum = await self.secure.may_close(time.monotonic())
+                if secure_sum is None:
+                    return False
+                self._round, self._stats = RoundInProgress(secure_sum, None), self.secure.survivors_figures()
+            elif not self.rounds.ready_to_close():
                 return False
             assert self.model is not None
             # None for a Poisson round without updates: its release is the noise alone.
@@ -906,6 +938,8 @@ class ParameterServer:
 
     def _end_leases(self) -> None:
         for member in self.rounds.expire():
+            if self.secure is not None:
+                self.secure.lease_ended(member.task_index)
             log.warning("Worker %d's lease ended (%s); %d live.", member.task_index,
                         member.description or "no description", len(self.rounds.members))
             self._wake((member.task_index,))

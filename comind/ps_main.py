@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from comind.pipeline import ServerPipeline
     from comind.privacy import DpSettings
     from comind.rounds import RoundPolicy
+    from comind.secagg.config import SecAggSettings
     from comind.server_optimizers import ServerOptimizerSettings
     from comind.settings import PsSettings
 
@@ -33,12 +34,13 @@ def server_pipeline(settings: PsSettings, policy: RoundPolicy) -> ServerPipeline
 
     name, optimizer = server_optimizer(settings)
     privacy = dp_settings(settings, policy)
+    secure = secure_aggregation(settings)
     pipeline = ServerPipeline(PipelineSettings(
-        mode=settings.mode, weighting=settings.weighting or ("uniform" if privacy else "examples"),
+        mode=settings.mode, weighting=settings.weighting or ("uniform" if privacy or secure else "examples"),
         aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
         max_update_norm=settings.max_update_norm, server_optimizer=name, server_optimizer_settings=optimizer,
         update_encoding=settings.update_encoding, model_encoding=settings.model_encoding, privacy=privacy,
-        rounds_mode=settings.rounds_mode))
+        rounds_mode=settings.rounds_mode, secure_aggregation=secure))
     pipeline.check_quorum(policy.expected_updates)
     return pipeline
 
@@ -67,6 +69,10 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
         raise ValueError("Federated evaluation tests one global model per round, and asynchronous rounds have none: "
                          "set COMIND_FEDERATED_EVAL_EVERY to 0, or COMIND_ROUNDS_MODE to sync. Received: "
                          f"federated_eval_every={settings.federated_eval_every}, rounds_mode={ASYNC!r}")
+    if settings.federated_eval_every and settings.secure_aggregation:
+        raise ValueError("Federated evaluation's reports do not yet travel with masked inputs: set "
+                         "COMIND_FEDERATED_EVAL_EVERY to 0, or turn COMIND_SECURE_AGGREGATION off. Received: "
+                         f"federated_eval_every={settings.federated_eval_every}, secure_aggregation=True")
     return RoundPolicy(
         num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
@@ -108,6 +114,31 @@ def dp_settings(settings: PsSettings, policy: RoundPolicy) -> DpSettings | None:
         initial_clip=settings.dp_initial_clip, target_quantile=settings.dp_target_quantile,
         clip_learning_rate=settings.dp_clip_learning_rate, delta=settings.dp_delta,
         accountant=settings.dp_accountant, target_epsilon=settings.dp_target_epsilon)
+
+
+def secure_aggregation(settings: PsSettings) -> SecAggSettings | None:
+    """Secure aggregation's settings, or None when it is off.
+
+    Raises:
+        ValueError: its packages are missing, or it is asked with replicas to aggregate.
+    """
+    from comind.secagg.config import SecAggSettings
+
+    if not settings.secure_aggregation:
+        return None
+    try:
+        import Crypto.Protocol.SecretSharing  # noqa: F401 - only to say now that it is missing
+        import cryptography  # noqa: F401
+    except ImportError as error:
+        raise ValueError(f"Secure aggregation needs the cryptography and pycryptodome packages: pip install "
+                         f"'comind[secagg]'. Received: {error}") from None
+    if settings.replicas_to_aggregate is not None:
+        raise ValueError(f"Under secure aggregation a round's masked inputs are unmasked together, so it cannot close "
+                         f"at the first COMIND_REPLICAS_TO_AGGREGATE of them and leave the rest as backups: unset it "
+                         f"(client sampling, --clients-per-round, picks a round's workers instead). Received: "
+                         f"replicas_to_aggregate={settings.replicas_to_aggregate}")
+    return SecAggSettings(settings.secagg_threshold, settings.secagg_neighbours, settings.secagg_clip_range,
+                          settings.max_update_norm)
 
 
 def server_optimizer(settings: PsSettings) -> tuple[str, ServerOptimizerSettings]:

@@ -65,6 +65,7 @@ from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, RETRY_AFTER_KEY, transfer_seconds
 from comind.ps import GlobalModel, ParameterServer, UpdateHeader, UpdateKind, UpdateResult
+from comind.secagg import errors as secagg_errors
 from comind.tensors import Layout, LayoutError, LayoutTooLarge, chunks
 from comind.transfers import Slots
 
@@ -101,6 +102,17 @@ STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
     refusals.Busy: grpc.StatusCode.UNAVAILABLE,
     refusals.TooSlow: grpc.StatusCode.DEADLINE_EXCEEDED,
     refusals.NotServing: grpc.StatusCode.UNAVAILABLE,
+    # Secure aggregation (comind/secagg): a message that breaks the protocol; an attempt at a round that failed.
+    secagg_errors.SecAggRefusal: grpc.StatusCode.INVALID_ARGUMENT,
+    secagg_errors.WrongStage: grpc.StatusCode.FAILED_PRECONDITION,
+    secagg_errors.WrongRound: grpc.StatusCode.FAILED_PRECONDITION,
+    secagg_errors.NotAParty: grpc.StatusCode.PERMISSION_DENIED,
+    secagg_errors.KeyAdvertisedTwice: grpc.StatusCode.ALREADY_EXISTS,
+    secagg_errors.DuplicateMessage: grpc.StatusCode.ALREADY_EXISTS,
+    secagg_errors.MisaddressedShare: grpc.StatusCode.PERMISSION_DENIED,
+    secagg_errors.ForgedShare: grpc.StatusCode.INVALID_ARGUMENT,
+    secagg_errors.InvalidMessage: grpc.StatusCode.INVALID_ARGUMENT,
+    secagg_errors.RoundFailed: grpc.StatusCode.ABORTED,
 }
 
 MODES = {modes.FEDERATED: pb.TRAINING_MODE_FEDERATED, modes.DISTRIBUTED: pb.TRAINING_MODE_DISTRIBUTED}
@@ -126,11 +138,17 @@ class Service(pb_grpc.ParameterServerServicer):
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         info = await _answer(context, self.ps.join, request.task_index, request.description, _peer(context),
                              request.instance)
-        return pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
-                            total_rounds=info.total_rounds, done=info.done,
-                            replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode],
-                            update_encoding=info.update_encoding, rounds_mode=ROUNDS_MODES[info.rounds_mode],
-                            federated_eval_every=info.federated_eval_every)
+        reply = pb.JoinReply(member_id=info.member_id, lease_seconds=info.lease_seconds, round=info.round,
+                             total_rounds=info.total_rounds, done=info.done,
+                             replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode],
+                             update_encoding=info.update_encoding, rounds_mode=ROUNDS_MODES[info.rounds_mode],
+                             federated_eval_every=info.federated_eval_every)
+        secure = info.secure_aggregation
+        if secure is not None:
+            reply.secure_aggregation.clip_range = secure.clip_range
+            if secure.max_update_norm is not None:
+                reply.secure_aggregation.max_update_norm = secure.max_update_norm
+        return reply
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         await _answer(context, self.ps.renew, request.member_id, _peer(context))
@@ -161,6 +179,9 @@ class Service(pb_grpc.ParameterServerServicer):
             raise refusals.InvalidRequest("A hello's message carries no renewal: the hello itself renews the lease.")
         hello = first.hello
         unread = False  # whether the update's bytes are still coming, unread
+        if hello.HasField("secagg_keys"):
+            await self._secure_round(first, requests, context, peer)
+            return
         if hello.HasField("update"):
             try:
                 header = self._header(hello.update)
@@ -181,6 +202,26 @@ class Service(pb_grpc.ParameterServerServicer):
         # a large model goes down a slow link.
         renewals = asyncio.ensure_future(self._renewals(requests, hello.member_id, peer, unread))
         try:
+            await self._answer(hello, renewals, context)
+        finally:
+            renewals.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewals
+
+    async def _secure_round(self, first: pb.WorkerMessage, requests: _Requests, context: grpc.aio.ServicerContext,
+                            peer: bytes | None) -> None:
+        """A Round call under secure aggregation (``secure_calls.py``): its stages, its receipt, its model."""
+        from comind import secure_calls  # with the secagg extra only
+
+        hello = first.hello
+        if not hello.HasField("update") or first.data or first.end:
+            raise refusals.InvalidRequest("A hello with secure aggregation's keys carries an update's header, and its "
+                                          "masked bytes come only after the ps's inbox.")
+        header = self._header(hello.update)
+        result, renewals = await secure_calls.exchange(self.ps, hello, header, requests.next, context, peer)
+        try:
+            await context.write(pb.PsMessage(receipt=pb.Receipt(round=header.round, result=_RESULTS[result]))
+                                .SerializeToString())
             await self._answer(hello, renewals, context)
         finally:
             renewals.cancel()

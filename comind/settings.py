@@ -202,6 +202,22 @@ class PsSettings(_Cluster):
     dp_target_epsilon: float | None = _setting(
         None, "the privacy budget: training ends at the last round whose epsilon stays within it; unset: no end "
         "but --rounds", config.positive_float)
+    # Secure aggregation (comind/secagg, comind/secure_rounds.py).
+    secure_aggregation: bool = _setting(
+        False, "secure aggregation (Bonawitz et al. 2017; SecAgg+): workers mask their updates so that the ps learns "
+        "only each round's sum; updates count uniformly, --max-update-norm clips on the workers, and median, "
+        "trimmed-mean, --replicas-to-aggregate, worker-level DP and update encodings other than float32 are refused",
+        config.switch)
+    secagg_threshold: float | None = _setting(
+        None, "secure aggregation: the fraction of each worker's share holders (itself and its neighbours) needed to "
+        "unmask; a round with fewer survivors fails and starts again; unset: the smallest majority",
+        config.fraction_above_half)
+    secagg_neighbours: int | None = _setting(
+        None, "secure aggregation: k, each worker's neighbours (even; SecAgg+'s random k-regular graph); unset: "
+        "every other worker in rounds of up to 20, else about 3 log2 n", config.positive_int)
+    secagg_clip_range: float = _setting(
+        4.0, "secure aggregation: c, the bound on every value of an update, which the fixed-point encoding needs so "
+        "that a round's sum never wraps; a worker with a larger value stops with an error", config.positive_float)
     checkpoint_dir: str | None = _setting(None, "directory for durable checkpoints; unset: in memory only")
     keep_checkpoints: int = _setting(3, "checkpoints to keep", config.positive_int)
     max_model_bytes: int = _setting(4 << 30, "largest model the ps accepts", config.positive_int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,15 @@ WORKER = ROOT / "tests" / "numpy_worker.py"
 
 def start_worker(address: str, task: int, out: Path, *, examples: int = 100, delta: float = 1.0,
                  pause: float = 0.0, launcher: tuple[str, ...] = (), token: str | None = None,
-                 rows: int = 100, delta_step: float = 0.0) -> subprocess.Popen:
+                 rows: int = 100, delta_step: float = 0.0, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A worker process; ``launcher`` prefixes its command (``ip netns exec NAME``); ``rows`` sizes its model
-    (4 KB per 100); its delta grows by ``delta_step`` a round."""
+    (4 KB per 100); its delta grows by ``delta_step`` a round; ``env`` adds to its environment."""
     return subprocess.Popen([*launcher, sys.executable, WORKER, address, str(task), "--examples", str(examples),
                              "--delta", str(delta), "--delta-step", str(delta_step), "--out", str(out),
                              "--pause", str(pause), "--rows", str(rows),
                              *(["--token", token] if token else [])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def assert_finishes(worker: subprocess.Popen, ps, timeout: float = 120) -> None:

@@ -233,6 +233,7 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("ps.serverMomentum=1", "/ps/serverMomentum"),
     ("ps.serverEpsilon=0", "/ps/serverEpsilon"),
     ("ps.updateEncoding=int4", "/ps/updateEncoding"),
+    ("ps.secaggNeighbours=3", "/ps/secaggNeighbours"),
     ("ps.modelEncoding=int8", "/ps/modelEncoding"),
     ("training.proximalMu=-1", "/training/proximalMu"),
     ("ps.roundsMode=later", "/ps/roundsMode"),
@@ -376,6 +377,19 @@ def test_example_level_dp_sgd_reaches_the_workers_as_their_settings(helm):
     # Off by default.
     worker = container(render(helm), "comind-worker")
     assert not {name for name in env_of(worker) if name.startswith("COMIND_DP_")}
+
+
+def test_secure_aggregation_reaches_the_ps_as_its_settings(helm):
+    objects = render(helm, "--set", "ps.secureAggregation=true,ps.secaggThreshold=0.75,ps.secaggNeighbours=6,"
+                     "ps.secaggClipRange=2,ps.maxUpdateNorm=1.5")
+    ps = container(objects, "comind-ps")
+    variables = {name: entry["value"] for name, entry in env_of(ps).items() if "value" in entry}
+    loaded = load_settings("ps", {}, {**named(objects, "ConfigMap")["comind"]["data"], **variables})
+    assert (loaded.secure_aggregation, loaded.secagg_threshold, loaded.secagg_neighbours, loaded.secagg_clip_range,
+            loaded.max_update_norm) == (True, 0.75, 6, 2.0, 1.5)
+    # Off by default.
+    ps = container(render(helm), "comind-ps")
+    assert not {name for name in env_of(ps) if name.startswith(("COMIND_SECURE_", "COMIND_SECAGG_"))}
 
 
 def test_the_ps_keeps_checkpoints_on_a_claim_and_workers_may_have_data_volumes(everything, helm):

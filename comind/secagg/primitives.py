@@ -1,0 +1,133 @@
+"""Secure aggregation's primitives, all from maintained libraries: X25519 key agreement, HKDF-SHA256,
+ChaCha20-Poly1305 (``cryptography``); ChaCha20 as the mask PRG; Shamir's secret sharing over GF(2^128)
+(``pycryptodome``). No statistical RNG touches a key, a mask or a share."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from comind.secagg.errors import ForgedShare, InvalidMessage
+
+KEY_BYTES = 32
+#: A secret (a mask key or a self-mask seed) is 32 bytes; Shamir works on 16, so it is shared in two pieces.
+SECRET_BYTES = 32
+_PIECE = 16
+NONCE_BYTES = 12
+#: The room update_into asks beyond its input (a block, less one byte).
+_SPARE = 63
+#: Masks are drawn a MiB of keystream at a time.
+_CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_CHUNK))
+_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+def new_private_key() -> X25519PrivateKey:
+    return X25519PrivateKey.generate()
+
+
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(*_RAW)
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+def private_key(raw: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def new_seed() -> bytes:
+    return os.urandom(SECRET_BYTES)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
+    """A 32-byte key only the two holders of these key pairs can derive, bound to ``info``.
+
+    Raises:
+        InvalidMessage: ``peer_public`` is no X25519 public key (or a low-order point).
+    """
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as error:
+        raise InvalidMessage(f"A public key is not a usable X25519 key: {error}") from None
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """ChaCha20-Poly1305 with a random nonce, which leads the result."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated)
+
+
+def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
+    """What :func:`seal` sealed, if ``key`` and ``associated`` are those it was sealed with.
+
+    Raises:
+        ForgedShare: it was altered, or sealed under another key or for another context.
+    """
+    try:
+        return ChaCha20Poly1305(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated)
+    except (InvalidTag, ValueError):
+        raise ForgedShare("A share does not decrypt: it was altered, or sealed for another round, sender or "
+                          "recipient.") from None
+
+
+def mask(key: bytes, size: int) -> np.ndarray:
+    """``size`` uniform ring elements from the ChaCha20 keystream of ``key``."""
+    nbytes = 4 * size
+    out = bytearray(nbytes + _SPARE)
+    view = memoryview(out)
+    # Every key is fresh for its round and pair, so one stream per key needs no nonce of its own.
+    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    # update_into, a chunk of zeros at a time, into the result: update() and a fresh input of the mask's size
+    # each allocate and fill as much again, which made the keystream a third as fast.
+    for start in range(0, nbytes, _CHUNK):
+        length = min(_CHUNK, nbytes - start)
+        encryptor.update_into(_ZEROS[:length], view[start:start + length + _SPARE])
+    return np.frombuffer(out, "<u4", count=size)
+
+
+def shuffled(items: list[int], seed: bytes) -> list[int]:
+    """``items`` in an order drawn from ``seed`` (Fisher-Yates on a ChaCha20 keystream, without modulo bias)."""
+    out = list(items)
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    for i in range(len(out) - 1, 0, -1):
+        bound = i + 1
+        limit = (1 << 64) - (1 << 64) % bound  # words at or above it would favour the low values
+        while (word := struct.unpack("<Q", stream.update(bytes(8)))[0]) >= limit:
+            pass
+        j = word % bound
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def split(secret: bytes, threshold: int, holders: int) -> list[bytes]:
+    """``holders`` shares of a 32-byte ``secret``, any ``threshold`` of which rebuild it; share i is for the
+    holder at index i (Shamir's x = i + 1)."""
+    pieces = [Shamir.split(threshold, holders, secret[i:i + _PIECE]) for i in range(0, SECRET_BYTES, _PIECE)]
+    return [b"".join(piece[h][1] for piece in pieces) for h in range(holders)]
+
+
+def combine(shares: dict[int, bytes]) -> bytes:
+    """The secret that shares (by holder index, as :func:`split` gave them) rebuild."""
+    return b"".join(Shamir.combine([(index + 1, share[i:i + _PIECE]) for index, share in shares.items()])
+                    for i in range(0, SECRET_BYTES, _PIECE))
+
+
+def commitment(context: bytes, share: bytes) -> bytes:
+    """SHA-256 of a share in its context: lets the ps tell a share revealed at unmasking from a forged one,
+    and (the share being 32 uniform bytes) reveals nothing of it."""
+    return hashlib.sha256(context + share).digest()
