@@ -242,6 +242,8 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("ps.roundsMode=async,ps.dpNoiseMultiplier=1,ps.dpClip=1", "does not combine with worker-level differential"),
     ("ps.roundsMode=async,training.mode=distributed", "ps.roundsMode=async is for federated mode"),
     ("ps.roundsMode=async,ps.aggregation=median,workers.replicas=4", "median needs rounds of at least 3 updates"),
+    ("ps.roundsMode=async,ps.federatedEvalEvery=2", "ps.federatedEvalEvery tests one global model"),
+    ("ps.secureAggregation=true,ps.federatedEvalEvery=2", "ps.federatedEvalEvery tests one global model"),
 ])
 def test_bad_values_fail_with_a_message_that_names_them(helm, setting, message):
     result = helm_run(helm, "template", RELEASE, str(CHART), "--set", setting, check=False)
@@ -377,6 +379,20 @@ def test_example_level_dp_sgd_reaches_the_workers_as_their_settings(helm):
     # Off by default.
     worker = container(render(helm), "comind-worker")
     assert not {name for name in env_of(worker) if name.startswith("COMIND_DP_")}
+
+
+def test_federated_evaluation_reaches_the_ps_and_the_workers_as_their_settings(helm):
+    objects = render(helm, "--set", "ps.federatedEvalEvery=3,training.evalFraction=0.2")
+    config = named(objects, "ConfigMap")["comind"]["data"]
+    settings = {}
+    for role, workload in (("ps", "comind-ps"), ("worker", "comind-chief"), ("worker", "comind-worker")):
+        variables = {name: entry["value"] for name, entry in env_of(container(objects, workload)).items()
+                     if "value" in entry}
+        settings[workload] = load_settings(role, {}, {**config, **variables})
+    assert settings["comind-ps"].federated_eval_every == 3
+    assert settings["comind-chief"].eval_fraction == settings["comind-worker"].eval_fraction == 0.2
+    # Off by default.
+    assert "COMIND_FEDERATED_EVAL_EVERY" not in env_of(container(render(helm), "comind-ps"))
 
 
 def test_secure_aggregation_reaches_the_ps_as_its_settings(helm):
