@@ -7,7 +7,8 @@ model, both in one ``Round`` call that also keeps the worker's lease. While
 the ps is unreachable it retries with jittered exponential backoff; when the
 ps restarted (it no longer knows this worker) it joins again. An update is
 sent again on every attempt until the ps's receipt for it arrives, so no
-failure in the middle of a transfer loses it.
+failure in the middle of a transfer loses it; and again after joining again,
+since a ps that restarted lost the updates of the round it had open.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class Update:
     loss: float = 0.0
     accuracy: float = 0.0
     receipt: str | None = None  # what the ps made of it, once it said
+    #: The membership that receipt came in. A ps that no longer knows it may have restarted, and lost the update
+    #: with the round it had not closed yet: the receipt then no longer holds (:meth:`unanswered`).
+    receipt_member: str | None = None
     #: ``packed`` as it goes on the wire, and its encoding (:mod:`comind.encodings`); an initial model as it is.
     encoding: str = encodings.FLOAT32
     wire: np.ndarray | None = None
@@ -100,6 +104,20 @@ class Update:
     federated_eval: federated_eval.Report | None = None
     #: The same on every attempt, so that a ps in asynchronous rounds knows a retry of an update it took.
     update_id: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(async_rounds.UPDATE_ID_BYTES))
+
+    def unanswered(self, member: Membership) -> bool:
+        """Whether the ps has yet to say what it made of this update, as ``member``.
+
+        A receipt from an earlier membership is void: this worker joined again because the ps no longer knew it,
+        after a restart (which resumes from the last closed round's checkpoint, without the updates the open
+        round had taken) or after its lease ended. Only sending the update again tells them apart: the same ps
+        calls it a duplicate (by task index, or by update id in asynchronous rounds), a new one takes it.
+        """
+        if self.receipt is not None and self.receipt_member != member.id:
+            log.info("Sending our update for round %d again: the ps that said %r of it no longer knows this "
+                     "worker, and may have restarted without it.", self.round, self.receipt)
+            self.receipt = None
+        return self.receipt is None
 
     def header(self, layout: Layout) -> pb.UpdateHeader:
         header = pb.UpdateHeader(kind=self.kind, round=self.round, num_examples=self.num_examples, loss=self.loss,
@@ -429,10 +447,10 @@ class WorkerClient:
         """
         assert self._layout is not None
         layout = self._layout
-        send = update if update is not None and update.receipt is None else None
+        send = update if update is not None and update.unanswered(member) else None
         if member.known_round < 0:
             # The ps holds no model: a change means nothing to it; the chief starts it from its own model.
-            send = restart if restart is not None and restart.receipt is None else None
+            send = restart if restart is not None and restart.unanswered(member) else None
         elif send is not None and send.kind == pb.UPDATE_KIND_INITIAL:
             send = None  # the ps has a model already
         hello = pb.Hello(member_id=member.id, have_round=self.round)
@@ -470,7 +488,7 @@ class WorkerClient:
         def on_receipt(receipt: pb.Receipt) -> None:
             if send is None or receipt.round != send.round or receipt.result not in _RECEIPTS:
                 raise ProtocolError(f"The ps sent a receipt this worker did not ask for: {receipt}.")
-            send.receipt = _RECEIPTS[receipt.result]
+            send.receipt, send.receipt_member = _RECEIPTS[receipt.result], member.id
             if send.kind == pb.UPDATE_KIND_INITIAL:
                 log.info("The ps %s our initial model.", "took" if send.receipt == "accepted" else
                          "already had a model; ignored")

@@ -20,6 +20,7 @@ from comind.checkpoint import CheckpointStore
 from comind.tensors import Layout
 from numpy_cluster import assert_finishes, expected_value, read_history, start_worker
 from processes import ROOT
+from scrape import Scrape, free_port
 
 
 def run_clients(address: str, examples: list[int], rounds_seed: int = 0) -> dict[int, dict]:
@@ -264,3 +265,45 @@ def test_workers_are_back_within_a_lease_of_a_ps_that_was_away_for_long(start_ps
     print(f"\n  workers back {back:.1f} s after the ps listened again, 20 s after it went away")
     assert back < 5
     assert not re.search(r"Round \d+/8: 1 updates", second.log()), second.log()
+
+
+def test_an_update_the_killed_ps_had_taken_goes_to_its_replacement(start_ps, tmp_path):
+    """A ps SIGKILLed after it took one worker's update for the open round, and restarted from its checkpoint:
+    the update died with it, so its sender sends it again, and the round closes at once with both updates (it
+    waited for its deadline while the sender took the first ps's receipt as the last word)."""
+    checkpoints, ports = tmp_path / "checkpoints", [free_port(), free_port()]
+    # A lease that a loaded machine's heartbeats keep: no round here closes for a lease's end.
+    flags = ["--num-workers", "2", "--rounds", "3", "--exit-grace", "5", "--lease-seconds", "5",
+             "--round-timeout", "60", "--checkpoint-dir", str(checkpoints)]
+    examples, deltas = [100, 300], [1.0, -0.5]
+    first = start_ps(*flags, "--metrics-port", str(ports[0]))
+    outs = [tmp_path / f"worker-{task}.jsonl" for task in range(2)]
+    # Worker 1 trains for 2 s a round, worker 0 at once: the ps dies with worker 0's update for round 2 taken.
+    workers = [start_worker(first.address, task, outs[task], examples=examples[task], delta=deltas[task],
+                            pause=2.0 * task) for task in range(2)]
+    first.wait_for(r"Round 1/3: 2 updates")
+    # Accepted so far: round 1's two updates, and worker 0's for round 2 (an initial model is no update).
+    while Scrape(ports[0])("comind_updates_total", result="accepted") < 3:
+        time.sleep(0.02)
+    first.kill()
+    assert "Round 2/3" not in first.log()
+
+    second = start_ps(*flags, "--metrics-port", str(ports[1]), port=first.port)
+    second.wait_for(r"Resumed from \S+ at round 1\.")
+    restarted = time.monotonic()
+    # Well before its deadline (60 s), and with both updates.
+    assert second.wait_for(r"Round 2/3: (\d+) updates", timeout=20).group(1) == "2", second.log()
+    print(f"\nthe round open at the crash closed {time.monotonic() - restarted:.1f} s after the restart")
+    second.wait_for(r"Round 3/3: 2 updates")
+    scrape = Scrape(ports[1])  # updates are counted before their round closes
+    for worker in workers:
+        assert_finishes(worker, second)
+    assert second.wait(timeout=30) == 0
+    # Each update applied once: two a round, none twice, and the weights exact averaging gives.
+    assert scrape("comind_updates_total", result="accepted") == 4
+    assert scrape("comind_updates_total", result="duplicate") == 0
+    for out in outs:
+        history = read_history(out)
+        assert [h["round"] for h in history] == [0, 1, 2, 3]
+        for h in history:
+            np.testing.assert_allclose(h["values"], expected_value(h["round"], examples, deltas), rtol=1e-5)
