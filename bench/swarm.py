@@ -314,16 +314,18 @@ async def run_client(client: Client, rounds: int, initial: list[np.ndarray] | No
     """One client's report: its updates and models with their times, or what went wrong. It joins while it
     holds ``joining``; the chief holds its initial model until ``released`` is done, if given."""
     report: dict = {"task": client.task_index, "pushes": [], "models": [], "error": None}
+    doing = "joining"  # for the error line: which calls failed
     try:
         async with joining:
             await client.join()
+        doing = "in its rounds"
         if released is not None:
             await client.while_leased(released)
         pushes, models = await client.while_leased(train(client, rounds, initial))
         report.update(pushes=[dataclasses.astuple(p) for p in pushes], models=[dataclasses.astuple(m) for m in models])
     except (grpc.aio.AioRpcError, LoadError) as error:
-        report["error"] = (f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError)
-                           else str(error))
+        report["error"] = doing + ": " + (f"{error.code().name}: {error.details()}"
+                                          if isinstance(error, grpc.aio.AioRpcError) else str(error))
         # Said at once, and the client leaves: one that kept its lease would hold a round that selects it.
         print(f"swarm: worker {client.task_index}: {report['error']}", file=sys.stderr, flush=True)
         with contextlib.suppress(grpc.aio.AioRpcError):
