@@ -48,6 +48,7 @@ more), and writes the same text to ``bench/results/load.txt``.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -146,7 +147,7 @@ class LoadRun:
     rounds_complete: set[int]  # the rounds that took all the updates they asked for
     finished: int              # workers that received the final model
     errors: list[str]          # what workers saw go wrong, one line each
-    recalls: int               # Round calls made again after a renewal met the call's end (swarm.py)
+    recalls: dict[str, int]    # Round calls made again (swarm.py), by the status that ended the one before
     join_retries: int          # Joins made again after the ps said to retry (busy, or its registration rate)
     updates: dict[str, float]  # comind_updates_total by result, over the whole run
     ps_round_counts: dict[float, float]  # comind_round_duration_seconds buckets (le -> count), measured rounds
@@ -280,7 +281,7 @@ def _client_view(reports: list[dict], scenario: Scenario) -> dict:
         "rounds_complete": {int(r) for r in np.unique(round) if (round == r).sum() == scenario.per_round},
         "finished": sum(1 for r in reports if r["models"] and r["models"][-1][0] == scenario.rounds),
         "errors": [f"worker {r['task']}: {r['error']}" for r in reports if r["error"]],
-        "recalls": sum(r["recalls"] for r in reports),
+        "recalls": dict(sum((collections.Counter(r["recalls"]) for r in reports), collections.Counter())),
         "join_retries": sum(r["join_retries"] for r in reports),
     }
 
@@ -381,8 +382,9 @@ def section(run: LoadRun) -> Section:
     notes = (f"{s.clients} workers in {s.processes} processes, each with its own connection; {s.per_round} per "
              f"round, {s.encoding} updates, {s.lease_seconds:g} s leases; {s.warmup_rounds} warm-up + "
              f"{s.measured_rounds} measured rounds{final}; load average {run.load_average:.2f} at the start.",
-             *([f"{run.recalls} Round calls made again: a renewal met the call's end (grpc.aio: INTERNAL)."]
-               if run.recalls else []),
+             *([f"{sum(run.recalls.values())} Round calls made again, by the status that ended the one before "
+                f"({', '.join(f'{code} {n}' for code, n in sorted(run.recalls.items()))}): INTERNAL when a renewal "
+                f"met the call's end (grpc.aio), the others as a WorkerClient retries them."] if run.recalls else []),
              *([f"{run.join_retries} Joins made again after the ps said to retry."] if run.join_retries else []),
              *run.errors[:5])
     return Section(f"{s.name}", rows, notes)

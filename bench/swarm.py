@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -50,7 +51,7 @@ import numpy as np
 from comind import encodings
 from comind.auth import call_metadata
 from comind.backoff import Backoff
-from comind.client import UNARY_TIMEOUT_SECONDS
+from comind.client import RETRYABLE, UNARY_TIMEOUT_SECONDS
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, round_call_seconds
@@ -99,7 +100,14 @@ class Update:
 
 
 def data_messages(packed: np.ndarray) -> list[pb.WorkerMessage]:
-    """An update's bytes as WorkerClient sends them: the chunks, then the end."""
+    """An update's bytes as WorkerClient sends them: the chunks, then the end.
+
+    The end alone, though the ps takes it with the last chunk: gRPC holds a
+    call's last message received until it reads the next, and a call then
+    waits for its model, under client sampling for many seconds, so the
+    last chunk would stay in the ps's memory (tests/test_load.py: 458 MB
+    instead of 243 with 2,000 workers).
+    """
     return [*(pb.WorkerMessage(data=data) for data in chunks(packed)), pb.WorkerMessage(end=True)]
 
 
@@ -126,7 +134,8 @@ class Client:
         self._renewed: grpc.aio.StreamStreamCall | None = None  # the last call a renewal went into
         self._contact = 0.0   # time.monotonic() of the last message that renewed the lease
         self._keeper: asyncio.Task | None = None
-        self.recalls = 0      # Round calls made again because a renewal met the call's end (see round())
+        # Round calls made again (see round()), by the status that ended the one before.
+        self.recalls: collections.Counter[str] = collections.Counter()
         self.join_retries = 0  # Joins made again after a refusal to retry
 
     async def join(self) -> None:
@@ -183,14 +192,19 @@ class Client:
         A renewal written just as the ps ends the call fails, and grpc.aio
         then ends the call with INTERNAL, model received or not (a sync
         WorkerClient does not see this: its request thread stops quietly).
-        Such a call is made again, counted in ``recalls``: its update again if
-        no receipt came (the ps answers DUPLICATE), else none.
+        Such a call is made again, and so is one that ended with a status a
+        WorkerClient retries (:data:`comind.client.RETRYABLE`, after a pause),
+        counted in ``recalls``: its update again if no receipt came (the ps
+        answers DUPLICATE), else none. (A client that gave up on those instead
+        kept its lease with Heartbeats and, once selected, held a round until
+        its deadline: the "stall" of a run at 5,000 workers.)
 
         Returns:
             The first receipt, when it arrived (``time.monotonic()``), and the model's header; the model is in
             ``self._packed``.
         """
         receipt, acked = None, 0.0
+        delays = Backoff().delays()
         while True:
             hello = pb.Hello(member_id=self.member_id, have_round=have_round)
             if update is not None:
@@ -227,9 +241,12 @@ class Client:
                 if await call.read() is not grpc.aio.EOF:
                     raise LoadError("The ps sent more after the model.")
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.INTERNAL or self._renewed is not call:
+                raced = error.code() == grpc.StatusCode.INTERNAL and self._renewed is call
+                if not raced and error.code() not in RETRYABLE:
                     raise
-                self.recalls += 1
+                self.recalls[error.code().name] += 1
+                if not raced:
+                    await asyncio.sleep(next(delays))
                 continue
             finally:
                 self._waiting = None
@@ -275,11 +292,12 @@ async def train(client: Client, rounds: int, initial: list[np.ndarray] | None) -
     pushes, models = [], [Received(header.round, time.monotonic())]
     while not header.done:
         target = header.round + 1
-        pushed, recalls = time.monotonic(), client.recalls
+        pushed, recalls = time.monotonic(), client.recalls.total()
         receipt, acked, header = await client.round(
             target - 1, Update(pb.UPDATE_KIND_DELTA, target, layout, zero_change(layout, client.encoding)))
         # Sent again after a recall, the update may be a duplicate of itself.
-        expected = {pb.UPDATE_RESULT_ACCEPTED} | ({pb.UPDATE_RESULT_DUPLICATE} if client.recalls > recalls else set())
+        recalled = client.recalls.total() > recalls
+        expected = {pb.UPDATE_RESULT_ACCEPTED} | ({pb.UPDATE_RESULT_DUPLICATE} if recalled else set())
         if receipt.result not in expected or receipt.round != target:
             raise LoadError(f"The ps answered {receipt} to the first update for round {target}.")
         # Without sampling the next model is the round's; with it, the round's or a later one (once selected again).
@@ -296,17 +314,23 @@ async def run_client(client: Client, rounds: int, initial: list[np.ndarray] | No
     """One client's report: its updates and models with their times, or what went wrong. It joins while it
     holds ``joining``; the chief holds its initial model until ``released`` is done, if given."""
     report: dict = {"task": client.task_index, "pushes": [], "models": [], "error": None}
+    doing = "joining"  # for the error line: which calls failed
     try:
         async with joining:
             await client.join()
+        doing = "in its rounds"
         if released is not None:
             await client.while_leased(released)
         pushes, models = await client.while_leased(train(client, rounds, initial))
         report.update(pushes=[dataclasses.astuple(p) for p in pushes], models=[dataclasses.astuple(m) for m in models])
     except (grpc.aio.AioRpcError, LoadError) as error:
-        report["error"] = (f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError)
-                           else str(error))
-    return {**report, "recalls": client.recalls, "join_retries": client.join_retries}
+        report["error"] = doing + ": " + (f"{error.code().name}: {error.details()}"
+                                          if isinstance(error, grpc.aio.AioRpcError) else str(error))
+        # Said at once, and the client leaves: one that kept its lease would hold a round that selects it.
+        print(f"swarm: worker {client.task_index}: {report['error']}", file=sys.stderr, flush=True)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await client.leave()
+    return {**report, "recalls": dict(client.recalls), "join_retries": client.join_retries}
 
 
 async def main(argv: list[str] | None = None) -> None:

@@ -130,3 +130,22 @@ def test_no_model_yet():
 def test_policy_refuses_nonsense(field, value):
     with pytest.raises(ValueError, match=f"{field} must be positive. Received: {field}={value}"):
         RoundPolicy(**{field: value})
+
+
+def test_the_lease_timer_wakes_at_a_bound_then_at_the_leases_as_renewed():
+    # Scanning every member at each timer wake-up cost seconds of ps CPU with 10,000 joining (bench/load.py).
+    clock = Clock()
+    rounds, (a, b) = started(clock, lease_seconds=5)
+    clock.now = 3
+    rounds.renew(a)
+    rounds.renew(b)
+    assert rounds.next_event() == 5  # a bound: the renewals did not move it
+    clock.now = 5
+    assert rounds.expire() == [] and rounds.next_event() == 8
+    clock.now = 7
+    rounds.renew(a)
+    clock.now = 8
+    assert [m.task_index for m in rounds.expire()] == [1] and rounds.next_event() == 12
+    rounds.leave(a)
+    clock.now = 12
+    assert rounds.expire() == [] and rounds.next_event() == rounds.deadline
