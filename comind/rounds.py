@@ -204,8 +204,8 @@ class Rounds:
         self._quorum = 0
         #: Updates buffered for the open version (asynchronous rounds, where a worker may send several).
         self.buffered = 0
-        #: Asynchronous rounds with client sampling: when each training worker's turn ends without an update, by
-        #: task index (the keys are ``selected``), and the turns of the open version that did.
+        #: Asynchronous rounds with client sampling: when each training worker's turn ends if no update comes, by
+        #: task index (the keys are ``selected``); and the turns that ended without one in the open version.
         self._turns: dict[int, float] = {}
         self.abandoned = 0
         self._seen_tasks: set[int] = set()
@@ -371,8 +371,10 @@ class Rounds:
         """Asynchronous rounds: draws as many workers as there are free places among the K that train at once,
         uniformly from the live workers not training; None if there are none."""
         free = self.policy.concurrency(len(self.members)) - len(self.selected)
+        if free <= 0:  # joins and the timers call this too, and mostly find no place free: before the O(live)
+            return None
         idle = {mid: m for mid, m in self.members.items() if m.task_index not in self.selected}
-        if free <= 0 or not idle:
+        if not idle:
             return None
         selection = self._add_draw(self._draw_from(idle, free))
         self._turns.update(dict.fromkeys(selection.selected, self._clock() + self.policy.round_timeout))
