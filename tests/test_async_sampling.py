@@ -102,9 +102,25 @@ def async_ps(registry: CollectorRegistry, workers: int, k: int, **policy: object
     return ps
 
 
-async def push(ps: ParameterServer, member: str) -> UpdateResult:
+async def push(ps: ParameterServer, member: str, update_id: bytes | None = None) -> UpdateResult:
     header, arrays = delta(0.001, round=ps.round + 1)
-    return await ps.receive(member, dataclasses.replace(header, update_id=secrets.token_bytes(16)), data(arrays))
+    header = dataclasses.replace(header, update_id=update_id or secrets.token_bytes(16))
+    return await ps.receive(member, header, data(arrays))
+
+
+def test_a_retry_of_the_update_that_ended_a_turn_is_a_duplicate_not_a_refusal():
+    async def scenario() -> None:
+        ps = async_ps(CollectorRegistry(), 2, 1, total_rounds=10)
+        members = await initialized(ps, 2)
+        training = next(m for m in members if ps.rounds.is_selected(m))
+        update_id = secrets.token_bytes(16)
+        assert await push(ps, training, update_id) is UpdateResult.ACCEPTED
+        assert not ps.rounds.is_selected(training)  # the draw (fixed seeds) passed the turn to the other worker
+        # Its receipt was lost, and its retry comes.
+        assert await push(ps, training, update_id) is UpdateResult.DUPLICATE
+        assert ps.rounds.buffered == 1
+
+    asyncio.run(scenario())
 
 
 def test_over_600_turns_each_draw_is_uniform_over_the_workers_not_training_and_the_log_reproduces_it(caplog):
