@@ -13,7 +13,11 @@ new model it receives, on the 360 test images) and a few seconds more:
 * sync: every round waits for all three workers;
 * sync, 2 of 3: ``--replicas-to-aggregate 2``, the original's backup workers:
   a round closes at the first two updates, and the slow worker's is stale;
-* async: ``--rounds-mode async --buffer-size 2`` (a = 0.5, max staleness 10).
+* async: ``--rounds-mode async --buffer-size 2`` (a = 0.5, max staleness 10);
+* async, C=2: ``--clients-per-round 2`` too: at most two workers train at
+  once, each turn that ends passing to one drawn from the other two (the
+  buffer's default, half of C: K = 1). The chief tests the models it trains
+  from, so under sampling it sees the target up to one turn late.
 
     .venv/bin/python bench/async_rounds.py [--repeats 3]
 
@@ -59,6 +63,7 @@ CONFIGURATIONS = {
     "sync": [],
     "sync, 2 of 3": ["--replicas-to-aggregate", "2"],
     "async, K=2": ["--rounds-mode", "async", "--buffer-size", "2"],
+    "async, C=2, K=1": ["--rounds-mode", "async", "--clients-per-round", "2"],
 }
 #: The ps's lines for updates it refused as stale, in either mode, with their time.
 STALE = re.compile(r"^(\S+ \S+) INFO comind\.ps: (?:A stale update|Refused a stale update)", re.MULTILINE)
@@ -200,7 +205,9 @@ NOTES = """
 s to 0.95: wall time from the chief's first global model to the first it tested at 0.95 or more; versions: the
 rounds (async: model versions) published by then; updates sent: by the three workers until then; wasted: of
 those, updates the ps refused as stale (sync, 2 of 3: the slow worker's, after each round closed without it;
-async: none unless staler than --max-staleness). The test set has 360 images, so one image is 0.003.
+async: none unless staler than --max-staleness). async, C=2, K=1: client sampling lets two workers train at once,
+and each version is one update; the chief tests only the models of its own turns, so its time to 0.95 may be up to
+a turn late. The test set has 360 images, so one image is 0.003.
 """
 
 

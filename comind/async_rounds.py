@@ -10,7 +10,8 @@ version ``t`` has staleness ``tau = t - v`` and is scaled by
 
 before the aggregator takes it with its weight (``weighting.py``: examples or
 uniform). Once ``K`` updates are buffered (``buffer_size``; by default half
-the live workers, at least 1), the server optimizer takes one step with the
+the workers that train at once, at least 1: the live ones, or the K that
+client sampling lets train at once), the server optimizer takes one step with the
 buffer's aggregate and the version increments. With the mean, that aggregate
 is ``sum_k w_k s(tau_k) D_k / sum_k w_k``: FedBuff's ``(1/K) sum_k s(tau_k) D_k``
 when weights are uniform, so a buffer of equally stale updates is discounted
@@ -63,7 +64,7 @@ class AsyncPolicy:
     """The rules of asynchronous rounds.
 
     Args:
-        buffer_size: K, the updates that make a version; None: half the live workers, at least 1.
+        buffer_size: K, the updates that make a version; None: half the workers that train at once, at least 1.
         staleness_exponent: a in s(tau) = (1 + tau)^-a; 0 weighs every update alike.
         max_staleness: the stalest update taken, in versions; staler ones are refused as stale.
     """
@@ -81,9 +82,9 @@ class AsyncPolicy:
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be 0 or more. Received: max_staleness={self.max_staleness!r}")
 
-    def buffer(self, live_workers: int) -> int:
-        """K: the updates that make the next version, with this many live workers."""
-        return self.buffer_size or max(1, live_workers // 2)
+    def buffer(self, training: int) -> int:
+        """K: the updates that make the next version, with this many workers training at once."""
+        return self.buffer_size or max(1, training // 2)
 
     def weight(self, staleness: int) -> float:
         return staleness_weight(staleness, self.staleness_exponent)

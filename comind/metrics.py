@@ -35,7 +35,8 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100)
 
 #: ``comind_round_workers`` labels, of the last round that closed: the live workers it drew from, those it
 #: selected (every live worker without client sampling), those whose update it aggregated, and those selected
-#: that it closed without (gone, slow, or beyond its quorum).
+#: that it closed without (gone, slow, or beyond its quorum). With asynchronous rounds and client sampling: the
+#: workers training when the version closed (at most K), and the turns that ended during it without an update.
 ROUND_WORKERS = ("population", "selected", "reported", "dropped")
 
 #: ``comind_joins_refused_total`` labels: registrations faster than the ps takes them, for a task index a live
@@ -103,11 +104,13 @@ class PsMetrics:
             registry=registry)
         self.round_workers = Gauge(
             "comind_round_workers", "Workers of the last round that closed, by status: live (population), selected "
-            "to train, reported (updates aggregated) and dropped (selected, not aggregated).", ["status"],
+            "to train, reported (updates aggregated) and dropped (selected, not aggregated); async rounds with "
+            "sampling: selected is those training, dropped the turns ended without an update.", ["status"],
             registry=registry)
         self.sampling_rate = Gauge(
             "comind_round_sampling_rate", "q of the last round that closed: selected / live workers, or the "
-            "Poisson rate with worker-level DP (1 without client sampling).", registry=registry)
+            "Poisson rate with worker-level DP (1 without client sampling); async rounds with sampling: the share "
+            "of live workers training.", registry=registry)
         self.server_optimizer = Info(
             "comind_server_optimizer", "The ps's server optimizer, by name (COMIND_SERVER_OPTIMIZER).",
             registry=registry)

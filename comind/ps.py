@@ -153,6 +153,10 @@ class RoundClosed:
     poisson_rate: float | None = None
     #: Asynchronous rounds: the mean staleness (tau) of the version's updates; NaN for a synchronous round.
     staleness: float = math.nan
+    #: Asynchronous rounds with client sampling, where ``sampled`` is the workers training when the version
+    #: closed: the turns that ended during it without an update (the worker left, its lease ended, or it was
+    #: silent past the round timeout). None otherwise.
+    abandoned: int | None = None
 
     @property
     def sampling_rate(self) -> float:
@@ -164,8 +168,9 @@ class RoundClosed:
 
     @property
     def dropped(self) -> int:
-        """Selected workers whose update the round closed without: gone, slow, or beyond its quorum."""
-        return max(0, self.sampled - self.updates)
+        """Selected workers whose update the round closed without: gone, slow, or beyond its quorum; with
+        asynchronous rounds and client sampling, the turns it saw end without an update."""
+        return self.abandoned if self.abandoned is not None else max(0, self.sampled - self.updates)
 
 
 class ParameterServer:
@@ -404,7 +409,7 @@ class ParameterServer:
     def _membership_changed(self) -> None:
         self.metrics.workers.set(len(self.rounds.members))
         if self.rounds.asynchronous is not None:
-            self.metrics.buffer_size.set(self.rounds.asynchronous.buffer(len(self.rounds.members)))
+            self.metrics.buffer_size.set(self.rounds.buffer_size())
         if self.rounds.done and not self.rounds.members:
             self.finished.set()
         self._draw()  # the first round's workers may all be in now
@@ -419,7 +424,9 @@ class ParameterServer:
     def _drawn(self, selection: Selection | None) -> None:
         if selection is None:
             return
-        log.info("Round %d selects %s.", selection.round, selection.describe())
+        turns = "" if self.rounds.asynchronous is None else (
+            f" (of those not training), {len(self.rounds.selected)} training at once")
+        log.info("Round %d selects %s%s.", selection.round, selection.describe(), turns)
         self._wake(selection.selected)
 
     def _wake(self, tasks: Iterable[int]) -> None:
@@ -559,6 +566,8 @@ class ParameterServer:
             Refusal: a header that does not fit the ps's model or claims what it may not.
         """
         result = self._verdict(member_id, header.round)
+        if result is UpdateResult.NOT_SELECTED and self._taken_already(member_id, header):
+            return UpdateResult.DUPLICATE  # asynchronous rounds: a retry of the update that ended its worker's turn
         if result is not None:
             policy = self.rounds.asynchronous
             if result is UpdateResult.STALE and policy is not None and not self.done:
@@ -672,6 +681,7 @@ class ParameterServer:
                 else:  # what honest updates look like, for choosing the bound
                     log.debug("Worker %d's update for round %d has norm %.4g.", task, header.round, norm)
             self.rounds.record(member_id)
+            self._draw()  # asynchronous rounds with client sampling: the turn that ended passes on
             self._stats += (header.num_examples, header.num_examples * header.loss,
                             header.num_examples * header.accuracy, staleness)
             self.metrics.buffer_updates.set(self.rounds.buffered)
@@ -727,7 +737,8 @@ class ParameterServer:
             closed = RoundClosed(self.rounds.open_round, in_progress.count, int(examples), *per_example,
                                  *self.rounds.population(), self.rounds.policy.sampling.poisson_rate,
                                  staleness / in_progress.count if self.rounds.asynchronous and in_progress.count
-                                 else math.nan)
+                                 else math.nan, self.rounds.abandoned if self.rounds.asynchronous and
+                                 self.rounds.sampling else None)
             model, self._round = self.model, None
             self._stats = np.zeros(4)
             if self.pipeline.update_ids:
@@ -755,6 +766,9 @@ class ParameterServer:
         metrics.sampling_rate.set(closed.sampling_rate)
         sampled = (f", {closed.sampled} of {closed.population} live workers selected (q {closed.sampling_rate:.4g})"
                    if self.rounds.sampling else "")
+        if closed.abandoned is not None:
+            sampled = (f", {closed.sampled} of {closed.population} live workers training (q "
+                       f"{closed.sampling_rate:.4g}), {closed.abandoned} turns ended without an update")
         privacy = self.pipeline.privacy
         spent = f", epsilon {privacy.ledger.epsilon:.4g} at delta {privacy.ledger.delta:g}" if privacy else ""
         stale = "" if math.isnan(closed.staleness) else f", staleness {closed.staleness:.2g} on average"
@@ -865,13 +879,15 @@ class ParameterServer:
         a worker gets a model to train only once a round selects it, so that
         one not selected waits without training: its call stays open, and costs
         the ps nothing but its renewals until then. With asynchronous rounds it
-        is the newest model, at once: the worker does not wait for a version.
+        is the newest model, at once: the worker does not wait for a version
+        (under client sampling, once its turn to train comes).
         """
         deadline = time.monotonic() + timeout
         while True:
             model = self.model
-            if model is not None and (model.done or self.rounds.asynchronous is not None or (
-                    model.round != have_round and self.rounds.is_selected(member_id))):
+            if model is not None and (model.done or (
+                    (self.rounds.asynchronous is not None or model.round != have_round)
+                    and self.rounds.is_selected(member_id))):
                 return model
             try:
                 await asyncio.wait_for(self._turn(member_id).wait(), deadline - time.monotonic())
@@ -927,7 +943,8 @@ class ParameterServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), None if math.isinf(wait) else wait)
         self._end_leases()
-        self._draw()  # the first round's population is in once its wait ends
+        self._end_silent_turns()
+        self._draw()  # the first round's population is in once its wait ends; async: the free turns
         if self.rounds.overdue():
             log.warning("Round %d passed its deadline with %d of the %d updates it needs (%d workers live); "
                         "waiting another %.0f s.", self.rounds.open_round, len(self.rounds.contributors),
@@ -944,6 +961,13 @@ class ParameterServer:
                         member.description or "no description", len(self.rounds.members))
             self._wake((member.task_index,))
             self._membership_changed()
+
+    def _end_silent_turns(self) -> None:
+        silent = self.rounds.end_silent_turns()
+        if silent:
+            log.warning("Task %s trained for %.0f s (COMIND_ROUND_TIMEOUT) without an update: live, but silent; their "
+                        "turn passes to another worker. Their logs say why.", ", ".join(map(str, sorted(silent))),
+                        self.rounds.policy.round_timeout)
 
     async def drain(self) -> None:
         """Waits for a close or checkpoint in progress, so that it lands on disk."""

@@ -201,6 +201,12 @@ def run_ps(settings: PsSettings) -> int:
                      "independently with probability q %r (Poisson sampling, as the privacy ledger counts) and closes "
                      "once every selected worker still live has sent its update, or at its deadline with those in; "
                      "the seed of each draw is logged.", sampling.poisson_rate)
+        elif sampling.enabled and policy.asynchronous is not None:
+            log.info("Client sampling with asynchronous rounds: %s of the live workers train at once, drawn uniformly; "
+                     "each turn that ends (an update taken, a worker gone or silent) passes to a worker drawn from "
+                     "those not training, and a version takes %d updates with the %d workers expected; the seed of "
+                     "each draw is logged.", sampling.clients_per_round or f"a fraction {sampling.client_fraction}",
+                     policy.expected_updates, policy.num_workers)
         elif sampling.enabled:
             log.info("Client sampling: each round selects %s of the live workers (over-selection %g) and closes at "
                      "%d updates with the %d workers expected; the seed of each draw is logged.",

@@ -40,7 +40,14 @@ Rules (docs/design.md, decision 4):
   round is a model version: an update trained from any version within
   ``max_staleness`` of the newest is taken, a worker may send several to one
   version, and the version closes once ``K`` are buffered (or at its
-  deadline with ``min_updates``). There is no warm-up and no draw.
+  deadline with ``min_updates``). There is no warm-up. With client sampling
+  too, K is a concurrency limit (decision 16): the draw selects K of the live
+  workers to train, uniformly, once the population is in, and each time a
+  training worker's turn ends (its update is taken, it leaves, its lease
+  ends, or it trains past ``round_timeout`` without one) a replacement is
+  drawn from the live workers not training. Only training workers get a
+  model and may send an update (others' are ``NOT_SELECTED``), so at most K
+  train at once; their turns carry over from version to version.
 """
 
 from __future__ import annotations
@@ -103,11 +110,15 @@ class RoundPolicy:
     def member_limit(self) -> int:
         return self.max_members or default_max_members(self.num_workers)
 
+    def concurrency(self, live: int) -> int:
+        """The workers that train at once with ``live`` live: K of them under client sampling, else all."""
+        return self.sampling.quorum(live) if self.sampling.enabled else live
+
     @property
     def expected_updates(self) -> int:
         """The updates a round of the expected workers closes with: for checks at start."""
         if self.asynchronous is not None:
-            return self.asynchronous.buffer(self.num_workers)
+            return self.asynchronous.buffer(self.concurrency(self.num_workers))
         if not self.sampling.enabled:
             return self.replicas_to_aggregate or self.num_workers
         k = self.sampling.quorum(self.num_workers)
@@ -144,12 +155,12 @@ class RoundPolicy:
             raise ValueError(f"Asynchronous rounds close a version at --buffer-size updates; unset "
                              f"--replicas-to-aggregate (COMIND_REPLICAS_TO_AGGREGATE), the synchronous rounds' "
                              f"quorum. Received: replicas_to_aggregate={self.replicas_to_aggregate}")
-        if self.sampling.enabled:
-            raise ValueError("Asynchronous rounds take an update from any worker at any time, so there is no round "
-                             "to sample workers for; unset --clients-per-round and --client-fraction, and bound the "
-                             "updates per version with --buffer-size. Received: "
-                             f"clients_per_round={self.sampling.clients_per_round}, "
-                             f"client_fraction={self.sampling.client_fraction}")
+        if self.sampling.over_selection:
+            raise ValueError(f"With asynchronous rounds, client sampling is the number of workers training at once, "
+                             f"and a worker that is slow or gone holds up no version (its turn passes to another "
+                             f"after --round-timeout at most): there is nothing to over-select for. Unset "
+                             f"--over-selection (COMIND_OVER_SELECTION). Received: "
+                             f"over_selection={self.sampling.over_selection}")
 
     def _check_sampling(self) -> None:
         """Refuses sampling settings that contradict the others: no round could close as they say."""
@@ -197,6 +208,10 @@ class Rounds:
         self._quorum = 0
         #: Updates buffered for the open version (asynchronous rounds, where a worker may send several).
         self.buffered = 0
+        #: Asynchronous rounds with client sampling: when each training worker's turn ends if no update comes, by
+        #: task index (the keys are ``selected``); and the turns that ended without one in the open version.
+        self._turns: dict[int, float] = {}
+        self.abandoned = 0
         self._seen_tasks: set[int] = set()
         self._warmed_up = False
         self.deadline = clock() + policy.round_timeout
@@ -256,6 +271,7 @@ class Rounds:
         member = self.members.pop(member_id, None)
         if member is not None and self._by_task.get(member.task_index) == member_id:
             del self._by_task[member.task_index]
+            self.abandoned += self._end_turn(member.task_index)
         return member
 
     def expire(self) -> list[Member]:
@@ -275,7 +291,8 @@ class Rounds:
         if not self.has_model:
             return Verdict.NO_MODEL
         if self.asynchronous is not None:
-            return self._check_staleness(round)
+            verdict = self._check_staleness(round)
+            return Verdict.NOT_SELECTED if verdict is Verdict.ACCEPT and not self.is_selected(member_id) else verdict
         if round < self.open_round or self.closing or self.done:
             return Verdict.STALE
         if round > self.open_round:
@@ -303,7 +320,26 @@ class Rounds:
     def record(self, member_id: str) -> None:
         self.buffered += 1
         self.contributors.add(member_id)
-        self._contributing_tasks.add(self.members[member_id].task_index)
+        task = self.members[member_id].task_index
+        self._contributing_tasks.add(task)
+        self._end_turn(task)  # asynchronous rounds with client sampling: another worker's turn
+
+    def _end_turn(self, task: int) -> bool:
+        """Asynchronous rounds with client sampling: frees a training worker's place; whether it held one."""
+        if self._turns.pop(task, None) is None:
+            return False
+        self.selected.discard(task)
+        return True
+
+    def end_silent_turns(self) -> list[int]:
+        """Asynchronous rounds with client sampling: ends the turns of training workers without an update for
+        ``round_timeout`` (live, renewing, but not sending), and returns their task indices."""
+        now = self._clock()
+        silent = [task for task, ends in self._turns.items() if ends <= now]
+        for task in silent:
+            self._end_turn(task)
+        self.abandoned += len(silent)
+        return silent
 
     def is_selected(self, member_id: str) -> bool:
         """Whether the member may train in the open round: always without client sampling."""
@@ -320,9 +356,14 @@ class Rounds:
 
     def draw(self) -> Selection | None:
         """Under client sampling, selects the workers of the open round if it has none yet and may draw now
-        (see the module's docstring); returns the draw, or None."""
-        if (not self.sampling or self.draws or not self.has_model or self.done or self.closing or not self.members
+        (see the module's docstring); returns the draw, or None. With asynchronous rounds, selects workers for the
+        free places of the K that train at once."""
+        if (not self.sampling or not self.has_model or self.done or not self.members
                 or not (self._population_in() or self._clock() >= self.deadline)):
+            return None
+        if self.asynchronous is not None:
+            return self._fill_turns()
+        if self.draws or self.closing:
             return None
         live = len(self.members)
         sampling = self.policy.sampling
@@ -335,11 +376,24 @@ class Rounds:
         self._quorum = min(sampling.quorum(live), self.policy.replicas_to_aggregate or live)
         return self._add_draw(self._draw_from(self.members, sampling.size(live)))
 
+    def _fill_turns(self) -> Selection | None:
+        """Asynchronous rounds: draws as many workers as there are free places among the K that train at once,
+        uniformly from the live workers not training; None if there are none."""
+        free = self.policy.concurrency(len(self.members)) - len(self.selected)
+        if free <= 0:  # joins and the timers call this too, and mostly find no place free: before the O(live)
+            return None
+        idle = {mid: m for mid, m in self.members.items() if m.task_index not in self.selected}
+        if not idle:
+            return None
+        selection = self._add_draw(self._draw_from(idle, free))
+        self._turns.update(dict.fromkeys(selection.selected, self._clock() + self.policy.round_timeout))
+        return selection
+
     def draw_again(self) -> Selection | None:
         """Selects as many workers again from those live and not yet selected: for a round past its deadline
-        without ``min_updates``. None if there are none, or under Poisson sampling (a second chance would select
-        a worker with a probability above q)."""
-        if not self.draws or self.closing or self.poisson:
+        without ``min_updates``. None if there are none, under Poisson sampling (a second chance would select
+        a worker with a probability above q), or with asynchronous rounds (whose turns end on their own)."""
+        if not self.draws or self.closing or self.poisson or self.asynchronous is not None:
             return None
         candidates = {mid: m for mid, m in self.members.items() if m.task_index not in self.selected}
         return self._add_draw(self._draw_from(candidates, len(self.draws[0].selected))) if candidates else None
@@ -354,7 +408,10 @@ class Rounds:
 
     def population(self) -> tuple[int, int]:
         """The open round's ``(sampled, population)``: how many workers it selected of how many live (those of
-        its first draw); without client sampling, every live worker and every contributor, both times."""
+        its first draw); without client sampling, every live worker and every contributor, both times. With
+        asynchronous rounds and client sampling, the workers training (at most K) of the live ones."""
+        if self.asynchronous is not None and self.sampling:
+            return len(self.selected), len(self.members)
         if self.draws:
             return len(self.selected), len(self.draws[0].population)
         everyone = len(self.contributors.union(self.members))
@@ -367,7 +424,7 @@ class Rounds:
         if not self.has_model or self.closing or self.done:
             return False
         if self.asynchronous is not None:
-            return self.buffered >= self.asynchronous.buffer(len(self.members)) or (
+            return self.buffered >= self.buffer_size() or (
                 self._clock() >= self.deadline and self.buffered >= self.policy.min_updates)
         if self.poisson:  # with none, too: an empty draw, or selected workers all gone, is noise alone
             return bool(self.draws) and (self._clock() >= self.deadline
@@ -388,6 +445,12 @@ class Rounds:
               and len(self.contributors) >= len(self.members) and self.contributors.issuperset(self.members)):
             return True
         return self._clock() >= self.deadline and len(self.contributors) >= policy.min_updates
+
+    def buffer_size(self) -> int:
+        """Asynchronous rounds: K, the updates that make the open version (by default half the workers that
+        train at once)."""
+        assert self.asynchronous is not None
+        return self.asynchronous.buffer(self.policy.concurrency(len(self.members)))
 
     def silent_members(self) -> list[int]:
         """The task indices of live members without an update in a round that is closing for its deadline
@@ -420,7 +483,9 @@ class Rounds:
         self.contributors.clear()
         self._contributing_tasks.clear()
         self.draws = []
-        self.selected = set()
+        if self.asynchronous is None:  # asynchronous rounds' turns carry over from version to version
+            self.selected = set()
+        self.abandoned = 0
         self.closing = False
         self.deadline = self._clock() + self.policy.round_timeout
 
@@ -431,6 +496,7 @@ class Rounds:
         """The next time at which something may change without a call: a lease or deadline ends."""
         # At the bound, expire() scans and tightens it: the timers wake about once a lease, not at each renewal.
         times = [self._first_expiry]
+        times.extend(self._turns.values())  # asynchronous rounds' turns: at most the workers training at once
         if not self._warmed_up and self._warm_up_ends > self._clock():  # once past, nothing to wake for
             times.append(self._warm_up_ends)
         if self.has_model and not self.done:

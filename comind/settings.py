@@ -121,7 +121,8 @@ class PsSettings(_Cluster):
     clients_per_round: int | None = _setting(
         None, "client sampling: each round selects this many of the live workers at random (K) and closes at K "
         "updates; the others wait without training. With worker-level DP, each live worker is selected with "
-        "probability K / --num-workers instead (Poisson sampling). Unset: every live worker", config.positive_int)
+        "probability K / --num-workers instead (Poisson sampling). With --rounds-mode async: K workers train at "
+        "once, each turn that ends passing to one drawn from the others. Unset: every live worker", config.positive_int)
     client_fraction: float | None = _setting(
         None, "client sampling by fraction: K is this fraction of the live workers (rounded down, at least 1), "
         "instead of --clients-per-round", config.fraction_up_to_one)

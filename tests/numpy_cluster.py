@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,19 @@ def assert_finishes(worker: subprocess.Popen, ps, timeout: float = 120) -> None:
         code = f"still running after {timeout} s"
     if code != 0:
         raise AssertionError(f"worker: {code}\n{worker.stderr.read()}\nps:\n{ps.log()}")
+
+
+def kill_one_and_finish(workers: list[subprocess.Popen], gone: int, ps, within: float = 60) -> None:
+    """SIGKILLs ``workers[gone]``; the others and the ps (``processes.Process``) exit 0, the workers ``within``
+    seconds of the kill: sooner than a round timeout set longer."""
+    workers[gone].send_signal(signal.SIGKILL)
+    workers[gone].wait()
+    started = time.monotonic()
+    for task, worker in enumerate(workers):
+        if task != gone:
+            assert_finishes(worker, ps, timeout=within)
+    assert time.monotonic() - started < within
+    assert ps.wait(timeout=30) == 0
 
 
 def read_history(path: Path) -> list[dict]:

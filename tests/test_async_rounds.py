@@ -90,7 +90,7 @@ def test_update_ids_survive_in_the_state_and_the_buffer_does_not():
 
 @pytest.mark.parametrize("args, words", [
     (["--replicas-to-aggregate", "2"], "unset --replicas-to-aggregate"),
-    (["--clients-per-round", "2"], "unset --clients-per-round"),
+    (["--clients-per-round", "2", "--over-selection", "0.5"], "Unset --over-selection"),
     (["--dp-noise-multiplier", "1", "--dp-clip", "1"], "Worker-level differential privacy accounts synchronous"),
     (["--mode", "distributed"], "asynchronous rounds are for federated mode"),
     (["--rounds-mode", "later"], "--rounds-mode must be one of sync, async"),

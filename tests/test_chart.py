@@ -28,6 +28,7 @@ import yaml
 
 from comind.aggregators import AGGREGATORS, AggregatorSettings
 from comind.certificates import Authority
+from comind.ps_main import round_policy
 from comind.settings import load as load_settings
 from compose_cluster import ROOT, build_image, docker_or_skip
 from fake_kube_api import FakeKubeApi
@@ -238,7 +239,9 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("training.proximalMu=-1", "/training/proximalMu"),
     ("ps.roundsMode=later", "/ps/roundsMode"),
     ("ps.roundsMode=async,ps.replicasToAggregate=2", "unset ps.replicasToAggregate"),
-    ("ps.roundsMode=async,ps.clientsPerRound=2", "unset ps.clientsPerRound"),
+    ("ps.roundsMode=async,ps.clientsPerRound=2,ps.overSelection=0.5", "unset ps.overSelection"),
+    # The buffer is half the 4 workers training at once: 2, too few for the median.
+    ("ps.roundsMode=async,ps.aggregation=median,workers.replicas=10,ps.clientsPerRound=4", "Received: 2 updates"),
     ("ps.roundsMode=async,ps.dpNoiseMultiplier=1,ps.dpClip=1", "does not combine with worker-level differential"),
     ("ps.roundsMode=async,training.mode=distributed", "ps.roundsMode=async is for federated mode"),
     ("ps.roundsMode=async,ps.aggregation=median,workers.replicas=4", "median needs rounds of at least 3 updates"),
@@ -355,14 +358,23 @@ def test_the_mode_the_server_optimizer_and_fedprox_reach_the_ps_and_the_workers_
     assert not {name for name in env_of(ps) if name.startswith("COMIND_SERVER_")}
 
 
+def ps_settings(objects: list[dict]):
+    """The settings the rendered ps would load: its ConfigMap and its container's variables."""
+    variables = {name: entry["value"] for name, entry in env_of(container(objects, "comind-ps")).items()
+                 if "value" in entry}
+    return load_settings("ps", {}, {**named(objects, "ConfigMap")["comind"]["data"], **variables})
+
+
 def test_asynchronous_rounds_reach_the_ps_as_its_settings(helm):
-    objects = render(helm, "--set", "ps.roundsMode=async,ps.bufferSize=3,ps.stalenessExponent=0.25,"
-                     "ps.maxStaleness=4,ps.aggregation=median")
-    ps = container(objects, "comind-ps")
-    variables = {name: entry["value"] for name, entry in env_of(ps).items() if "value" in entry}
-    loaded = load_settings("ps", {}, {**named(objects, "ConfigMap")["comind"]["data"], **variables})
+    loaded = ps_settings(render(helm, "--set", "ps.roundsMode=async,ps.bufferSize=3,ps.stalenessExponent=0.25,"
+                                "ps.maxStaleness=4,ps.aggregation=median"))
     assert (loaded.rounds_mode, loaded.buffer_size, loaded.staleness_exponent, loaded.max_staleness) == \
         ("async", 3, 0.25, 4)
+    # Client sampling: 6 of 8 train at once, and the buffer is half of them, 3, enough for the median, as the ps
+    # finds too.
+    loaded = ps_settings(render(helm, "--set", "ps.roundsMode=async,ps.clientsPerRound=6,workers.replicas=8,"
+                                "ps.aggregation=median"))
+    assert (loaded.clients_per_round, round_policy(loaded).expected_updates) == (6, 3)
     # Synchronous by default, and the async settings are left to the ps's defaults.
     ps = container(render(helm), "comind-ps")
     assert env_of(ps)["COMIND_ROUNDS_MODE"]["value"] == "sync"

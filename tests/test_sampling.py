@@ -7,8 +7,6 @@ import functools
 import logging
 import random
 import re
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from comind.ps import ParameterServer, UpdateResult
 from comind.ps_main import round_policy
 from comind.rounds import RoundPolicy, Rounds, Verdict
 from comind.sampling import SamplingPolicy, Selection, parse_ranges, ranges, select, select_poisson
-from numpy_cluster import assert_finishes, read_history, start_worker
+from numpy_cluster import kill_one_and_finish, read_history, start_worker
 from test_ps import data, delta, initialized, make_ps
 from test_rounds import Clock
 
@@ -351,15 +349,7 @@ def test_a_selected_worker_that_vanishes_is_covered_by_over_selection_without_th
     draw = DRAW.search(ps.wait_for(r"Round 2 selects .*").group(0))
     assert draw is not None
     gone = parse_ranges(draw.group(6))[0]  # selected for round 2, and still in its pretend training
-    workers[gone].send_signal(signal.SIGKILL)
-    workers[gone].wait()
-    started = time.monotonic()
-
-    for task, worker in enumerate(workers):
-        if task != gone:
-            assert_finishes(worker, ps, timeout=60)
-    assert time.monotonic() - started < 60
-    assert ps.wait(timeout=30) == 0
+    kill_one_and_finish(workers, gone, ps)
     log = ps.log()
     for round in range(1, 7):
         assert re.search(rf"Round {round}/6: 2 updates, .* 3 of 4 live workers selected \(q 0\.75\)", log), log
