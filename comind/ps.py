@@ -714,7 +714,8 @@ class ParameterServer:
                 secure_sum = await self.secure.may_close(time.monotonic())
                 if secure_sum is None:
                     return False
-                self._round, self._stats = RoundInProgress(secure_sum, None), self.secure.survivors_figures()
+                self._round = RoundInProgress(secure_sum, None, self.pipeline.privacy)  # privacy: the ledger's
+                self._stats = self.secure.survivors_figures()
             elif not self.rounds.ready_to_close():
                 return False
             assert self.model is not None

@@ -34,7 +34,7 @@ def server_pipeline(settings: PsSettings, policy: RoundPolicy) -> ServerPipeline
 
     name, optimizer = server_optimizer(settings)
     privacy = dp_settings(settings, policy)
-    secure = secure_aggregation(settings)
+    secure = secure_aggregation(settings, privacy)
     pipeline = ServerPipeline(PipelineSettings(
         mode=settings.mode, weighting=settings.weighting or ("uniform" if privacy or secure else "examples"),
         aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
@@ -116,8 +116,8 @@ def dp_settings(settings: PsSettings, policy: RoundPolicy) -> DpSettings | None:
         accountant=settings.dp_accountant, target_epsilon=settings.dp_target_epsilon)
 
 
-def secure_aggregation(settings: PsSettings) -> SecAggSettings | None:
-    """Secure aggregation's settings, or None when it is off.
+def secure_aggregation(settings: PsSettings, privacy: DpSettings | None = None) -> SecAggSettings | None:
+    """Secure aggregation's settings, or None when it is off; with ``privacy``, the noise its workers add.
 
     Raises:
         ValueError: its packages are missing, or it is asked with replicas to aggregate.
@@ -137,8 +137,13 @@ def secure_aggregation(settings: PsSettings) -> SecAggSettings | None:
                          f"at the first COMIND_REPLICAS_TO_AGGREGATE of them and leave the rest as backups: unset it "
                          f"(client sampling, --clients-per-round, picks a round's workers instead). Received: "
                          f"replicas_to_aggregate={settings.replicas_to_aggregate}")
+    from comind.privacy import DistributedNoise
+
+    # Adaptive clipping (no fixed C) is refused by the pipeline's settings, which see both.
+    noise = DistributedNoise(privacy.noise_multiplier, privacy.clip, privacy.expected_updates) \
+        if privacy is not None and privacy.clip is not None else None
     return SecAggSettings(settings.secagg_threshold, settings.secagg_neighbours, settings.secagg_clip_range,
-                          settings.max_update_norm)
+                          settings.max_update_norm, noise)
 
 
 def server_optimizer(settings: PsSettings) -> tuple[str, ServerOptimizerSettings]:
@@ -231,6 +236,11 @@ def run_ps(settings: PsSettings) -> int:
                      f"norm {dp.clip:g}" if dp.clip else f"an adaptive norm from {dp.initial_clip:g}",
                      "" if settings.weighting else ", set by DP", dp.noise_multiplier, dp.expected_updates, dp.delta,
                      dp.accountant.upper(), f", within {dp.target_epsilon:g}" if dp.target_epsilon else "")
+            noise = pipeline.settings.secure_aggregation.noise if pipeline.settings.secure_aggregation else None
+            if noise is not None:
+                log.info("Under secure aggregation each worker clips its update and adds its share of the noise "
+                         "(std %.4g) before masking; a round with dropouts holds less noise and is accounted at the "
+                         "noise multiplier its survivors' shares make.", noise.share_std)
             if settings.federated_eval_every:
                 log.warning("Federated evaluation's reports are each worker's own loss and accuracy on its data, "
                             "outside the differential privacy guarantee: set COMIND_FEDERATED_EVAL_EVERY to 0 where "

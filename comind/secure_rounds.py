@@ -60,21 +60,24 @@ class SecureSum:
         total: the unmasked sum of the survivors' encodings, in the ring.
         survivors: how many inputs it sums.
         num_parties: the roster's size, which set the encoding's scale.
-        clip_range: the encoding's range.
+        settings: the encoding's range; with distributed DP noise, m, the fixed denominator the sum is divided
+            by instead of the survivors (``privacy.py``).
     """
 
-    def __init__(self, layout: Layout, total: np.ndarray, survivors: int, num_parties: int, clip_range: float):
+    def __init__(self, layout: Layout, total: np.ndarray, survivors: int, num_parties: int,
+                 settings: SecAggSettings):
         self.layout = layout
         self._total = total
         self._parties = num_parties
-        self._clip_range = clip_range
+        self._clip_range = settings.clip_range
+        self._denominator = settings.noise.expected_updates if settings.noise else survivors
         self.count = survivors
 
     def add(self, update: Sequence[np.ndarray], weight: float) -> None:
         raise TypeError("Under secure aggregation the ps never holds an update in the clear: nothing to add.")
 
     def result(self) -> np.ndarray:
-        mean = fixed_point.decode_sum(self._total, self._clip_range, self._parties) / self.count
+        mean = fixed_point.decode_sum(self._total, self._clip_range, self._parties) / self._denominator
         packed = np.empty(self.layout.nbytes, np.uint8)
         start = 0
         for view in self.layout.views(packed):
@@ -281,8 +284,7 @@ class SecureRounds:
         self.metrics.secagg_rounds.labels("aggregated").inc()
         log.info("Round %d's sum of %d masked inputs unmasked in %.2f s (%d parties, %d dropped out and recovered).",
                  attempt.round, survivors, time.perf_counter() - started, len(attempt.roster().keys), recovered)
-        attempt.result = SecureSum(attempt.layout, total, survivors, len(attempt.roster().keys),
-                                   self.settings.clip_range)
+        attempt.result = SecureSum(attempt.layout, total, survivors, len(attempt.roster().keys), self.settings)
         self.metrics.updates.labels("accepted").inc(survivors)
         attempt.moved_on()
 
