@@ -63,6 +63,13 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
     sampling = SamplingPolicy(clients_per_round=settings.clients_per_round,
                               client_fraction=settings.client_fraction, over_selection=settings.over_selection)
     if sampling.enabled and (settings.dp_noise_multiplier is not None or settings.dp_clip is not None):
+        if settings.secure_aggregation:
+            # A Poisson draw of fewer than two workers has no one to add the noise, or no sum to hide an update in.
+            raise ValueError("Client sampling with worker-level differential privacy draws Poisson samples, which "
+                             "may select fewer than the two workers secure aggregation needs, and distributed noise "
+                             "has no answer for those rounds yet: unset COMIND_CLIENTS_PER_ROUND and "
+                             "COMIND_CLIENT_FRACTION, or turn COMIND_SECURE_AGGREGATION off. Received: "
+                             "secure_aggregation=True with client sampling and DP")
         sampling = sampling.poisson(settings.num_workers)
     if settings.federated_eval_every and settings.rounds_mode == ASYNC:
         # A version's updates come from several older models: their reports would not test one model.

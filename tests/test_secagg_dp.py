@@ -116,6 +116,7 @@ def test_the_settings_refuse_adaptive_clipping_and_a_range_too_small_for_the_noi
 @pytest.mark.parametrize("flags, says", [
     (["--dp-clip", "adaptive"], "Adaptive clipping follows the norms"),
     (["--dp-clip", "1", "--secagg-clip-range", "4"], "COMIND_SECAGG_CLIP_RANGE must hold C plus 10"),
+    (["--dp-clip", "1", "--secagg-clip-range", "7", "--client-fraction", "0.5"], "has no answer for those rounds"),
 ])
 def test_the_ps_refuses_them_at_start(flags, says):
     result = subprocess.run([sys.executable, "-m", "comind", "ps", "--secure-aggregation", "--num-workers", "3",
