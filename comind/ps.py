@@ -552,6 +552,11 @@ class ParameterServer:
             finally:
                 self._buffers.give_back(buffer)
 
+    def receive_slot(self, nbytes: int) -> contextlib.AbstractAsyncContextManager[float]:
+        """One of the slots updates are received in (a masked input too: it holds as many bytes); yields the
+        receipt's deadline (:class:`comind.transfers.Slots`)."""
+        return self._receiving.hold(nbytes)
+
     def check_update(self, member_id: str, header: UpdateHeader) -> UpdateResult | None:
         """What becomes of an update without reading it (None: read it), once its header is checked.
 

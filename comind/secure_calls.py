@@ -30,36 +30,42 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: Messages read ahead of the stage that takes them: a masked input's chunks beyond these stay in gRPC's flow
+#: control, on the worker, while the ps waits for a receive slot or for the stage.
+QUEUED_MESSAGES = 4
+
 
 class Inbound:
     """A secure round call's messages from the worker: renewals renew its lease as they come; the others wait in
-    order for the stage that reads them. :attr:`task` ends when the call's messages do, or with the refusal that
-    ended it."""
+    order, a few at most (:data:`QUEUED_MESSAGES`), for the stage that reads them. :attr:`task` ends when the
+    call's messages do, or with the refusal that ended it."""
 
     def __init__(self, next_message: Callable[[], Awaitable[pb.WorkerMessage | None]], renew: Callable[[], None]):
-        self._queue: asyncio.Queue[pb.WorkerMessage | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[pb.WorkerMessage] = asyncio.Queue(QUEUED_MESSAGES)
         self.task = asyncio.ensure_future(self._read(next_message, renew))
 
     async def _read(self, next_message: Callable[[], Awaitable[pb.WorkerMessage | None]],
                     renew: Callable[[], None]) -> None:
-        try:
-            while (message := await next_message()) is not None:
-                if message.HasField("hello"):
-                    raise refusals.InvalidRequest("A Round call carries one hello. Received: a second one")
-                if message.renewal:
-                    renew()
-                else:
-                    self._queue.put_nowait(message)
-        finally:
-            self._queue.put_nowait(None)
+        while (message := await next_message()) is not None:
+            if message.HasField("hello"):
+                raise refusals.InvalidRequest("A Round call carries one hello. Received: a second one")
+            if message.renewal:
+                renew()
+            else:
+                await self._queue.put(message)  # a full queue stops the reading: the worker's sends wait
 
     async def next(self, what: str) -> pb.WorkerMessage:
         """The worker's next message other than a renewal. Raises InvalidRequest if the call ended first."""
-        message = await self._queue.get()
-        if message is None:
-            self._raise_if_refused()
-            raise refusals.InvalidRequest(f"The worker's call ended before its {what}.")
-        return message
+        while self._queue.empty() and not self.task.done():
+            getter = asyncio.ensure_future(self._queue.get())
+            await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                return getter.result()
+            getter.cancel()  # a cancelled get takes nothing from the queue
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        self._raise_if_refused()
+        raise refusals.InvalidRequest(f"The worker's call ended before its {what}.")
 
     async def until(self, work: Awaitable[T]) -> T:
         """``work``'s result, unless the worker's messages end first (its call is over): then raises why."""
@@ -118,9 +124,13 @@ async def exchange(ps: ParameterServer, hello: pb.Hello, header: UpdateHeader, n
         await ps.maybe_close()
         await _stage(inbound, context, attempt, Stage.MASKED_INPUT, metrics.labels("share"), lambda: pb.PsMessage(
             secagg_inbox=secagg_wire.shares_to_proto(attempt.inboxes.get(party, []))))
-        masked = await _masked_input(inbound, attempt)
-        metrics.labels("masked_input").inc(masked.nbytes)
-        await secure.masked_input(attempt, party, masked)
+        # In a receive slot, as a plain update: a few masked inputs at a time are held; the others wait on the
+        # workers (the queue is bounded), so that 64 workers of 10 MB do not land as 640 MB at once.
+        async with ps.receive_slot(attempt.server.size * fixed_point.RING_DTYPE.itemsize) as deadline:
+            async with asyncio.timeout_at(deadline):
+                masked = await _masked_input(inbound, attempt)
+            metrics.labels("masked_input").inc(masked.nbytes)
+            await secure.masked_input(attempt, party, masked)
         await ps.maybe_close()
         await _stage(inbound, context, attempt, Stage.UNMASK, metrics.labels("unmask"), lambda: pb.PsMessage(
             secagg_unmask=secagg_wire.unmask_to_proto(attempt.request())))

@@ -55,9 +55,10 @@ def values(history: list[dict]) -> list[float]:
 
 
 def test_secure_rounds_take_the_exact_mean_and_the_ps_never_holds_an_update(start_ps, tmp_path):
+    """... and takes masked inputs in its receive slots, one at a time here: the others wait on their workers."""
     spy = tmp_path / "spy"
     spy.mkdir()
-    ps, histories = run(start_ps, tmp_path, spy=spy)
+    ps, histories = run(start_ps, tmp_path, "--max-concurrent-updates", "1", spy=spy)
     for history in histories:  # uniform weighting: the mean of 0.5, 1 and 1.5 a round
         np.testing.assert_allclose(values(history), [0, 1, 2, 3], atol=1e-6)
     assert len(re.findall(r"Round \d/3: 3 updates", ps.log())) == 3
@@ -65,6 +66,7 @@ def test_secure_rounds_take_the_exact_mean_and_the_ps_never_holds_an_update(star
     encoded = [np.load(f) for f in spy.glob("encoded-*")]
     masked = [np.load(f) for f in spy.glob("masked-*")]
     assert len(encoded) == len(masked) == 9
+    assert [int(np.load(f)) for f in spy.glob("receiving-*")] == [1] * 9
     from scipy.stats import chisquare
     for input in masked:
         assert not any(np.array_equal(input, e) for e in encoded)
