@@ -721,6 +721,9 @@ class ParameterServer:
                     return False
                 self._round = RoundInProgress(secure_sum, None, self.pipeline.privacy)  # privacy: the ledger's
                 self._stats = self.secure.survivors_figures()
+                for task, report in self.secure.survivors_reports().items():
+                    self.evaluations.add(task, report)
+                    self.metrics.federated_eval.reports.labels("accepted").inc()
             elif not self.rounds.ready_to_close():
                 return False
             assert self.model is not None

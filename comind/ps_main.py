@@ -76,10 +76,6 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
         raise ValueError("Federated evaluation tests one global model per round, and asynchronous rounds have none: "
                          "set COMIND_FEDERATED_EVAL_EVERY to 0, or COMIND_ROUNDS_MODE to sync. Received: "
                          f"federated_eval_every={settings.federated_eval_every}, rounds_mode={ASYNC!r}")
-    if settings.federated_eval_every and settings.secure_aggregation:
-        raise ValueError("Federated evaluation's reports do not yet travel with masked inputs: set "
-                         "COMIND_FEDERATED_EVAL_EVERY to 0, or turn COMIND_SECURE_AGGREGATION off. Received: "
-                         f"federated_eval_every={settings.federated_eval_every}, secure_aggregation=True")
     return RoundPolicy(
         num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,

@@ -109,8 +109,8 @@ async def exchange(ps: ParameterServer, hello: pb.Hello, header: UpdateHeader, n
         return result, Inbound(next_message, lambda: ps.renew(member_id, peer)).task
     party = ps.rounds.members[member_id].task_index
     attempt = secure.advertise(header.layout, member_id, party, Contribution(
-        header.num_examples, header.loss, header.accuracy), secagg_wire.advertisement(header.round, party,
-                                                                                      hello.secagg_keys))
+        header.num_examples, header.loss, header.accuracy, header.federated_eval),
+        secagg_wire.advertisement(header.round, party, hello.secagg_keys))
     metrics.labels("advertise").inc(hello.secagg_keys.ByteSize())
     inbound = Inbound(next_message, lambda: ps.renew(member_id, peer))
     finished = False

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from comind import refusals
+from comind import federated_eval, refusals
 from comind.ps import OFFLOAD_BYTES
 from comind.secagg import fixed_point
 from comind.secagg.config import SecAggSettings
@@ -88,11 +88,13 @@ class SecureSum:
 
 @dataclasses.dataclass(frozen=True)
 class Contribution:
-    """What a party's update header says in the clear (its training figures), for the round's log line."""
+    """What a party's update header says in the clear: its training figures, for the round's log line, and its
+    test of the global model when the ps asked for one (checked already), for the round's federated evaluation."""
 
     num_examples: int
     loss: float
     accuracy: float
+    evaluation: federated_eval.Report | None = None
 
 
 class Attempt:
@@ -295,6 +297,14 @@ class SecureRounds:
         figures = [self.attempt.contributions[p] for p in self.attempt.request().survivors]
         return np.array([sum(c.num_examples for c in figures), sum(c.num_examples * c.loss for c in figures),
                          sum(c.num_examples * c.accuracy for c in figures), 0.0], np.float64)  # no staleness: sync
+
+    def survivors_reports(self) -> dict[int, federated_eval.Report]:
+        """The federated-evaluation reports of the parties whose updates the open round's sum holds, by task: those
+        of an update the round took, as with plain updates."""
+        assert self.attempt is not None
+        contributions = self.attempt.contributions
+        return {party: report for party in self.attempt.request().survivors
+                if (report := contributions[party].evaluation) is not None}
 
     def _fail(self, attempt: Attempt, stage: Stage, reason: str) -> None:
         message = (f"Round {attempt.round}'s secure aggregation failed at its stage '{stage.value}': "
