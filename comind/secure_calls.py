@@ -125,10 +125,12 @@ async def exchange(ps: ParameterServer, hello: pb.Hello, header: UpdateHeader, n
         await _stage(inbound, context, attempt, Stage.MASKED_INPUT, metrics.labels("share"), lambda: pb.PsMessage(
             secagg_inbox=secagg_wire.shares_to_proto(attempt.inboxes.get(party, []))))
         # In a receive slot, as a plain update: a few masked inputs at a time are held; the others wait on the
-        # workers (the queue is bounded), so that 64 workers of 10 MB do not land as 640 MB at once.
+        # workers (the queue is bounded), so that 64 workers of 10 MB do not land as 640 MB at once. Taken once
+        # the input's first bytes are in, not while the worker computes its masks: that would serialize them.
+        first = await inbound.next("masked input")
         async with ps.receive_slot(attempt.server.size * fixed_point.RING_DTYPE.itemsize) as deadline:
             async with asyncio.timeout_at(deadline):
-                masked = await _masked_input(inbound, attempt)
+                masked = await _masked_input(inbound, attempt, first)
             metrics.labels("masked_input").inc(masked.nbytes)
             await secure.masked_input(attempt, party, masked)
         await ps.maybe_close()
@@ -160,18 +162,19 @@ async def _stage(inbound: Inbound, context: grpc.aio.ServicerContext, attempt: A
     await context.write(reply.SerializeToString())
 
 
-async def _masked_input(inbound: Inbound, attempt: Attempt) -> np.ndarray:
-    """The worker's masked input: the update's bytes, up to the message that says end."""
+async def _masked_input(inbound: Inbound, attempt: Attempt, message: pb.WorkerMessage) -> np.ndarray:
+    """The worker's masked input: the update's bytes, from ``message``, its first, up to the message that says
+    end."""
     size = attempt.server.size
     assembler = tensors.Assembler(Layout([TensorSpec("masked input", fixed_point.RING_DTYPE, (size,))]))
     try:
         while True:
-            message = await inbound.next("masked input")
             if message.HasField("secagg_shares") or message.HasField("secagg_reveal"):
                 raise refusals.InvalidRequest("The masked input must come next, as the update's bytes.")
             assembler.feed(message.data)
             if message.end:
                 return assembler.finish().view(fixed_point.RING_DTYPE)
+            message = await inbound.next("masked input")
     except tensors.TruncatedStream as error:
         raise refusals.TruncatedStream(f"Truncated masked input: the {error}.") from None
     except tensors.OversizedStream as error:
