@@ -97,10 +97,14 @@ class Ledger:
     def rounds(self) -> int:
         return sum(self.events.values())
 
-    def record_round(self, sampled_fraction: float, count: int = 1) -> float:
+    def record_round(self, sampled_fraction: float, count: int = 1, noise_multiplier: float | None = None) -> float:
         """Spends ``count`` rounds (or DP-SGD steps) that each sampled ``sampled_fraction`` (q) of the population;
-        returns epsilon after them."""
-        key = self._key(sampled_fraction)
+        returns epsilon after them.
+
+        Args:
+            noise_multiplier: the z these rounds had, if not the ledger's (distributed noise with dropouts).
+        """
+        key = self._key(sampled_fraction, noise_multiplier)
         self.events[key] = self.events.get(key, 0) + count
         self.epsilon = compose(self.events, self.delta, self.accountant)
         return self.epsilon
@@ -110,11 +114,12 @@ class Ledger:
         key = self._key(sampled_fraction)
         return compose({**self.events, key: self.events.get(key, 0) + 1}, self.delta, self.accountant)
 
-    def _key(self, sampled_fraction: float) -> tuple[float, float]:
+    def _key(self, sampled_fraction: float, noise_multiplier: float | None = None) -> tuple[float, float]:
         if not 0 < sampled_fraction <= 1:
             raise ValueError(f"A round samples a fraction of the population in (0, 1]. "
                              f"Received: sampled_fraction={sampled_fraction!r}")
-        return float(sampled_fraction), float(self.noise_multiplier)
+        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        return float(sampled_fraction), float(z)
 
     def state(self) -> dict[str, np.ndarray]:
         keys = sorted(self.events)

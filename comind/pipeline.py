@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -114,6 +115,7 @@ class PipelineSettings:
 
     def _check_secure_aggregation(self) -> None:
         """Refuses what needs the individual updates that secure aggregation hides (ARCHITECTURE.md, decision 13)."""
+        assert self.secure_aggregation is not None
         if self.aggregation != "mean":
             raise ValueError(f"Secure aggregation shows the ps only the sum of a round's updates, and "
                              f"COMIND_AGGREGATION={self.aggregation} needs each of them: set it to mean, or turn "
@@ -124,10 +126,7 @@ class PipelineSettings:
                              f"influence unseen. Leave COMIND_WEIGHTING unset or set it to uniform. Received: "
                              f"weighting={self.weighting!r}")
         if self.privacy is not None:
-            raise ValueError("Worker-level differential privacy under secure aggregation needs distributed noise "
-                             "(each worker adds its share before masking), which is not built yet: unset "
-                             "COMIND_DP_NOISE_MULTIPLIER and COMIND_DP_CLIP, or COMIND_SECURE_AGGREGATION. "
-                             "Received: dp_noise_multiplier set")
+            self._check_distributed_noise(self.secure_aggregation)
         if self.update_encoding != encodings.FLOAT32:
             raise ValueError(f"Under secure aggregation updates travel as masked 32-bit fixed point (4 bytes a value); "
                              f"unset COMIND_UPDATE_ENCODING. Received: update_encoding={self.update_encoding!r}")
@@ -136,6 +135,28 @@ class PipelineSettings:
             raise ValueError(f"Secure aggregation unmasks the sum of one round's parties together, and asynchronous "
                              f"rounds have no such round: set COMIND_ROUNDS_MODE to sync, or turn "
                              f"COMIND_SECURE_AGGREGATION off. Received: rounds_mode={self.rounds_mode!r}")
+
+
+    def _check_distributed_noise(self, secure: SecAggSettings) -> None:
+        """Refuses worker-level DP under secure aggregation where the workers cannot noise their updates as it says."""
+        assert self.privacy is not None
+        if self.privacy.adaptive:
+            # Its rule needs the count of updates within C, one bit per worker, which the ps does not see either.
+            raise ValueError("Adaptive clipping follows the norms of the updates, which secure aggregation hides "
+                             "from the ps: set COMIND_DP_CLIP to a number (each worker clips to it before masking), "
+                             "or turn COMIND_SECURE_AGGREGATION off. Received: dp_clip='adaptive'")
+        noise = secure.noise
+        if noise is None or (noise.clip, noise.noise_multiplier, noise.expected_updates) != (
+                self.privacy.clip, self.privacy.noise_multiplier, self.privacy.expected_updates):
+            raise ValueError(f"Under secure aggregation the workers add the DP noise, so the secure-aggregation "
+                             f"settings must carry the DP stage's clip, noise multiplier and expected updates. "
+                             f"Received: noise={noise!r}, privacy={self.privacy!r}")
+        if secure.clip_range < noise.needed_range:
+            raise ValueError(
+                f"Under secure aggregation with differential privacy each value a worker masks is its clipped update "
+                f"(up to C = {noise.clip:g}) plus its noise share (std z C / sqrt(m) = {noise.share_std:.4g}), and "
+                f"COMIND_SECAGG_CLIP_RANGE must hold C plus 10 of those stds: set it to at least "
+                f"{math.ceil(noise.needed_range * 100) / 100:g}. Received: secagg_clip_range={secure.clip_range:g}")
 
 
 class RoundInProgress:
@@ -173,6 +194,9 @@ class RoundInProgress:
         if isinstance(self._aggregate, DpRound):
             assert self._privacy is not None
             return self._privacy.release(self._aggregate, sampled_fraction)
+        if self._privacy is not None:
+            # Distributed noise (secure aggregation): the workers noised their updates; the ledger first, as above.
+            self._privacy.record_distributed(self._aggregate.count, sampled_fraction)
         return self._aggregate.result()
 
 

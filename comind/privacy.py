@@ -139,6 +139,45 @@ class DpSettings:
         return float(share**-0.5)
 
 
+#: Under distributed noise the fixed-point range must reach this many of a worker's noise std beyond C: a value
+#: past it (then an error, not a clamp that would bend the Gaussian) has probability under 2e-23.
+NOISE_TAIL = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedNoise:
+    """Worker-level DP under secure aggregation: each worker clips and noises its own update before masking, since
+    the ps sees only the sum (Kairouz et al. 2021, "The Distributed Discrete Gaussian Mechanism"; here the noise
+    is continuous, drawn before the fixed-point encoding).
+
+    Args:
+        noise_multiplier: z, for the sum of ``expected_updates`` shares.
+        clip: C, fixed (a worker cannot learn the others' norms that adaptive clipping follows).
+        expected_updates: m: the fixed denominator, and the number of shares whose sum has std z C.
+    """
+
+    noise_multiplier: float
+    clip: float
+    expected_updates: float
+
+    @property
+    def share_std(self) -> float:
+        """Each worker's noise std, z C / sqrt(m): m shares sum to the std z C of central DP-FedAvg."""
+        return self.noise_multiplier * self.clip / math.sqrt(self.expected_updates)
+
+    @property
+    def needed_range(self) -> float:
+        """The least fixed-point range that holds a clipped, noised value: C plus :data:`NOISE_TAIL` share stds."""
+        return self.clip + NOISE_TAIL * self.share_std
+
+    def noise(self, values: np.ndarray, normal: Normal = secure_normal) -> float:
+        """Clips ``values`` (one flat float64 array: a worker's update) to C in place and adds its noise share;
+        returns the norm before clipping."""
+        norm = clip_update([values], self.clip)
+        values += normal(self.share_std, values.size)
+        return norm
+
+
 class DpRound:
     """One round's updates: each clipped to the round's C and summed unweighted; the count of those within C."""
 
@@ -188,6 +227,18 @@ class DpFedAvg:
         """Whether one more round sampling ``sampled_fraction`` stays within the target epsilon."""
         target = self.settings.target_epsilon
         return target is None or self.ledger.epsilon_after(sampled_fraction) <= target
+
+    def record_distributed(self, shares: int, sampled_fraction: float) -> None:
+        """Enters a round of distributed noise (:class:`DistributedNoise`) in the ledger, with the noise its sum
+        holds: ``shares`` workers' shares of std z C / sqrt(m) make std z C sqrt(shares / m), so a round where
+        some of the m expected dropped out is accounted at z sqrt(shares / m). More shares than m are accounted
+        at z (erring on the side of spent)."""
+        z, m = self.settings.noise_multiplier, self.settings.expected_updates
+        effective = z * math.sqrt(min(shares, m) / m)
+        if effective < z:
+            log.warning("This round's sum holds the noise of %d workers, of %g expected (the others dropped out): "
+                        "it is accounted at noise multiplier %.4g instead of %g.", shares, m, effective, z)
+        self.ledger.record_round(sampled_fraction, noise_multiplier=effective)
 
     def release(self, round: DpRound, sampled_fraction: float) -> np.ndarray:
         """The round's noised aggregate, packed in its layout; the ledger records the round first.

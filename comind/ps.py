@@ -559,6 +559,11 @@ class ParameterServer:
             finally:
                 self._buffers.give_back(buffer)
 
+    def receive_slot(self, nbytes: int) -> contextlib.AbstractAsyncContextManager[float]:
+        """One of the slots updates are received in (a masked input too: it holds as many bytes); yields the
+        receipt's deadline (:class:`comind.transfers.Slots`)."""
+        return self._receiving.hold(nbytes)
+
     def check_update(self, member_id: str, header: UpdateHeader) -> UpdateResult | None:
         """What becomes of an update without reading it (None: read it), once its header is checked.
 
@@ -724,7 +729,11 @@ class ParameterServer:
                 secure_sum = await self.secure.may_close(time.monotonic())
                 if secure_sum is None:
                     return False
-                self._round, self._stats = RoundInProgress(secure_sum, None), self.secure.survivors_figures()
+                self._round = RoundInProgress(secure_sum, None, self.pipeline.privacy)  # privacy: the ledger's
+                self._stats = self.secure.survivors_figures()
+                for task, report in self.secure.survivors_reports().items():
+                    self.evaluations.add(task, report)
+                    self.metrics.federated_eval.reports.labels("accepted").inc()
             elif not self.rounds.ready_to_close():
                 return False
             assert self.model is not None

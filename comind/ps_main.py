@@ -34,7 +34,7 @@ def server_pipeline(settings: PsSettings, policy: RoundPolicy) -> ServerPipeline
 
     name, optimizer = server_optimizer(settings)
     privacy = dp_settings(settings, policy)
-    secure = secure_aggregation(settings)
+    secure = secure_aggregation(settings, privacy)
     pipeline = ServerPipeline(PipelineSettings(
         mode=settings.mode, weighting=settings.weighting or ("uniform" if privacy or secure else "examples"),
         aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
@@ -63,16 +63,19 @@ def round_policy(settings: PsSettings) -> RoundPolicy:
     sampling = SamplingPolicy(clients_per_round=settings.clients_per_round,
                               client_fraction=settings.client_fraction, over_selection=settings.over_selection)
     if sampling.enabled and (settings.dp_noise_multiplier is not None or settings.dp_clip is not None):
+        if settings.secure_aggregation:
+            # A Poisson draw of fewer than two workers has no one to add the noise, or no sum to hide an update in.
+            raise ValueError("Client sampling with worker-level differential privacy draws Poisson samples, which "
+                             "may select fewer than the two workers secure aggregation needs, and distributed noise "
+                             "has no answer for those rounds yet: unset COMIND_CLIENTS_PER_ROUND and "
+                             "COMIND_CLIENT_FRACTION, or turn COMIND_SECURE_AGGREGATION off. Received: "
+                             "secure_aggregation=True with client sampling and DP")
         sampling = sampling.poisson(settings.num_workers)
     if settings.federated_eval_every and settings.rounds_mode == ASYNC:
         # A version's updates come from several older models: their reports would not test one model.
         raise ValueError("Federated evaluation tests one global model per round, and asynchronous rounds have none: "
                          "set COMIND_FEDERATED_EVAL_EVERY to 0, or COMIND_ROUNDS_MODE to sync. Received: "
                          f"federated_eval_every={settings.federated_eval_every}, rounds_mode={ASYNC!r}")
-    if settings.federated_eval_every and settings.secure_aggregation:
-        raise ValueError("Federated evaluation's reports do not yet travel with masked inputs: set "
-                         "COMIND_FEDERATED_EVAL_EVERY to 0, or turn COMIND_SECURE_AGGREGATION off. Received: "
-                         f"federated_eval_every={settings.federated_eval_every}, secure_aggregation=True")
     return RoundPolicy(
         num_workers=settings.num_workers, replicas_to_aggregate=settings.replicas_to_aggregate,
         min_updates=settings.min_updates, lease_seconds=settings.lease_seconds,
@@ -116,8 +119,8 @@ def dp_settings(settings: PsSettings, policy: RoundPolicy) -> DpSettings | None:
         accountant=settings.dp_accountant, target_epsilon=settings.dp_target_epsilon)
 
 
-def secure_aggregation(settings: PsSettings) -> SecAggSettings | None:
-    """Secure aggregation's settings, or None when it is off.
+def secure_aggregation(settings: PsSettings, privacy: DpSettings | None = None) -> SecAggSettings | None:
+    """Secure aggregation's settings, or None when it is off; with ``privacy``, the noise its workers add.
 
     Raises:
         ValueError: its packages are missing, or it is asked with replicas to aggregate.
@@ -137,8 +140,13 @@ def secure_aggregation(settings: PsSettings) -> SecAggSettings | None:
                          f"at the first COMIND_REPLICAS_TO_AGGREGATE of them and leave the rest as backups: unset it "
                          f"(client sampling, --clients-per-round, picks a round's workers instead). Received: "
                          f"replicas_to_aggregate={settings.replicas_to_aggregate}")
+    from comind.privacy import DistributedNoise
+
+    # Adaptive clipping (no fixed C) is refused by the pipeline's settings, which see both.
+    noise = DistributedNoise(privacy.noise_multiplier, privacy.clip, privacy.expected_updates) \
+        if privacy is not None and privacy.clip is not None else None
     return SecAggSettings(settings.secagg_threshold, settings.secagg_neighbours, settings.secagg_clip_range,
-                          settings.max_update_norm)
+                          settings.max_update_norm, noise)
 
 
 def server_optimizer(settings: PsSettings) -> tuple[str, ServerOptimizerSettings]:
@@ -237,6 +245,11 @@ def run_ps(settings: PsSettings) -> int:
                      f"norm {dp.clip:g}" if dp.clip else f"an adaptive norm from {dp.initial_clip:g}",
                      "" if settings.weighting else ", set by DP", dp.noise_multiplier, dp.expected_updates, dp.delta,
                      dp.accountant.upper(), f", within {dp.target_epsilon:g}" if dp.target_epsilon else "")
+            noise = pipeline.settings.secure_aggregation.noise if pipeline.settings.secure_aggregation else None
+            if noise is not None:
+                log.info("Under secure aggregation each worker clips its update and adds its share of the noise "
+                         "(std %.4g) before masking; a round with dropouts holds less noise and is accounted at the "
+                         "noise multiplier its survivors' shares make.", noise.share_std)
             if settings.federated_eval_every:
                 log.warning("Federated evaluation's reports are each worker's own loss and accuracy on its data, "
                             "outside the differential privacy guarantee: set COMIND_FEDERATED_EVAL_EVERY to 0 where "

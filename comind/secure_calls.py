@@ -30,36 +30,42 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: Messages read ahead of the stage that takes them: a masked input's chunks beyond these stay in gRPC's flow
+#: control, on the worker, while the ps waits for a receive slot or for the stage.
+QUEUED_MESSAGES = 4
+
 
 class Inbound:
     """A secure round call's messages from the worker: renewals renew its lease as they come; the others wait in
-    order for the stage that reads them. :attr:`task` ends when the call's messages do, or with the refusal that
-    ended it."""
+    order, a few at most (:data:`QUEUED_MESSAGES`), for the stage that reads them. :attr:`task` ends when the
+    call's messages do, or with the refusal that ended it."""
 
     def __init__(self, next_message: Callable[[], Awaitable[pb.WorkerMessage | None]], renew: Callable[[], None]):
-        self._queue: asyncio.Queue[pb.WorkerMessage | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[pb.WorkerMessage] = asyncio.Queue(QUEUED_MESSAGES)
         self.task = asyncio.ensure_future(self._read(next_message, renew))
 
     async def _read(self, next_message: Callable[[], Awaitable[pb.WorkerMessage | None]],
                     renew: Callable[[], None]) -> None:
-        try:
-            while (message := await next_message()) is not None:
-                if message.HasField("hello"):
-                    raise refusals.InvalidRequest("A Round call carries one hello. Received: a second one")
-                if message.renewal:
-                    renew()
-                else:
-                    self._queue.put_nowait(message)
-        finally:
-            self._queue.put_nowait(None)
+        while (message := await next_message()) is not None:
+            if message.HasField("hello"):
+                raise refusals.InvalidRequest("A Round call carries one hello. Received: a second one")
+            if message.renewal:
+                renew()
+            else:
+                await self._queue.put(message)  # a full queue stops the reading: the worker's sends wait
 
     async def next(self, what: str) -> pb.WorkerMessage:
         """The worker's next message other than a renewal. Raises InvalidRequest if the call ended first."""
-        message = await self._queue.get()
-        if message is None:
-            self._raise_if_refused()
-            raise refusals.InvalidRequest(f"The worker's call ended before its {what}.")
-        return message
+        while self._queue.empty() and not self.task.done():
+            getter = asyncio.ensure_future(self._queue.get())
+            await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                return getter.result()
+            getter.cancel()  # a cancelled get takes nothing from the queue
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        self._raise_if_refused()
+        raise refusals.InvalidRequest(f"The worker's call ended before its {what}.")
 
     async def until(self, work: Awaitable[T]) -> T:
         """``work``'s result, unless the worker's messages end first (its call is over): then raises why."""
@@ -103,8 +109,8 @@ async def exchange(ps: ParameterServer, hello: pb.Hello, header: UpdateHeader, n
         return result, Inbound(next_message, lambda: ps.renew(member_id, peer)).task
     party = ps.rounds.members[member_id].task_index
     attempt = secure.advertise(header.layout, member_id, party, Contribution(
-        header.num_examples, header.loss, header.accuracy), secagg_wire.advertisement(header.round, party,
-                                                                                      hello.secagg_keys))
+        header.num_examples, header.loss, header.accuracy, header.federated_eval),
+        secagg_wire.advertisement(header.round, party, hello.secagg_keys))
     metrics.labels("advertise").inc(hello.secagg_keys.ByteSize())
     inbound = Inbound(next_message, lambda: ps.renew(member_id, peer))
     finished = False
@@ -118,9 +124,15 @@ async def exchange(ps: ParameterServer, hello: pb.Hello, header: UpdateHeader, n
         await ps.maybe_close()
         await _stage(inbound, context, attempt, Stage.MASKED_INPUT, metrics.labels("share"), lambda: pb.PsMessage(
             secagg_inbox=secagg_wire.shares_to_proto(attempt.inboxes.get(party, []))))
-        masked = await _masked_input(inbound, attempt)
-        metrics.labels("masked_input").inc(masked.nbytes)
-        await secure.masked_input(attempt, party, masked)
+        # In a receive slot, as a plain update: a few masked inputs at a time are held; the others wait on the
+        # workers (the queue is bounded), so that 64 workers of 10 MB do not land as 640 MB at once. Taken once
+        # the input's first bytes are in, not while the worker computes its masks: that would serialize them.
+        first = await inbound.next("masked input")
+        async with ps.receive_slot(attempt.server.size * fixed_point.RING_DTYPE.itemsize) as deadline:
+            async with asyncio.timeout_at(deadline):
+                masked = await _masked_input(inbound, attempt, first)
+            metrics.labels("masked_input").inc(masked.nbytes)
+            await secure.masked_input(attempt, party, masked)
         await ps.maybe_close()
         await _stage(inbound, context, attempt, Stage.UNMASK, metrics.labels("unmask"), lambda: pb.PsMessage(
             secagg_unmask=secagg_wire.unmask_to_proto(attempt.request())))
@@ -150,18 +162,19 @@ async def _stage(inbound: Inbound, context: grpc.aio.ServicerContext, attempt: A
     await context.write(reply.SerializeToString())
 
 
-async def _masked_input(inbound: Inbound, attempt: Attempt) -> np.ndarray:
-    """The worker's masked input: the update's bytes, up to the message that says end."""
+async def _masked_input(inbound: Inbound, attempt: Attempt, message: pb.WorkerMessage) -> np.ndarray:
+    """The worker's masked input: the update's bytes, from ``message``, its first, up to the message that says
+    end."""
     size = attempt.server.size
     assembler = tensors.Assembler(Layout([TensorSpec("masked input", fixed_point.RING_DTYPE, (size,))]))
     try:
         while True:
-            message = await inbound.next("masked input")
             if message.HasField("secagg_shares") or message.HasField("secagg_reveal"):
                 raise refusals.InvalidRequest("The masked input must come next, as the update's bytes.")
             assembler.feed(message.data)
             if message.end:
                 return assembler.finish().view(fixed_point.RING_DTYPE)
+            message = await inbound.next("masked input")
     except tensors.TruncatedStream as error:
         raise refusals.TruncatedStream(f"Truncated masked input: the {error}.") from None
     except tensors.OversizedStream as error:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from comind import refusals
+from comind import federated_eval, refusals
 from comind.ps import OFFLOAD_BYTES
 from comind.secagg import fixed_point
 from comind.secagg.config import SecAggSettings
@@ -60,21 +60,24 @@ class SecureSum:
         total: the unmasked sum of the survivors' encodings, in the ring.
         survivors: how many inputs it sums.
         num_parties: the roster's size, which set the encoding's scale.
-        clip_range: the encoding's range.
+        settings: the encoding's range; with distributed DP noise, m, the fixed denominator the sum is divided
+            by instead of the survivors (``privacy.py``).
     """
 
-    def __init__(self, layout: Layout, total: np.ndarray, survivors: int, num_parties: int, clip_range: float):
+    def __init__(self, layout: Layout, total: np.ndarray, survivors: int, num_parties: int,
+                 settings: SecAggSettings):
         self.layout = layout
         self._total = total
         self._parties = num_parties
-        self._clip_range = clip_range
+        self._clip_range = settings.clip_range
+        self._denominator = settings.noise.expected_updates if settings.noise else survivors
         self.count = survivors
 
     def add(self, update: Sequence[np.ndarray], weight: float) -> None:
         raise TypeError("Under secure aggregation the ps never holds an update in the clear: nothing to add.")
 
     def result(self) -> np.ndarray:
-        mean = fixed_point.decode_sum(self._total, self._clip_range, self._parties) / self.count
+        mean = fixed_point.decode_sum(self._total, self._clip_range, self._parties) / self._denominator
         packed = np.empty(self.layout.nbytes, np.uint8)
         start = 0
         for view in self.layout.views(packed):
@@ -85,11 +88,13 @@ class SecureSum:
 
 @dataclasses.dataclass(frozen=True)
 class Contribution:
-    """What a party's update header says in the clear (its training figures), for the round's log line."""
+    """What a party's update header says in the clear: its training figures, for the round's log line, and its
+    test of the global model when the ps asked for one (checked already), for the round's federated evaluation."""
 
     num_examples: int
     loss: float
     accuracy: float
+    evaluation: federated_eval.Report | None = None
 
 
 class Attempt:
@@ -281,8 +286,7 @@ class SecureRounds:
         self.metrics.secagg_rounds.labels("aggregated").inc()
         log.info("Round %d's sum of %d masked inputs unmasked in %.2f s (%d parties, %d dropped out and recovered).",
                  attempt.round, survivors, time.perf_counter() - started, len(attempt.roster().keys), recovered)
-        attempt.result = SecureSum(attempt.layout, total, survivors, len(attempt.roster().keys),
-                                   self.settings.clip_range)
+        attempt.result = SecureSum(attempt.layout, total, survivors, len(attempt.roster().keys), self.settings)
         self.metrics.updates.labels("accepted").inc(survivors)
         attempt.moved_on()
 
@@ -293,6 +297,14 @@ class SecureRounds:
         figures = [self.attempt.contributions[p] for p in self.attempt.request().survivors]
         return np.array([sum(c.num_examples for c in figures), sum(c.num_examples * c.loss for c in figures),
                          sum(c.num_examples * c.accuracy for c in figures), 0.0], np.float64)  # no staleness: sync
+
+    def survivors_reports(self) -> dict[int, federated_eval.Report]:
+        """The federated-evaluation reports of the parties whose updates the open round's sum holds, by task: those
+        of an update the round took, as with plain updates."""
+        assert self.attempt is not None
+        contributions = self.attempt.contributions
+        return {party: report for party in self.attempt.request().survivors
+                if (report := contributions[party].evaluation) is not None}
 
     def _fail(self, attempt: Attempt, stage: Stage, reason: str) -> None:
         message = (f"Round {attempt.round}'s secure aggregation failed at its stage '{stage.value}': "

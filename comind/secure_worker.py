@@ -1,5 +1,6 @@
 """A worker's part in secure aggregation's stages (:mod:`comind.secagg`), within its Round call: its update,
-clipped and encoded in fixed point, goes up masked; the ps learns only the round's sum."""
+clipped (and, with worker-level differential privacy, noised: :class:`comind.privacy.DistributedNoise`) and
+encoded in fixed point, goes up masked; the ps learns only the round's sum."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from comind.errors import ProtocolError
+from comind.privacy import DistributedNoise
 from comind.proto import comind_pb2 as pb
 from comind.robust import clip_update
 from comind.secagg import fixed_point
@@ -27,10 +29,12 @@ STAGES_SECONDS = 3600.0
 
 @dataclasses.dataclass(frozen=True)
 class SecureParameters:
-    """What the ps said at join: the encoding's range, and the norm bound each worker applies before masking."""
+    """What the ps said at join: the encoding's range, the norm bound each worker applies before masking, and the
+    DP clip and noise it adds before masking."""
 
     clip_range: float
     max_update_norm: float | None = None
+    noise: DistributedNoise | None = None
 
     @classmethod
     def of(cls, message: pb.JoinReply) -> SecureParameters | None:
@@ -41,7 +45,15 @@ class SecureParameters:
             raise ProtocolError(f"The ps announced secure aggregation with a clipping range of "
                                 f"{parameters.clip_range}; it must be positive.")
         norm = parameters.max_update_norm if parameters.HasField("max_update_norm") else None
-        return cls(parameters.clip_range, norm)
+        noise = None
+        if parameters.HasField("noise"):
+            sent = parameters.noise
+            if not (sent.clip > 0 and sent.expected_updates > 0 and sent.noise_multiplier >= 0):
+                raise ProtocolError(f"The ps announced differential privacy's noise with clip {sent.clip}, noise "
+                                    f"multiplier {sent.noise_multiplier} and {sent.expected_updates} expected "
+                                    f"updates; the clip and the count must be positive, the multiplier not negative.")
+            noise = DistributedNoise(sent.noise_multiplier, sent.clip, sent.expected_updates)
+        return cls(parameters.clip_range, norm, noise)
 
 
 class SecureExchange:
@@ -67,6 +79,11 @@ class SecureExchange:
             if norm > parameters.max_update_norm:
                 log.info("Clipped this worker's update for round %d from norm %.4g to %g before masking.", round,
                          norm, parameters.max_update_norm)
+        if parameters.noise is not None:
+            # Before the encoding, which rounds the noise's float values; and from the kernel's CSPRNG.
+            norm = parameters.noise.noise(values)
+            log.debug("Clipped this worker's update for round %d from norm %.4g to %g and added its noise share "
+                      "(std %.4g) before masking.", round, norm, parameters.noise.clip, parameters.noise.share_std)
         fixed_point.check_range(values, parameters.clip_range)
         self._values = values
         self._parameters = parameters

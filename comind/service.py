@@ -148,6 +148,10 @@ class Service(pb_grpc.ParameterServerServicer):
             reply.secure_aggregation.clip_range = secure.clip_range
             if secure.max_update_norm is not None:
                 reply.secure_aggregation.max_update_norm = secure.max_update_norm
+            if secure.noise is not None:
+                reply.secure_aggregation.noise.CopyFrom(pb.SecAggNoise(
+                    clip=secure.noise.clip, noise_multiplier=secure.noise.noise_multiplier,
+                    expected_updates=secure.noise.expected_updates))
         return reply
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:

@@ -246,7 +246,6 @@ def test_every_value_is_documented_and_the_schema_matches_values_yaml():
     ("ps.roundsMode=async,training.mode=distributed", "ps.roundsMode=async is for federated mode"),
     ("ps.roundsMode=async,ps.aggregation=median,workers.replicas=4", "median needs rounds of at least 3 updates"),
     ("ps.roundsMode=async,ps.federatedEvalEvery=2", "ps.federatedEvalEvery tests one global model"),
-    ("ps.secureAggregation=true,ps.federatedEvalEvery=2", "ps.federatedEvalEvery tests one global model"),
 ])
 def test_bad_values_fail_with_a_message_that_names_them(helm, setting, message):
     result = helm_run(helm, "template", RELEASE, str(CHART), "--set", setting, check=False)

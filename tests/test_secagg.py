@@ -156,6 +156,20 @@ def test_shamir_shares_of_long_secrets():
     assert primitives.combine({0: shares[0], 1: shares[1]}) != secret
 
 
+def test_shamir_combine_matches_pycryptodomes_for_every_set_of_holders():
+    """combine's cached Lagrange coefficients give what pycryptodome's own Shamir.combine gives, piece by piece."""
+    import itertools
+
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    secret = primitives.new_seed()
+    shares = primitives.split(secret, 3, 6)
+    for holders in itertools.combinations(range(6), 3):
+        picked = {h: shares[h] for h in holders}
+        theirs = b"".join(Shamir.combine([(h + 1, picked[h][i:i + 16]) for h in holders]) for i in (0, 16))
+        assert primitives.combine(picked) == theirs == secret
+
+
 # Hostile peers ----------------------------------------------------------------------------------------------
 
 

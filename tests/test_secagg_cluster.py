@@ -55,9 +55,10 @@ def values(history: list[dict]) -> list[float]:
 
 
 def test_secure_rounds_take_the_exact_mean_and_the_ps_never_holds_an_update(start_ps, tmp_path):
+    """... and takes masked inputs in its receive slots, one at a time here: the others wait on their workers."""
     spy = tmp_path / "spy"
     spy.mkdir()
-    ps, histories = run(start_ps, tmp_path, spy=spy)
+    ps, histories = run(start_ps, tmp_path, "--max-concurrent-updates", "1", spy=spy)
     for history in histories:  # uniform weighting: the mean of 0.5, 1 and 1.5 a round
         np.testing.assert_allclose(values(history), [0, 1, 2, 3], atol=1e-6)
     assert len(re.findall(r"Round \d/3: 3 updates", ps.log())) == 3
@@ -65,6 +66,7 @@ def test_secure_rounds_take_the_exact_mean_and_the_ps_never_holds_an_update(star
     encoded = [np.load(f) for f in spy.glob("encoded-*")]
     masked = [np.load(f) for f in spy.glob("masked-*")]
     assert len(encoded) == len(masked) == 9
+    assert [int(np.load(f)) for f in spy.glob("receiving-*")] == [1] * 9
     from scipy.stats import chisquare
     for input in masked:
         assert not any(np.array_equal(input, e) for e in encoded)
@@ -101,11 +103,9 @@ def test_a_round_with_too_few_survivors_fails_cleanly_and_starts_again(start_ps,
     (["--aggregation", "median"], "COMIND_AGGREGATION=median needs each of them"),
     (["--weighting", "examples"], "every update counts once"),
     (["--replicas-to-aggregate", "2"], "unset it"),
-    (["--dp-noise-multiplier", "1", "--dp-clip", "1"], "distributed noise"),
     (["--update-encoding", "int8"], "unset COMIND_UPDATE_ENCODING"),
     (["--secagg-neighbours", "3"], "COMIND_SECAGG_NEIGHBOURS must be an even number"),
     (["--rounds-mode", "async"], "set COMIND_ROUNDS_MODE to sync"),
-    (["--federated-eval-every", "2"], "do not yet travel with masked inputs"),
 ])
 def test_the_ps_refuses_what_secure_aggregation_cannot_do(flags, says):
     result = subprocess.run([sys.executable, "-m", "comind", "ps", "--secure-aggregation", *flags], cwd=ROOT,
@@ -209,3 +209,30 @@ def test_a_ps_restarted_mid_round_starts_the_round_again(start_ps, tmp_path):
     assert "Round 3/4: 3 updates" in second.log()
     for task in range(3):
         np.testing.assert_allclose(values(read_history(tmp_path / f"w{task}.jsonl"))[-1], 4.0, atol=1e-6)
+
+
+def test_federated_evaluation_reports_travel_with_the_masked_inputs_headers(start_ps):
+    """Each worker's test of round 0's model goes up in its round-1 hello, beside its keys: round 1's model
+    comes down with the three reports, the ps having taken those of the updates its sum holds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from comind import WorkerClient, federated_eval
+
+    ps = start_ps("--num-workers", "3", "--rounds", "1", "--exit-grace", "5", "--secure-aggregation",
+                  "--federated-eval-every", "1")
+    reports = {task: federated_eval.Report(0, 1.0 + task, 0.5 + task / 10, 10 * (task + 1)) for task in range(3)}
+
+    def worker(task: int) -> federated_eval.Evaluation | None:
+        client = WorkerClient(ps.address, task_index=task)
+        try:
+            state = client.join([np.zeros(4, np.float32)])
+            return client.sync([w + DELTAS[task] for w in state.weights], num_examples=5,
+                               evaluation=reports[task]).federated_eval
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(3) as pool:
+        evaluations = list(pool.map(worker, range(3)))
+    assert evaluations == [federated_eval.Evaluation(0, reports)] * 3
+    assert ps.wait(timeout=60) == 0
+    assert "Round 1/1: 3 updates" in ps.log()

@@ -221,12 +221,24 @@ class PsMessage(_message.Message):
     def __init__(self, receipt: _Optional[_Union[Receipt, _Mapping]] = ..., model: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., secagg_roster: _Optional[_Union[SecAggRoster, _Mapping]] = ..., secagg_inbox: _Optional[_Union[SecAggShares, _Mapping]] = ..., secagg_unmask: _Optional[_Union[SecAggUnmask, _Mapping]] = ...) -> None: ...
 
 class SecAggParameters(_message.Message):
-    __slots__ = ("clip_range", "max_update_norm")
+    __slots__ = ("clip_range", "max_update_norm", "noise")
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
     clip_range: float
     max_update_norm: float
-    def __init__(self, clip_range: _Optional[float] = ..., max_update_norm: _Optional[float] = ...) -> None: ...
+    noise: SecAggNoise
+    def __init__(self, clip_range: _Optional[float] = ..., max_update_norm: _Optional[float] = ..., noise: _Optional[_Union[SecAggNoise, _Mapping]] = ...) -> None: ...
+
+class SecAggNoise(_message.Message):
+    __slots__ = ("clip", "noise_multiplier", "expected_updates")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    clip: float
+    noise_multiplier: float
+    expected_updates: float
+    def __init__(self, clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., expected_updates: _Optional[float] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
     __slots__ = ("cipher_key", "mask_key")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 from comind.secagg import graph
+
+if TYPE_CHECKING:
+    from comind.privacy import DistributedNoise
 
 #: Each value of an update lies in [-c, c] by default; the ps's --secagg-clip-range changes it.
 DEFAULT_CLIP_RANGE = 4.0
@@ -20,12 +24,14 @@ class SecAggSettings:
             :data:`graph.COMPLETE_UP_TO` parties, else about 3 log2 n (SecAgg+).
         clip_range: c, the bound on every value of an update (the fixed-point encoding's range).
         max_update_norm: the bound on each update's L2 norm, which the workers apply before masking; None: none.
+        noise: worker-level differential privacy's clip and noise, which the workers apply before masking; None: off.
     """
 
     threshold: float | None = None
     neighbours: int | None = None
     clip_range: float = DEFAULT_CLIP_RANGE
     max_update_norm: float | None = None
+    noise: DistributedNoise | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.5 < self.threshold <= 1:

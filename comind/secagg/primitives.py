@@ -4,12 +4,13 @@ ChaCha20-Poly1305 (``cryptography``); ChaCha20 as the mask PRG; Shamir's secret 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
+from Crypto.Protocol.SecretSharing import Shamir, _Element
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -122,9 +123,36 @@ def split(secret: bytes, threshold: int, holders: int) -> list[bytes]:
 
 
 def combine(shares: dict[int, bytes]) -> bytes:
-    """The secret that shares (by holder index, as :func:`split` gave them) rebuild."""
-    return b"".join(Shamir.combine([(index + 1, share[i:i + _PIECE]) for index, share in shares.items()])
-                    for i in range(0, SECRET_BYTES, _PIECE))
+    """The secret that shares (by holder index, as :func:`split` gave them) rebuild.
+
+    The interpolation at 0 that pycryptodome's ``Shamir.combine`` does, in its GF(2^128) arithmetic, with the
+    Lagrange coefficients of a set of holders computed once: the ps rebuilds every survivor's seed from the same
+    holders' shares, and the coefficients' inverses and products were nine tenths of each rebuild (pure Python).
+    """
+    coefficients = _lagrange_at_zero(tuple(index + 1 for index in shares))
+    pieces = []
+    for i in range(0, SECRET_BYTES, _PIECE):
+        secret = _Element(0)
+        for coefficient, share in zip(coefficients, shares.values(), strict=True):
+            secret += coefficient * _Element(share[i:i + _PIECE])
+        pieces.append(secret.encode())
+    return b"".join(pieces)
+
+
+@functools.lru_cache(maxsize=64)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[_Element, ...]:
+    """l_j(0) = prod_{m != j} x_m / (x_j - x_m) for Shamir's x coordinates ``xs`` (in GF(2^n), minus is plus)."""
+    if len(set(xs)) != len(xs):
+        raise ValueError(f"Duplicate share. Received: holders {xs}")
+    coefficients = []
+    for j, x_j in enumerate(xs):
+        numerator, denominator = _Element(1), _Element(1)
+        for m, x_m in enumerate(xs):
+            if m != j:
+                numerator *= _Element(x_m)
+                denominator *= _Element(x_j) + _Element(x_m)
+        coefficients.append(numerator * denominator.inverse())
+    return tuple(coefficients)
 
 
 def commitment(context: bytes, share: bytes) -> bytes:
