@@ -799,9 +799,9 @@ def test_the_helm_test_pod_passes_against_a_training_cluster(helm, pods, image):
 
 def test_what_the_chart_renders_to_serve_with_mutual_tls_trains_and_stays_up(helm, pods, tmp_path):
     """lifecycle serve: StatefulSets whose processes stay up after the last round; the chief's outputs are
-    copied from its running pod, and a stop is a clean exit."""
+    copied from its running pod, and a stop is a clean exit. With secure aggregation on, as the chart passes it."""
     objects, ps, workers = chart_cluster(helm, *values_args(CHART / "ci" / "tls-values.yaml"),
-                                         "--set", "lifecycle=serve")
+                                         "--set", "lifecycle=serve", "--set", "ps.secureAggregation=true")
     issuer = CertManager()
     secrets = {c["spec"]["secretName"]: issuer.issue(c) for c in named(objects, "Certificate").values()}
     runner = pods(objects, secrets=secrets)
@@ -809,6 +809,8 @@ def test_what_the_chart_renders_to_serve_with_mutual_tls_trains_and_stays_up(hel
     assert runner.env(workers[1])["COMIND_TASK_INDEX"] == "1"
     boot_and_train(runner, ps, workers, rounds=5, serve=True)
     assert "(TLS)" in runner.logs(ps.name)
+    unmasked = re.findall(r"Round (\d+)'s sum of 2 masked inputs unmasked", runner.logs(ps.name))
+    assert unmasked == ["1", "2", "3", "4", "5"]
     url = f"http://127.0.0.1:{runner.host_port(ps.name, 'metrics')}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         assert re.search(r"^comind_training_done 1\.0$", response.read().decode(), re.MULTILINE)

@@ -61,7 +61,8 @@ def rounds_closed(log: str) -> list[int]:
 
 
 def test_compose_up_trains_to_the_end_and_down_leaves_nothing(cluster):
-    project = cluster()
+    # With secure aggregation on: the ps learns only each round's sum (the default is off; the other tests run so).
+    project = cluster(COMIND_SECURE_AGGREGATION="true")
     result = project.compose("up", timeout=600)
     assert result.returncode == 0, result.stderr
 
@@ -72,6 +73,8 @@ def test_compose_up_trains_to_the_end_and_down_leaves_nothing(cluster):
     assert re.search(r"Listening on \S+ \(TLS\)", ps_log)  # the workers trained over TLS, with the token
     total = int(ROUND.search(ps_log).group(2))
     assert rounds_closed(ps_log) == list(range(1, total + 1))
+    unmasked = re.findall(r"Round (\d+)'s sum of 2 masked inputs unmasked", ps_log)
+    assert [int(r) for r in unmasked] == list(range(1, total + 1))
     assert "Final test accuracy" in project.logs("worker-0")
     output = project.copy_output()  # compose.yaml's `docker compose cp worker-0:/output ./comind-output`
     # Copied as the user who ran it: no root helper, and nothing world-writable.
