@@ -294,14 +294,16 @@ def test_an_update_the_killed_ps_had_taken_goes_to_its_replacement(start_ps, tmp
     # Well before its deadline (60 s), and with both updates.
     assert second.wait_for(r"Round 2/3: (\d+) updates", timeout=20).group(1) == "2", second.log()
     print(f"\nthe round open at the crash closed {time.monotonic() - restarted:.1f} s after the restart")
+    # Now, while the ps still serves (it exits once the workers leave after round 3): round 2's two updates were
+    # taken, and worker 0's for round 3 may be too; none was a duplicate.
+    scrape = Scrape(ports[1])
+    assert scrape("comind_updates_total", result="accepted") in (2, 3)
+    assert scrape("comind_updates_total", result="duplicate") == 0
     second.wait_for(r"Round 3/3: 2 updates")
-    scrape = Scrape(ports[1])  # updates are counted before their round closes
     for worker in workers:
         assert_finishes(worker, second)
     assert second.wait(timeout=30) == 0
-    # Each update applied once: two a round, none twice, and the weights exact averaging gives.
-    assert scrape("comind_updates_total", result="accepted") == 4
-    assert scrape("comind_updates_total", result="duplicate") == 0
+    # Each update applied once: the weights of every round are those exact averaging gives.
     for out in outs:
         history = read_history(out)
         assert [h["round"] for h in history] == [0, 1, 2, 3]
