@@ -53,6 +53,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,8 +63,23 @@ from pathlib import Path
 
 import numpy as np
 
+import grpc_floor
+from comind import encodings
 from comind.metrics import UPDATE_RESULTS
-from core import MB, ROOT, Row, Section, machine_facts, parse_flags, proc_status_kib, progress, start_ps, write_report
+from comind.tensors import Layout
+from core import (
+    MB,
+    ROOT,
+    Row,
+    Section,
+    machine_facts,
+    make_model,
+    parse_flags,
+    proc_status_kib,
+    progress,
+    start_ps,
+    write_report,
+)
 
 sys.path.insert(0, str(ROOT / "tests"))
 from scrape import Scrape, free_port  # the tests' /metrics reader
@@ -131,8 +147,10 @@ def scenarios(quick: bool) -> tuple[Scenario, ...]:
     warmup, measured, large = (2, 8, 3) if quick else (3, 30, 10)
     return (Scenario("1,000 workers x 0.4 MB, all selected", 1000, 400_000, warmup, measured, processes=4,
                      max_cpu_per_round=0.5),
+            # 30 s leases: with 10 s ones, each generator process (2,500 clients on a share of 2 cores) fell
+            # behind its clients' renewals, every 3.3 s, and their leases lapsed.
             Scenario("10,000 workers x 0.4 MB, 100 per round", 10_000, 400_000, warmup, measured, processes=4,
-                     clients_per_round=100, max_p50=0.5, max_rss_bytes=1500 * MB),
+                     clients_per_round=100, max_p50=0.5, max_rss_bytes=1500 * MB, lease_seconds=30.0),
             Scenario("64 workers x 10 MB", 64, 10 * MB, 1 + quick, large, processes=4, max_p99=1.0),
             Scenario("64 workers x 10 MB, int8 updates", 64, 10 * MB, 1 + quick, large, processes=4,
                      encoding="int8", max_p99=1.0))
@@ -159,6 +177,7 @@ class LoadRun:
     load_average: float           # 1-minute, when the run started
     idle_cpu_seconds: float | None  # with sampling: the ps's, while every worker but the chief waited idle
     idle_wall_seconds: float
+    floor_ms_per_call: float = math.nan  # grpc_floor.py: a bare grpc.aio server's CPU for one such call
 
 
 # Reading the ps ---------------------------------------------------------------------
@@ -337,7 +356,7 @@ def _target(row: Row, value: float, limit: float | None, unit: str, what: str = 
     return dataclasses.replace(row, target=f"{what}<= {limit:g} {unit}", passed=value <= limit)
 
 
-def section(run: LoadRun) -> Section:
+def section(run: LoadRun, floor_ms: float = math.nan) -> Section:
     s = run.scenario
     goes_to = "the next round's selected workers hold it" if s.sampled else "every worker holds it"
     round_row = Row(f"round: first push -> {goes_to}", percentiles(run.round_seconds))
@@ -363,6 +382,9 @@ def section(run: LoadRun) -> Section:
         _target(Row("ps CPU, measured rounds", f"{run.ps_cpu_seconds:.1f} s in {run.measured_wall_seconds:.1f} s "
                     f"wall ({run.ps_cpu_seconds / run.measured_wall_seconds:.0%} of a core), "
                     f"{cpu_per_round * 1e3:.0f} ms per round"), cpu_per_round, s.max_cpu_per_round, "s"),
+        Row("  a bare grpc.aio server, the same calls (grpc_floor.py)",
+            f"{floor_ms:.2f} ms per call, so {floor_ms * s.per_round / 1e3:.2f} s per round: the ps's own code is "
+            f"the rest" if math.isfinite(floor_ms) else "not measured"),
         Row("load generators' CPU, likewise", f"{run.swarm_cpu_seconds:.1f} s ({s.processes} processes), "
             f"{swarm_share:.0%} of the {cores} cores"),
         # Both share this machine's cores: no round can be shorter than this.
@@ -390,6 +412,14 @@ def section(run: LoadRun) -> Section:
     return Section(f"{s.name}", rows, notes)
 
 
+def floor_ms_per_call(scenario: Scenario) -> float:
+    """What a bare grpc.aio server's CPU costs per Round call of ``scenario``'s bytes, after its run."""
+    layout = Layout.of(make_model(scenario.model_bytes))
+    update_bytes = encodings.parse(scenario.encoding).wire_layout(layout).nbytes
+    progress(f"  the bare gRPC floor of its calls (load average {os.getloadavg()[0]:.2f})")
+    return grpc_floor.ms_per_call(update_bytes, layout.nbytes, min(scenario.per_round * 10, 1000))
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="workers in the first scenario, instead of 1,000 (a smaller "
                         "machine, a smoke test); its targets still apply")
@@ -412,12 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   if any(default.name.startswith(prefix) for prefix in flags.only)]
     started = time.perf_counter()
     header = ["coMind load benchmark", *machine_facts(), f"run       {'quick' if flags.quick else 'full'}"]
-    runs = []
+    runs, floors = [], []
     for scenario in chosen:
         progress(f"{scenario.name} (load average {os.getloadavg()[0]:.2f})")
         runs.append(run_load(scenario))
-    write_report(header, [section(run) for run in runs], started, flags.output,
-                 [json.dumps(summary(run)) for run in runs])
+        floors.append(floor_ms_per_call(scenario))
+    write_report(header, [section(run, floor) for run, floor in zip(runs, floors, strict=True)], started,
+                 flags.output, [json.dumps(summary(run) | {"grpc_floor_ms_per_call": round(floor, 3)})
+                                for run, floor in zip(runs, floors, strict=True)])
     return 0
 
 

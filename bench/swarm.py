@@ -126,6 +126,7 @@ class Client:
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self.member_id = ""
         self._lease = 10.0
+        self._calls_hold_lease = False
         self.encoding = encodings.FLOAT32  # what the ps takes updates as, once joined
         self.layout: Layout | None = None  # the global model's, once one arrived
         self._packed: np.ndarray | None = None  # the last global model, received into the same buffer each round
@@ -153,20 +154,22 @@ class Client:
                 self.join_retries += 1
                 await asyncio.sleep(next(delays))
         self.member_id, self._lease = reply.member_id, reply.lease_seconds
+        self._calls_hold_lease = reply.calls_hold_lease
         self.encoding = reply.update_encoding or encodings.FLOAT32
         self._contact = time.monotonic()
         self._keeper = asyncio.create_task(self._keep_lease())
 
     async def _keep_lease(self) -> None:
-        """WorkerClient's rule: a third of the lease after the last contact, a renewal into a call that waits
-        for its model, or a Heartbeat when no call is open."""
+        """WorkerClient's rule: a third of the lease after the last contact, a Heartbeat when no call is open
+        (an open call holds the lease; from a ps that predates that, a renewal into a call that waits for its
+        model)."""
         while True:
             await asyncio.sleep(max(0.0, self._contact + self._lease / 3 - time.monotonic()))
             if time.monotonic() - self._contact < self._lease / 3:
                 continue  # a call renewed it meanwhile
             self._contact = time.monotonic()
             call = self._waiting
-            if call is not None:
+            if call is not None and not self._calls_hold_lease:
                 self._renewed = call
                 with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
                     await call.write(RENEWAL)  # if the call ended meanwhile, its reader sees how
@@ -251,6 +254,7 @@ class Client:
             finally:
                 self._waiting = None
                 self._open -= 1
+                self._contact = time.monotonic()  # a call's end renews the lease
             if header.ready:
                 return receipt, acked, header
             update = None  # a long poll ended before the round closed: ask again

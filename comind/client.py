@@ -274,6 +274,7 @@ class WorkerClient:
         self._instance = secrets.token_hex(16)
         self._known_round = -1
         self._lease = 10.0
+        self._calls_hold_lease = False  # what the ps said at join
         self._calls_open = 0
         self._last_contact = time.monotonic()
         self._closed = threading.Event()
@@ -390,6 +391,7 @@ class WorkerClient:
                                         f"finite number of seconds, at least {MIN_LEASE_SECONDS}.")
                 # A longer lease needs no more frequent renewal, and would overflow threading's waits.
                 self._member_id, self._lease = reply.member_id, min(reply.lease_seconds, MAX_LEASE_SECONDS)
+                self._calls_hold_lease = reply.calls_hold_lease
                 self._known_round = reply.round
                 self.total_rounds = reply.total_rounds
                 self.replicas_to_aggregate = reply.replicas_to_aggregate or None
@@ -477,8 +479,8 @@ class WorkerClient:
                 else:
                     yield pb.WorkerMessage(end=True)
             while not finished.is_set():
-                try:
-                    message = outbox.get(timeout=self._lease / 3)
+                try:  # the call holds the lease, or renewals go into it
+                    message = outbox.get(timeout=None if self._calls_hold_lease else self._lease / 3)
                 except queue.Empty:
                     message = pb.WorkerMessage(renewal=True)
                 if message is None:  # the call is over

@@ -6,8 +6,9 @@ what to do and carries the answer out.
 
 Rules (docs/design.md, decision 4):
 
-* Workers register and hold a lease that heartbeats renew; a worker whose
-  lease ends is no longer live. A task index has one live member at a time,
+* Workers register and hold a lease that heartbeats renew, and that holds
+  while one of their Round calls is open; a worker whose lease ends is no
+  longer live. A task index has one live member at a time,
   and there are at most ``member_limit`` members.
 * Round ``r + 1`` is open once the global model of round ``r`` exists. It
   closes when its quorum is in: ``replicas_to_aggregate`` updates if that is
@@ -52,11 +53,12 @@ Rules (docs/design.md, decision 4):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from comind.async_rounds import AsyncPolicy
 from comind.sampling import SamplingPolicy, Selection, draw_seed
@@ -81,6 +83,8 @@ class Member:
     peer: bytes | None = None
     # Chosen by the worker process that registered: the same process registering again is this member.
     instance: str = ""
+    # Its Round calls open on the ps: while one is, the member is live (see Rounds.hold).
+    calls: int = 0
 
 
 #: The shortest lease: workers renew theirs three times a lease, and a lease
@@ -257,8 +261,9 @@ class Rounds:
         return self._by_task.get(task_index)
 
     def seconds_left(self, member_id: str) -> float:
-        """Until the member's lease ends, unless renewed."""
-        return max(0.0, self.members[member_id].expires_at - self._clock())
+        """Until the member's lease ends, unless renewed (a lease at least while one of its calls is open)."""
+        member = self.members[member_id]
+        return max(self.policy.lease_seconds if member.calls else 0.0, member.expires_at - self._clock())
 
     def renew(self, member_id: str) -> bool:
         member = self.members.get(member_id)
@@ -266,6 +271,27 @@ class Rounds:
             return False
         member.expires_at = self._clock() + self.policy.lease_seconds
         return True
+
+    @contextlib.contextmanager
+    def call_open(self, member_id: str) -> Iterator[None]:
+        """While one of the member's Round calls is open: its lease holds, and runs a whole lease from the
+        call's end.
+
+        The call is the worker's sign of life, checked by the transport (the ps's keepalive pings end a call over
+        a dead link), so the worker sends no renewals into it: at scale, those were most of what an idle worker
+        cost the ps. (An unknown member's call is refused by what it does next.)
+        """
+        member = self.members.get(member_id)
+        if member is None:
+            yield
+            return
+        member.calls += 1
+        try:
+            yield
+        finally:
+            member.calls -= 1
+            if self.members.get(member_id) is member:
+                member.expires_at = self._clock() + self.policy.lease_seconds
 
     def leave(self, member_id: str) -> Member | None:
         member = self.members.pop(member_id, None)
@@ -279,7 +305,13 @@ class Rounds:
         now = self._clock()
         if now < self._first_expiry:
             return []
-        gone = [mid for mid, m in self.members.items() if m.expires_at <= now]
+        gone = []
+        for member_id, member in self.members.items():
+            if member.expires_at <= now:
+                if member.calls:  # live while its call is: looked at again a lease from now
+                    member.expires_at = now + self.policy.lease_seconds
+                else:
+                    gone.append(member_id)
         ended = [member for member in map(self.leave, gone) if member is not None]
         self._first_expiry = min((m.expires_at for m in self.members.values()), default=float("inf"))
         return ended

@@ -37,8 +37,10 @@ round did not select  ``NOT_SELECTED``       model follows once selected
 ====================  =====================  ===========================
 
 A worker's part in a round is one ``Round`` call: a hello (with its update's
-header, if it has one), the update's bytes, a receipt, renewals of its
-lease while the round is open, and the next global model.
+header, if it has one), the update's bytes, a receipt, and the next global
+model. While the call is open it holds the worker's lease, and the ps's
+keepalive pings watch the link (a worker from before that sends renewals
+into it).
 
 A refusal that may succeed later carries the seconds to wait in the trailing
 metadata :data:`comind.protocol.RETRY_AFTER_KEY`.
@@ -83,6 +85,17 @@ SERVER_OPTIONS = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1 << 20),
 ]
+
+def keepalive_options(lease_seconds: float) -> list[tuple[str, int]]:
+    """The ps pings each connection a third of a lease after it last heard from it, and ends its calls when no
+    answer comes in another third: an open Round call holds its worker's lease (``Rounds.call_open``), and over a
+    dead link it ends about as soon as the worker's renewals, which it replaces, would have stopped."""
+    third = max(100, round(lease_seconds * 1000 / 3))
+    # Pings without data in between are what a waiting call is: gRPC sends only two such by default. And a ping
+    # unanswered ends the connection after ping_timeout (a minute by default), whatever keepalive_timeout says.
+    return [("grpc.keepalive_time_ms", third), ("grpc.keepalive_timeout_ms", third),
+            ("grpc.http2.ping_timeout_ms", third), ("grpc.http2.max_pings_without_data", 0)]
+
 
 #: The status of each refusal.
 STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
@@ -142,7 +155,7 @@ class Service(pb_grpc.ParameterServerServicer):
                              total_rounds=info.total_rounds, done=info.done,
                              replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode],
                              update_encoding=info.update_encoding, rounds_mode=ROUNDS_MODES[info.rounds_mode],
-                             federated_eval_every=info.federated_eval_every)
+                             federated_eval_every=info.federated_eval_every, calls_hold_lease=True)
         secure = info.secure_aggregation
         if secure is not None:
             reply.secure_aggregation.clip_range = secure.clip_range
@@ -181,6 +194,11 @@ class Service(pb_grpc.ParameterServerServicer):
             raise refusals.InvalidRequest("A Round call must start with a hello message naming the worker.")
         if first.renewal:
             raise refusals.InvalidRequest("A hello's message carries no renewal: the hello itself renews the lease.")
+        with self.ps.rounds.call_open(first.hello.member_id):
+            await self._call(first, requests, context, peer)
+
+    async def _call(self, first: pb.WorkerMessage, requests: _Requests, context: grpc.aio.ServicerContext,
+                    peer: bytes | None) -> None:
         hello = first.hello
         unread = False  # whether the update's bytes are still coming, unread
         if hello.HasField("secagg_keys"):
@@ -436,7 +454,8 @@ def build_server(ps: ParameterServer, listen: str, token: str | None,
     interceptors: list[grpc.aio.ServerInterceptor] = \
         [TokenInterceptor(token, on_failure=ps.metrics.auth_failures.inc)] if token else []
     interceptors.append(DecodingInterceptor())
-    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS + SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS + SERVER_OPTIONS +
+                             keepalive_options(ps.rounds.policy.lease_seconds))
     handlers = _method_handlers(Service(ps))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

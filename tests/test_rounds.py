@@ -149,3 +149,31 @@ def test_the_lease_timer_wakes_at_a_bound_then_at_the_leases_as_renewed():
     rounds.leave(a)
     clock.now = 12
     assert rounds.expire() == [] and rounds.next_event() == rounds.deadline
+
+
+def test_an_open_call_holds_the_lease_which_runs_a_lease_from_the_calls_end():
+    clock = Clock()
+    rounds, (a, _b) = started(clock, lease_seconds=5)
+    with rounds.call_open(a):
+        with rounds.call_open(a):  # a second call (a retry) while the first ends
+            clock.now = 12
+            assert [m.task_index for m in rounds.expire()] == [1]  # b's lease ended; a's call holds its own
+            assert rounds.seconds_left(a) == 5 and rounds.next_event() == 17  # looked at again a lease later
+        clock.now = 20
+        assert rounds.expire() == []
+    clock.now = 24.9
+    assert rounds.expire() == [] and rounds.seconds_left(a) == pytest.approx(0.1)
+    clock.now = 25
+    assert [m.task_index for m in rounds.expire()] == [0]
+
+
+def test_a_call_of_a_member_gone_or_unknown_changes_no_lease():
+    clock = Clock()
+    rounds, (a, _b) = started(clock, lease_seconds=5)
+    with rounds.call_open("no such member"):
+        pass
+    with rounds.call_open(a):
+        rounds.leave(a)
+        a2 = rounds.register(0)  # the same worker again, under a new id, while the old call ends
+    clock.now = 5
+    assert {m.task_index for m in rounds.expire()} == {0, 1} and a2 not in rounds.members
