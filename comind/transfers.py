@@ -39,11 +39,14 @@ class Slots:
         """
         seconds = transfer_seconds(nbytes)
         deadline = asyncio.get_running_loop().time() + seconds
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._semaphore.acquire()
-        except TimeoutError:
-            raise Busy(f"The ps was busy {self._what} other models for {seconds:.0f} s; retry.") from None
+        if self._semaphore.locked():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                raise Busy(f"The ps was busy {self._what} other models for {seconds:.0f} s; retry.") from None
+        else:  # a free slot: taken at once, without a timer (thousands of calls a round)
+            await self._semaphore.acquire()
         try:
             yield deadline
         except TimeoutError:
