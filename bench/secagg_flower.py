@@ -33,9 +33,10 @@ import dataclasses
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import secagg
 from comind.secagg.config import DEFAULT_CLIP_RANGE
@@ -95,26 +96,29 @@ def measure(configs: Sequence[Config], repeats: int, workdir: Path) -> dict[Conf
     return runs
 
 
+def medians(shape: str, *columns: tuple[list, Callable[[Any], float]]) -> str:
+    """Each column's median value over its runs, formatted by ``shape``, joined by " / "."""
+    return " / ".join(shape.format(median([value(run) for run in runs])) for runs, value in columns)
+
+
 def section(config: Config, runs: Runs) -> Section:
     params = config.model_bytes // 4
     comind, flower = ({secure: runs[system, secure] for secure in (False, True)} for system in SYSTEMS)
     rows = []
     for system, results in zip(SYSTEMS, (comind, flower), strict=True):
-        plain = median([r.round_seconds for r in results[False]])
-        secure = median([r.round_seconds for r in results[True]])
         ratio = median([s.round_seconds / p.round_seconds for p, s in zip(results[False], results[True], strict=True)])
-        rows.append(Row(f"{system}: round time plain / secure",
-                        f"{plain * 1e3:8.1f} / {secure * 1e3:8.1f} ms  x{ratio:.2f}"))
+        times = medians("{:8.1f}", *((results[secure], lambda r: r.round_seconds * 1e3) for secure in (False, True)))
+        rows.append(Row(f"{system}: round time plain / secure", f"{times} ms  x{ratio:.2f}"))
     comind_masked = median([r.bytes["masked_input"] for r in comind[True]]) / params
     flower_masked = median([r.update_bytes for r in flower[True]]) / params
     rows.append(Row("masked input per parameter, coMind / Flower", f"{comind_masked:.3f} / {flower_masked:.3f} B",
                     "coMind <= half", comind_masked <= flower_masked / 2))
-    rows.append(Row("plain update per parameter, coMind / Flower",
-                    f"{median([r.bytes['received'] for r in comind[False]]) / params:.3f} / "
-                    f"{median([r.update_bytes for r in flower[False]]) / params:.3f} B"))
-    rows.append(Row("model to each worker per parameter, coMind / Flower",
-                    f"{median([r.bytes['sent'] for r in comind[True]]) / params:.3f} / "
-                    f"{median([r.model_bytes for r in flower[True]]) / params:.3f} B"))
+    rows.append(Row("plain update per parameter, coMind / Flower", medians(
+        "{:.3f}", (comind[False], lambda r: r.bytes["received"] / params),
+        (flower[False], lambda r: r.update_bytes / params)) + " B"))
+    rows.append(Row("model to each worker per parameter, coMind / Flower", medians(
+        "{:.3f}", (comind[True], lambda r: r.bytes["sent"] / params),
+        (flower[True], lambda r: r.model_bytes / params)) + " B"))
     comind_stages = {stage: median([r.bytes[stage] for r in comind[True]])
                      for stage in ("advertise", "share", "unmask")}
     flower_stages = {stage: median([r.stage_bytes[stage] for r in flower[True]])
@@ -127,15 +131,12 @@ def section(config: Config, runs: Runs) -> Section:
     rows.append(Row("Flower: largest error of the mean change, secure / plain",
                     f"{max(r.error for r in flower[True]):.2g} / {max(r.error for r in flower[False]):.2g} "
                     f"(of {float(secagg.CHANGE):g})"))
-    rows.append(Row("Flower: a message's ClientApp start / work, plain",
-                    f"{median([r.start_seconds for r in flower[False]]):.2f} / "
-                    f"{median([r.work_seconds for r in flower[False]]):.3f} s"))
-    rows.append(Row("Flower: a message's ClientApp start / work, secure",
-                    f"{median([r.start_seconds for r in flower[True]]):.2f} / "
-                    f"{median([r.work_seconds for r in flower[True]]):.3f} s (4 messages a round)"))
-    rows.append(Row("Flower: a SuperNode's peak memory, plain / secure",
-                    f"{median([r.node_peak_bytes for r in flower[False]]) / MB:.0f} / "
-                    f"{median([r.node_peak_bytes for r in flower[True]]) / MB:.0f} MB"))
+    for name, value, shape, unit in (
+            ("a message's ClientApp start, from process to message", lambda r: r.start_seconds, "{:.2f}", "s"),
+            ("a message's handling in the ClientApp", lambda r: r.work_seconds, "{:.3f}", "s"),
+            ("a SuperNode's peak memory", lambda r: r.node_peak_bytes / MB, "{:.0f}", "MB")):
+        rows.append(Row(f"Flower: {name}, plain / secure",
+                        f"{medians(shape, (flower[False], value), (flower[True], value))} {unit}"))
     return Section(f"{config.name} ({params:,} parameters), per round", rows)
 
 
