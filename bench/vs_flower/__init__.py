@@ -1,1 +1,2 @@
-"""coMind against Flower on one task and one machine: the parts of bench/flower.py."""
+"""coMind against Flower on one machine: the parts of bench/flower.py (a training task) and bench/secagg_flower.py
+(secure aggregation)."""

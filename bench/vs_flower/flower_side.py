@@ -49,7 +49,22 @@ def ensure_installed() -> str:
 
 
 def run(dataset: Path, workers: int, rounds: int, steps: int, seed: int, workdir: Path) -> RunResult:
-    home, records = workdir / "flwr-home", workdir / "rounds.jsonl"
+    records = workdir / "rounds.jsonl"
+    launched = time.time()
+    memory = run_app(APP, workers, {"num-workers": workers, "num-server-rounds": rounds, "local-steps": steps,
+                                    "seed": seed, "data-path": str(dataset), "record-path": str(records)},
+                     rounds, workdir)
+    return _result(records, launched, memory)
+
+
+def run_app(app: Path, workers: int, overrides: dict[str, object], rounds: int, workdir: Path) -> PeakMemory:
+    """Runs the Flower App ``app`` on a SuperLink and ``workers`` SuperNodes, with ``overrides`` of its run config.
+
+    The ServerApp writes a JSON line per round to the run config's ``record-path`` (or one with a ``failed``
+    key); this returns once it wrote ``rounds`` lines, after stopping every process, with their peak memory.
+    Each SuperNode's node config gives its ``partition-id`` and ``num-partitions``.
+    """
+    home, records = workdir / "flwr-home", Path(str(overrides["record-path"]))
     home.mkdir(parents=True)
     link_port = free_port()
     # flwr run finds the SuperLink through the Flower configuration file.
@@ -58,7 +73,6 @@ def run(dataset: Path, workers: int, rounds: int, steps: int, seed: int, workdir
     env = {"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(workdir), "FLWR_HOME": str(home),
            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": TASK_POLL_SECONDS, "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    launched = time.time()
     superlink = start(["flower-superlink", "--insecure", "--isolation", "subprocess",
                        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link_port)],
                       workdir / "superlink.log", env)
@@ -72,10 +86,8 @@ def run(dataset: Path, workers: int, rounds: int, steps: int, seed: int, workdir
                        for index in range(workers)]
         processes += supernodes
         with PeakMemory({"server": [superlink], "worker": supernodes}) as memory:
-            overrides = {"num-workers": workers, "num-server-rounds": rounds, "local-steps": steps,
-                         "seed": seed, "data-path": str(dataset), "record-path": str(records)}
             config = " ".join(f"{key}={json.dumps(value)}" for key, value in overrides.items())
-            submitted = subprocess.run(["flwr", "run", str(APP), "bench", "--run-config", config], env=env,
+            submitted = subprocess.run(["flwr", "run", str(app), "bench", "--run-config", config], env=env,
                                        cwd=workdir, capture_output=True, text=True, timeout=120)
             (workdir / "flwr-run.log").write_text(submitted.stdout + submitted.stderr)
             if submitted.returncode != 0:
@@ -84,7 +96,7 @@ def run(dataset: Path, workers: int, rounds: int, steps: int, seed: int, workdir
             wait_for(lambda: _recorded(records) >= rounds, processes, "the last round", timeout=1800)
     finally:
         stop(processes)
-    return _result(records, launched, memory)
+    return memory
 
 
 def _listening(port: int) -> bool:

@@ -91,6 +91,9 @@ def wait_for(condition: Callable[[], bool], processes: Sequence[subprocess.Popen
 
 def stop(processes: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
     """Stops each process and whatever it started (SIGTERM, then SIGKILL after ``grace``)."""
+    # Flower starts its SuperExecs in sessions of their own, out of reach of the killpg below; a ServerApp whose
+    # SuperLink was gone kept running for minutes.
+    detached = [child for process in processes for child in _descendants(process.pid)]
     for process in processes:
         if process.poll() is None:
             os.killpg(process.pid, 15)  # its own session: the process and its children
@@ -101,6 +104,16 @@ def stop(processes: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)  # leftovers, such as a ClientApp whose parent is gone
         process.wait()
+    for child in detached:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 class PeakMemory:
@@ -138,8 +151,7 @@ class PeakMemory:
 
 def _tree_rss(pid: int) -> int:
     try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
+        tree = [psutil.Process(pid), *_descendants(pid)]
     except psutil.NoSuchProcess:
         return 0
     total = 0

@@ -1,0 +1,1 @@
+"""bench/secagg.py's task with Flower's SecAgg+ workflow, for bench/secagg_flower.py."""
