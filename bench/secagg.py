@@ -35,7 +35,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from comind import WorkerClient
-from core import MB, ROOT, Row, Section, client_process, machine_facts, parse_flags, write_report
+from core import MB, ROOT, Row, Section, client_process, machine_facts, make_model, parse_flags, write_report
 
 RESULTS = ROOT / "bench" / "results" / "secagg.txt"
 #: Each round every value changes by this: well inside the clipping range.
@@ -89,8 +89,27 @@ def cpu_seconds(pid: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class Result:
     round_seconds: float
-    bytes: dict[str, float]  # by stage or direction, per worker and measured round
+    bytes: dict[str, float]  # by stage or direction, per worker and round
     cpu_seconds: float       # the ps's, per measured round
+
+
+def per_round(counters: dict[tuple[str, tuple], float], case: Case) -> dict[str, float]:
+    """Bytes per worker and round, by stage or direction, from the ps's counts over the whole run.
+
+    Over the whole run, not a window: the ps's log says a round closed while its model still goes out, and the
+    next round's updates come in, so a window's edges split rounds. Every worker received ``rounds`` + 1 models
+    (the initial one too) and sent ``rounds`` updates, and the chief the initial model besides.
+    """
+    initial = sum(array.nbytes for array in make_model(case.model_bytes))
+    counted = {}
+    for (name, labels), value in counters.items():
+        if name in ("comind_secagg_bytes_total", "comind_update_bytes_total"):
+            label = dict(labels).get("stage") or dict(labels)["direction"]
+            if label == "sent":
+                counted[label] = value / (case.rounds + 1) / case.workers
+            else:
+                counted[label] = (value - (initial if label == "received" else 0)) / case.rounds / case.workers
+    return counted
 
 
 def run(case: Case, secure: bool) -> Result:
@@ -111,7 +130,7 @@ def run(case: Case, secure: bool) -> Result:
         for worker in workers:
             worker.start()
         ps.wait_for(r"Round 1/", timeout=900)
-        before, cpu_before = scrape(port), cpu_seconds(ps.proc.pid)
+        cpu_before = cpu_seconds(ps.proc.pid)
         times: list[float] = []
         for _ in workers:
             status, payload = results.get(timeout=900)
@@ -125,12 +144,8 @@ def run(case: Case, secure: bool) -> Result:
         # A round ends when its model reaches the last worker.
         ends = np.reshape(times, (case.workers, case.rounds)).max(axis=0)
         measured = case.rounds - 1
-        counted = {}
-        for (name, labels), value in after.items():
-            if name in ("comind_secagg_bytes_total", "comind_update_bytes_total"):
-                label = dict(labels).get("stage") or dict(labels)["direction"]
-                counted[label] = (value - before.get((name, labels), 0.0)) / measured / case.workers
-        return Result(statistics.median(np.diff(ends)), counted, (cpu_after - cpu_before) / measured)
+        return Result(statistics.median(np.diff(ends)), per_round(after, case),
+                      (cpu_after - cpu_before) / measured)
     finally:
         for worker in workers:
             if worker.is_alive():
