@@ -93,6 +93,7 @@ class SecureExchange:
 
     def answer(self, messages: Iterator[pb.PsMessage]) -> Iterator[pb.PsMessage]:
         """``messages`` without the stage messages, each answered on the way."""
+        self._client.draw_self_mask(self._values.size)  # while the ps waits for the round's other parties
         for message in messages:
             try:
                 if message.HasField("secagg_roster"):

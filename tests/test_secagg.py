@@ -41,8 +41,9 @@ def run_round(n: int, drop: dict[str, set[int]] | None = None, settings: SecAggS
               round: int = 7) -> tuple[np.ndarray, int, dict[int, np.ndarray], SecAggServer]:
     """One round among parties 0 .. n - 1 in process; ``drop[stage]``: who vanishes before sending at it.
 
-    As workers do, each party masks its input once it has sent its shares, with a pairwise mask for every neighbour
-    in the roster, and takes out, once its inbox comes, those of the neighbours that dropped before sharing."""
+    As workers do, each party draws its self mask before the roster, masks its input once it has sent its shares,
+    with a pairwise mask for every neighbour in the roster, and takes out, once its inbox comes, those of the
+    neighbours that dropped before sharing."""
     drop = drop or {}
     parties = list(range(n))
     clients = {p: SecAggClient(round, p) for p in parties}
@@ -55,6 +56,7 @@ def run_round(n: int, drop: dict[str, set[int]] | None = None, settings: SecAggS
 
     for p in alive("advertise"):
         server.advertise(clients[p].advertise())
+        clients[p].draw_self_mask(SIZE)
     roster = server.close_advertising()
     for p in alive("share"):
         server.share(p, clients[p].share_keys(roster))

@@ -64,6 +64,7 @@ class SecAggClient:
         self._seed = primitives.new_seed()
         self._roster: Roster | None = None
         self._share_keys: dict[int, bytes] = {}  # by share holder: the AEAD key of the shares to and from it
+        self._self_mask: np.ndarray | None = None
         self._premasked: np.ndarray | None = None
         # By owner: this party's shares of the owner's mask key and self-mask seed (its own included).
         self._shares: dict[int, tuple[bytes, bytes]] = {}
@@ -110,6 +111,12 @@ class SecAggClient:
         self.stage = Stage.MASKED_INPUT
         return sealed
 
+    def draw_self_mask(self, size: int) -> None:
+        """Draws this party's self mask for an input of ``size`` ring elements ahead of :meth:`premask`: it needs
+        nothing from the other parties, so a worker draws it while it waits for the roster."""
+        self._self_mask = np.zeros(size, np.dtype("<u4"))
+        primitives.Masks(size).apply(self._self_mask, self._seed, 1)
+
     def premask(self, encoded: np.ndarray) -> None:
         """Masks ``encoded`` (ring elements, :mod:`fixed_point`) ahead of the inbox, with this party's self mask and
         a pairwise mask with every neighbour in the roster: the masks, most of the stage's work, need only the
@@ -119,9 +126,11 @@ class SecAggClient:
         encoded = np.asarray(encoded)
         if encoded.dtype != np.dtype("<u4") or encoded.ndim != 1:
             raise ValueError(f"A masked input is a flat uint32 array. Received: {encoded.dtype} {encoded.shape}")
-        masked = encoded.copy()
+        if self._self_mask is None or self._self_mask.size != encoded.size:
+            self.draw_self_mask(encoded.size)
+        assert self._self_mask is not None
+        masked, self._self_mask = np.add(encoded, self._self_mask), None
         masks = primitives.Masks(masked.size)
-        masks.apply(masked, self._seed, 1)
         for other in self.roster.graph[self.party]:
             masks.apply(masked, self._pair_key(other), pair_sign(self.party, other))
         self._premasked = masked
