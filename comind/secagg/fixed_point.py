@@ -57,7 +57,7 @@ def encode(values: np.ndarray, clip_range: float, num_parties: int, rng: np.rand
     flat = np.asarray(values, np.float64).reshape(-1)
     out = np.empty(flat.size, SIGNED_DTYPE)
     # A block at a time, through two buffers that stay in the CPU's cache: a temporary the model's size for each
-    # step (scale, draw, add, floor, two casts) made the encoding cost as much as all of a worker's masks.
+    # step (scale, draw, add, floor, two casts) made the encoding cost nearly as much as all of a worker's masks.
     scaled, draws = np.empty(min(flat.size, _BLOCK)), np.empty(min(flat.size, _BLOCK))
     s = scale(clip_range, num_parties)
     for start in range(0, flat.size, _BLOCK):

@@ -141,7 +141,9 @@ def combine(shares: dict[int, bytes]) -> bytes:
     The interpolation at 0 that pycryptodome's ``Shamir.combine`` does, in its field GF(2^128), with the Lagrange
     coefficients of a set of holders computed once, and their products by tables (:func:`_product_tables`):
     pycryptodome multiplies in pure Python, 128 rounds of big-integer arithmetic (0.2 ms a product), and the ps's
-    rebuilds of 8 seeds were 13 ms, a fifth of a round of 8 workers, on the round's critical path.
+    rebuilds of 8 seeds were 13 ms, a fifth of a round of 8 workers, on the round's critical path. The lookups,
+    indexed by the shares, take more or less time with them: the ps only rebuilds secrets it is meant to learn,
+    and workers split theirs with pycryptodome.
     """
     tables = _lagrange_at_zero(tuple(index + 1 for index in shares))
     pieces = []
