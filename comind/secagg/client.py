@@ -1,7 +1,9 @@
 """A worker's side of a round of secure aggregation (Bonawitz et al. 2017, with SecAgg+'s graph).
 
 One object per round, driven by the ps's messages: :meth:`advertise`, then :meth:`share_keys` with the
-ps's roster, :meth:`mask` with the shares the ps relayed, :meth:`unmask` with the ps's list of survivors.
+ps's roster, :meth:`mask` with the shares the ps relayed, :meth:`unmask` with the ps's list of survivors. A worker
+draws its masks ahead, while it waits for the others: its self mask before the roster (:meth:`draw_self_mask`),
+its pairwise masks once it has sent its shares (:meth:`premask`).
 Each method checks the whole message before it changes anything, so a refused one leaves the party as it was.
 """
 
