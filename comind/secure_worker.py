@@ -93,11 +93,17 @@ class SecureExchange:
 
     def answer(self, messages: Iterator[pb.PsMessage]) -> Iterator[pb.PsMessage]:
         """``messages`` without the stage messages, each answered on the way."""
+        self._client.draw_self_mask(self._values.size)  # while the ps waits for the round's other parties
         for message in messages:
             try:
                 if message.HasField("secagg_roster"):
-                    shares = self._client.share_keys(secagg_wire.roster(message.secagg_roster))
+                    roster = secagg_wire.roster(message.secagg_roster)
+                    shares = self._client.share_keys(roster)
                     self._send(pb.WorkerMessage(secagg_shares=secagg_wire.shares_to_proto(shares)))
+                    # The masks need only the roster: drawn while the other parties share keys, not once their
+                    # shares are in, they are off the round's critical path.
+                    self._client.premask(fixed_point.encode(self._values, self._parameters.clip_range,
+                                                            len(roster.keys), np.random.default_rng()))
                 elif message.HasField("secagg_inbox"):
                     self._masked_input(message.secagg_inbox)
                 elif message.HasField("secagg_unmask"):
@@ -109,10 +115,7 @@ class SecureExchange:
                 raise ProtocolError(f"The ps's secure-aggregation message breaks the protocol: {error}") from None
 
     def _masked_input(self, inbox: pb.SecAggShares) -> None:
-        roster = self._client.roster
-        encoded = fixed_point.encode(self._values, self._parameters.clip_range, len(roster.keys),
-                                     np.random.default_rng())
-        masked = self._client.mask(secagg_wire.shares(inbox), encoded)
+        masked = self._client.mask(secagg_wire.shares(inbox))
         for data in chunks(masked.view(np.uint8)):
             self._send(pb.WorkerMessage(data=data))
         self._send(pb.WorkerMessage(end=True))

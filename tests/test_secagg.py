@@ -39,7 +39,11 @@ def encoded_inputs(parties: list[int], seed: int = 0) -> dict[int, np.ndarray]:
 
 def run_round(n: int, drop: dict[str, set[int]] | None = None, settings: SecAggSettings | None = None,
               round: int = 7) -> tuple[np.ndarray, int, dict[int, np.ndarray], SecAggServer]:
-    """One round among parties 0 .. n - 1 in process; ``drop[stage]``: who vanishes before sending at it."""
+    """One round among parties 0 .. n - 1 in process; ``drop[stage]``: who vanishes before sending at it.
+
+    As workers do, each party draws its self mask before the roster, masks its input once it has sent its shares,
+    with a pairwise mask for every neighbour in the roster, and takes out, once its inbox comes, those of the
+    neighbours that dropped before sharing."""
     drop = drop or {}
     parties = list(range(n))
     clients = {p: SecAggClient(round, p) for p in parties}
@@ -52,12 +56,14 @@ def run_round(n: int, drop: dict[str, set[int]] | None = None, settings: SecAggS
 
     for p in alive("advertise"):
         server.advertise(clients[p].advertise())
+        clients[p].draw_self_mask(SIZE)
     roster = server.close_advertising()
     for p in alive("share"):
         server.share(p, clients[p].share_keys(roster))
+        clients[p].premask(inputs[p])
     inboxes = server.close_sharing()
     for p in alive("masked_input"):
-        server.masked_input(p, round, clients[p].mask(inboxes[p], inputs[p]))
+        server.masked_input(p, round, clients[p].mask(inboxes[p]))
     request = server.close_masking()
     for p in alive("unmask"):
         server.unmask(clients[p].unmask(request))
@@ -168,6 +174,21 @@ def test_shamir_combine_matches_pycryptodomes_for_every_set_of_holders():
         picked = {h: shares[h] for h in holders}
         theirs = b"".join(Shamir.combine([(h + 1, picked[h][i:i + 16]) for h in holders]) for i in (0, 16))
         assert primitives.combine(picked) == theirs == secret
+
+
+def test_combines_products_by_table_are_pycryptodomes_field_products():
+    """combine multiplies by a coefficient with tables of its products (linear over GF(2)): the same as pycryptodome's
+    GF(2^128) multiplication, for random elements and those at the edges (zero, one, the top bit, all bits)."""
+    import os
+
+    from Crypto.Protocol.SecretSharing import _Element
+
+    edges = [0, 1, 1 << 127, (1 << 128) - 1]
+    randoms = [int.from_bytes(os.urandom(16), "big") for _ in range(50)]
+    for c in edges + randoms[:10]:
+        tables = primitives._product_tables(c)
+        for y in edges + randoms:
+            assert primitives._times(tables, y) == int(_Element(c) * _Element(y))
 
 
 # Hostile peers ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """A worker's side of a round of secure aggregation (Bonawitz et al. 2017, with SecAgg+'s graph).
 
 One object per round, driven by the ps's messages: :meth:`advertise`, then :meth:`share_keys` with the
-ps's roster, :meth:`mask` with the shares the ps relayed, :meth:`unmask` with the ps's list of survivors.
+ps's roster, :meth:`mask` with the shares the ps relayed, :meth:`unmask` with the ps's list of survivors. A worker
+draws its masks ahead, while it waits for the others: its self mask before the roster (:meth:`draw_self_mask`),
+its pairwise masks once it has sent its shares (:meth:`premask`).
 Each method checks the whole message before it changes anything, so a refused one leaves the party as it was.
 """
 
@@ -29,7 +31,6 @@ from comind.secagg.messages import (
     SealedShare,
     UnmaskReply,
     UnmaskRequest,
-    apply_mask,
     pair_context,
     pair_sign,
     share_context,
@@ -64,6 +65,9 @@ class SecAggClient:
         self._mask_key = primitives.new_private_key()
         self._seed = primitives.new_seed()
         self._roster: Roster | None = None
+        self._share_keys: dict[int, bytes] = {}  # by share holder: the AEAD key of the shares to and from it
+        self._self_mask: np.ndarray | None = None
+        self._premasked: np.ndarray | None = None
         # By owner: this party's shares of the owner's mask key and self-mask seed (its own included).
         self._shares: dict[int, tuple[bytes, bytes]] = {}
 
@@ -99,7 +103,8 @@ class SecAggClient:
         sealed = []
         for holder, key_share, seed_share in zip(holders, key_shares, seed_shares, strict=True):
             context = share_context(self.round, self.party, holder)
-            secret = share_key(self._cipher_key, roster.keys[holder][0], self.round, self.party, holder)
+            secret = self._share_keys[holder] = share_key(self._cipher_key, roster.keys[holder][0], self.round,
+                                                           self.party, holder)
             sealed.append(SealedShare(self.round, self.party, holder,
                                       primitives.seal(secret, key_share + seed_share, context),
                                       primitives.commitment(context + b"key", key_share),
@@ -108,9 +113,34 @@ class SecAggClient:
         self.stage = Stage.MASKED_INPUT
         return sealed
 
-    def mask(self, inbox: Sequence[SealedShare], encoded: np.ndarray) -> np.ndarray:
-        """``encoded`` (ring elements, :mod:`fixed_point`) masked with this party's self mask and a pairwise
-        mask with each neighbour whose shares came in ``inbox`` (those that went on to the masked input)."""
+    def draw_self_mask(self, size: int) -> None:
+        """Draws this party's self mask for an input of ``size`` ring elements ahead of :meth:`premask`: it needs
+        nothing from the other parties, so a worker draws it while it waits for the roster."""
+        self._self_mask = np.zeros(size, np.dtype("<u4"))
+        primitives.Masks(size).apply(self._self_mask, self._seed, 1)
+
+    def premask(self, encoded: np.ndarray) -> None:
+        """Masks ``encoded`` (ring elements, :mod:`fixed_point`) ahead of the inbox, with this party's self mask and
+        a pairwise mask with every neighbour in the roster: the masks, most of the stage's work, need only the
+        roster, so a worker draws them while the other parties still share keys. :meth:`mask` then takes out the
+        masks of the neighbours whose shares did not come (they dropped out before sharing)."""
+        expect(self.stage, Stage.MASKED_INPUT, "An input to mask")
+        encoded = np.asarray(encoded)
+        if encoded.dtype != np.dtype("<u4") or encoded.ndim != 1:
+            raise ValueError(f"A masked input is a flat uint32 array. Received: {encoded.dtype} {encoded.shape}")
+        if self._self_mask is None or self._self_mask.size != encoded.size:
+            self.draw_self_mask(encoded.size)
+        assert self._self_mask is not None
+        masked, self._self_mask = np.add(encoded, self._self_mask), None
+        masks = primitives.Masks(masked.size)
+        for other in self.roster.graph[self.party]:
+            masks.apply(masked, self._pair_key(other), pair_sign(self.party, other))
+        self._premasked = masked
+
+    def mask(self, inbox: Sequence[SealedShare], encoded: np.ndarray | None = None) -> np.ndarray:
+        """``encoded`` (ring elements, :mod:`fixed_point`; None: :meth:`premask`'s) masked with this party's self
+        mask and a pairwise mask with each neighbour whose shares came in ``inbox`` (those that went on to the
+        masked input)."""
         expect(self.stage, Stage.MASKED_INPUT, "Relayed shares")
         roster = self.roster
         received: dict[int, tuple[bytes, bytes]] = {}
@@ -125,8 +155,8 @@ class SecAggClient:
             if share.sender in received:
                 raise DuplicateMessage(f"A second share from party {share.sender}: a replay.")
             context = share_context(self.round, share.sender, self.party)
-            secret = share_key(self._cipher_key, roster.keys[share.sender][0], self.round, share.sender, self.party)
-            plain = primitives.open_sealed(secret, share.sealed, context)
+            # The key it sealed with is the one this party sealed its own shares to it with (share_key).
+            plain = primitives.open_sealed(self._share_keys[share.sender], share.sealed, context)
             if len(plain) != 2 * _SHARE:
                 raise InvalidMessage(f"A share must be {2 * _SHARE} bytes. Received: {len(plain)} bytes")
             key_share, seed_share = plain[:_SHARE], plain[_SHARE:]
@@ -139,19 +169,24 @@ class SecAggClient:
         if len(received) < roster.threshold:
             raise TooFewSurvivors(f"Only {len(received)} of party {self.party}'s share holders shared keys, under "
                                   f"the threshold of {roster.threshold}.")
-        encoded = np.asarray(encoded)
-        if encoded.dtype != np.dtype("<u4") or encoded.ndim != 1:
-            raise ValueError(f"A masked input is a flat uint32 array. Received: {encoded.dtype} {encoded.shape}")
-        masked = encoded.copy()
-        apply_mask(masked, primitives.mask(self._seed, masked.size), 1)
-        for other in received:
-            if other != self.party:
-                key = primitives.agree(self._mask_key, roster.keys[other][1],
-                                       pair_context(self.round, self.party, other))
-                apply_mask(masked, primitives.mask(key, masked.size), pair_sign(self.party, other))
+        if encoded is not None:
+            self.premask(encoded)
+        masked = self._premasked
+        if masked is None:
+            raise ValueError("Nothing to mask: pass the encoded input, or premask it first.")
+        dropped = roster.graph[self.party] - received.keys()
+        masks = primitives.Masks(masked.size)
+        for other in dropped:  # rare: a neighbour that dropped out between the roster and its shares
+            masks.apply(masked, self._pair_key(other), -pair_sign(self.party, other))
+        self._premasked = None
         self._shares = received
         self.stage = Stage.UNMASK
         return masked
+
+    def _pair_key(self, other: int) -> bytes:
+        """The key of the pairwise mask this party and ``other`` share."""
+        return primitives.agree(self._mask_key, self.roster.keys[other][1], pair_context(self.round, self.party,
+                                                                                         other))
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
         """Shares of the survivors' self-mask seeds and of the dropped parties' mask keys; never both of one

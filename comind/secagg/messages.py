@@ -7,8 +7,6 @@ import dataclasses
 import functools
 import struct
 
-import numpy as np
-
 from comind.secagg import graph
 
 
@@ -94,10 +92,3 @@ def pair_sign(party: int, other: int) -> int:
     """+1 if ``party`` adds the mask it shares with ``other``, -1 if it subtracts it: the two cancel."""
     return 1 if party < other else -1
 
-
-def apply_mask(total: np.ndarray, mask: np.ndarray, sign: int) -> None:
-    """``total`` +/-= ``mask`` in the ring (uint32 wraps modulo 2^32)."""
-    if sign > 0:
-        np.add(total, mask, out=total)
-    else:
-        np.subtract(total, mask, out=total)

@@ -86,19 +86,27 @@ def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
                           "recipient.") from None
 
 
-def mask(key: bytes, size: int) -> np.ndarray:
-    """``size`` uniform ring elements from the ChaCha20 keystream of ``key``."""
-    nbytes = 4 * size
-    out = bytearray(nbytes + _SPARE)
-    view = memoryview(out)
-    # Every key is fresh for its round and pair, so one stream per key needs no nonce of its own.
-    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    # update_into, a chunk of zeros at a time, into the result: update() and a fresh input of the mask's size
-    # each allocate and fill as much again, which made the keystream a third as fast.
-    for start in range(0, nbytes, _CHUNK):
-        length = min(_CHUNK, nbytes - start)
-        encryptor.update_into(_ZEROS[:length], view[start:start + length + _SPARE])
-    return np.frombuffer(out, "<u4", count=size)
+class Masks:
+    """Adds masks of ``size`` ring elements to arrays in place, each the ChaCha20 keystream of its key, drawn into
+    one buffer kept for every mask: a fresh buffer a mask (400 KB for a 0.4 MB model) cost page faults and
+    allocations near the keystream's own cost."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._buffer = bytearray(4 * size + _SPARE)  # update_into asks for a block's room beyond its input
+        self._mask = np.frombuffer(self._buffer, "<u4", count=size)
+
+    def apply(self, total: np.ndarray, key: bytes, sign: int) -> None:
+        """``total`` +/-= the mask of ``key`` in the ring (uint32 wraps modulo 2^32)."""
+        nbytes, view = 4 * self.size, memoryview(self._buffer)
+        # Every key is fresh for its round and pair, so one stream per key needs no nonce of its own.
+        encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        # update_into, a chunk of zeros at a time: update() and a fresh input of the mask's size each allocate
+        # and fill as much again, which made the keystream a third as fast.
+        for start in range(0, nbytes, _CHUNK):
+            length = min(_CHUNK, nbytes - start)
+            encryptor.update_into(_ZEROS[:length], view[start:start + length + _SPARE])
+        (np.add if sign > 0 else np.subtract)(total, self._mask, out=total)
 
 
 def shuffled(items: list[int], seed: bytes) -> list[int]:
@@ -122,26 +130,35 @@ def split(secret: bytes, threshold: int, holders: int) -> list[bytes]:
     return [b"".join(piece[h][1] for piece in pieces) for h in range(holders)]
 
 
+#: By nibble of y (the lowest first), c times each of its 16 values shifted into place (pycryptodome's encoding:
+#: bit i of an integer is the coefficient of x^i).
+_ProductTables = tuple[tuple[int, ...], ...]
+
+
 def combine(shares: dict[int, bytes]) -> bytes:
     """The secret that shares (by holder index, as :func:`split` gave them) rebuild.
 
-    The interpolation at 0 that pycryptodome's ``Shamir.combine`` does, in its GF(2^128) arithmetic, with the
-    Lagrange coefficients of a set of holders computed once: the ps rebuilds every survivor's seed from the same
-    holders' shares, and the coefficients' inverses and products were nine tenths of each rebuild (pure Python).
+    The interpolation at 0 that pycryptodome's ``Shamir.combine`` does, in its field GF(2^128), with the Lagrange
+    coefficients of a set of holders computed once, and their products by tables (:func:`_product_tables`):
+    pycryptodome multiplies in pure Python, 128 rounds of big-integer arithmetic (0.2 ms a product), and the ps's
+    rebuilds of 8 seeds were 13 ms, a fifth of a round of 8 workers, on the round's critical path. The lookups,
+    indexed by the shares, take more or less time with them: the ps only rebuilds secrets it is meant to learn,
+    and workers split theirs with pycryptodome.
     """
-    coefficients = _lagrange_at_zero(tuple(index + 1 for index in shares))
+    tables = _lagrange_at_zero(tuple(index + 1 for index in shares))
     pieces = []
     for i in range(0, SECRET_BYTES, _PIECE):
-        secret = _Element(0)
-        for coefficient, share in zip(coefficients, shares.values(), strict=True):
-            secret += coefficient * _Element(share[i:i + _PIECE])
-        pieces.append(secret.encode())
+        secret = 0
+        for table, share in zip(tables, shares.values(), strict=True):
+            secret ^= _times(table, int.from_bytes(share[i:i + _PIECE], "big"))  # + in GF(2^n) is xor
+        pieces.append(secret.to_bytes(_PIECE, "big"))
     return b"".join(pieces)
 
 
-@functools.lru_cache(maxsize=64)
-def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[_Element, ...]:
-    """l_j(0) = prod_{m != j} x_m / (x_j - x_m) for Shamir's x coordinates ``xs`` (in GF(2^n), minus is plus)."""
+@functools.lru_cache(maxsize=16)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[_ProductTables, ...]:
+    """l_j(0) = prod_{m != j} x_m / (x_j - x_m) for Shamir's x coordinates ``xs`` (in GF(2^n), minus is plus), as
+    tables of their products."""
     if len(set(xs)) != len(xs):
         raise ValueError(f"Duplicate share. Received: holders {xs}")
     coefficients = []
@@ -151,8 +168,40 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[_Element, ...]:
             if m != j:
                 numerator *= _Element(x_m)
                 denominator *= _Element(x_j) + _Element(x_m)
-        coefficients.append(numerator * denominator.inverse())
+        coefficients.append(_product_tables(int(numerator * denominator.inverse())))
     return tuple(coefficients)
+
+
+def _product_tables(c: int) -> _ProductTables:
+    """Tables of ``c`` times every nibble in every place: y -> c y is linear over GF(2), so c y is the xor of c
+    times each of y's 32 nibbles in its place (:func:`_times`)."""
+    tables = []
+    for _ in range(128 // 4):
+        powers = [c]  # c x^(4j), c x^(4j+1), c x^(4j+2), c x^(4j+3)
+        for _ in range(3):
+            powers.append(_times_x(powers[-1]))
+        table = [0] * 16
+        for nibble in range(1, 16):
+            low = nibble & -nibble
+            table[nibble] = table[nibble ^ low] ^ powers[low.bit_length() - 1]
+        tables.append(tuple(table))
+        c = _times_x(powers[-1])
+    return tuple(tables)
+
+
+def _times_x(value: int) -> int:
+    """``value`` x, reduced by pycryptodome's irreducible polynomial (x^128 + x^7 + x^2 + x + 1)."""
+    value <<= 1
+    return value ^ _Element.irr_poly if value >> 128 else value
+
+
+def _times(tables: _ProductTables, y: int) -> int:
+    """c y, c being the element ``tables`` were made for (:func:`_product_tables`)."""
+    product = 0
+    for table in tables:
+        product ^= table[y & 15]
+        y >>= 4
+    return product
 
 
 def commitment(context: bytes, share: bytes) -> bytes:

@@ -33,7 +33,6 @@ from comind.secagg.messages import (
     SealedShare,
     UnmaskReply,
     UnmaskRequest,
-    apply_mask,
     pair_context,
     pair_sign,
     share_context,
@@ -191,15 +190,16 @@ class SecAggServer:
         total = self._sum.copy()
         seeds = {owner: self._rebuild(owner, lambda reply: reply.seed_shares) for owner in request.survivors}
         keys = {owner: self._rebuild(owner, lambda reply: reply.key_shares) for owner in request.dropped}
+        masks = primitives.Masks(self.size)
         for seed in seeds.values():
-            apply_mask(total, primitives.mask(seed, self.size), -1)
+            masks.apply(total, seed, -1)
         for owner, raw in keys.items():
             private = primitives.private_key(raw)
             if primitives.public_bytes(private) != roster.keys[owner][1]:
                 raise TooFewSurvivors(f"Party {owner}'s mask key did not rebuild from its shares.")
             for other in roster.graph[owner] & request.survivors:  # the survivors that masked with it
                 pair = primitives.agree(private, roster.keys[other][1], pair_context(self.round, other, owner))
-                apply_mask(total, primitives.mask(pair, self.size), -pair_sign(other, owner))
+                masks.apply(total, pair, -pair_sign(other, owner))
         self.stage = Stage.DONE
         return total, len(request.survivors)
 
@@ -232,7 +232,9 @@ class SecAggServer:
             self.stage = Stage.FAILED
             raise TooFewSurvivors(f"Party {owner}'s secret has {len(shares)} shares revealed, under the threshold "
                                   f"of {roster.threshold}: round {self.round} cannot be unmasked.")
-        return primitives.combine(dict(list(shares.items())[:roster.threshold]))
+        # The lowest holders' shares, not the first revealed: the same holders round after round, whose Lagrange
+        # coefficients primitives.combine has made already.
+        return primitives.combine(dict(sorted(shares.items())[:roster.threshold]))
 
     def _require(self, count: int, threshold: int, what: str) -> None:
         if count < max(2, threshold):
