@@ -160,16 +160,17 @@ class Client:
         self._keeper = asyncio.create_task(self._keep_lease())
 
     async def _keep_lease(self) -> None:
-        """WorkerClient's rule: a third of the lease after the last contact, a Heartbeat when no call is open
-        (an open call holds the lease; from a ps that predates that, a renewal into a call that waits for its
-        model)."""
+        """WorkerClient's rule: a third of the lease after the last contact, a Heartbeat when no call is open, or
+        a renewal into a call that waits for its model (a lease after the last contact where the ps says an open
+        call holds the lease: the renewal then only probes the link)."""
         while True:
-            await asyncio.sleep(max(0.0, self._contact + self._lease / 3 - time.monotonic()))
-            if time.monotonic() - self._contact < self._lease / 3:
+            period = self._lease if self._calls_hold_lease and self._waiting is not None else self._lease / 3
+            await asyncio.sleep(max(0.0, self._contact + period - time.monotonic()))
+            if time.monotonic() - self._contact < period:
                 continue  # a call renewed it meanwhile
             self._contact = time.monotonic()
             call = self._waiting
-            if call is not None and not self._calls_hold_lease:
+            if call is not None:
                 self._renewed = call
                 with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
                     await call.write(RENEWAL)  # if the call ended meanwhile, its reader sees how

@@ -479,8 +479,8 @@ class WorkerClient:
                 else:
                     yield pb.WorkerMessage(end=True)
             while not finished.is_set():
-                try:  # the call holds the lease, or renewals go into it
-                    message = outbox.get(timeout=None if self._calls_hold_lease else self._lease / 3)
+                try:
+                    message = outbox.get(timeout=self._renewal_seconds())
                 except queue.Empty:
                     message = pb.WorkerMessage(renewal=True)
                 if message is None:  # the call is over
@@ -598,6 +598,15 @@ class WorkerClient:
                 self._closed.wait(backoff_delay)
 
     # Lease --------------------------------------------------------------------
+
+    def _renewal_seconds(self) -> float:
+        """How long a waiting Round call goes without a message before a renewal goes into it.
+
+        A third of a lease; a whole lease where the call holds the lease on the ps, which then needs no renewal:
+        there the renewal is this worker's probe of its own link. Over a connection the ps dropped while the link
+        was down, it meets a reset and the worker calls again at once, where gRPC's own pings would take 30 s.
+        """
+        return self._lease if self._calls_hold_lease else self._lease / 3
 
     def _call_opened(self) -> None:
         with self._lock:

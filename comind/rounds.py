@@ -278,8 +278,9 @@ class Rounds:
         call's end.
 
         The call is the worker's sign of life, checked by the transport (the ps's keepalive pings end a call over
-        a dead link), so the worker sends no renewals into it: at scale, those were most of what an idle worker
-        cost the ps. (An unknown member's call is refused by what it does next.)
+        a dead link), so the worker renews into it only once a lease, to probe its link, not three times: at
+        scale, those renewals were most of what an idle worker cost the ps. (An unknown member's call is refused
+        by what it does next.)
         """
         member = self.members.get(member_id)
         if member is None:
