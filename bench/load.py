@@ -348,6 +348,8 @@ def summary(run: LoadRun) -> dict:
             "ps_peak_rss_mb": round(run.ps_peak_bytes / MB), "refused": int(sum(run.updates[r] for r in REFUSED)),
             "generators_cpu_share": round(run.swarm_cpu_seconds / (run.ps_cpu_seconds + run.swarm_cpu_seconds), 3),
             "idle_ps_cpu_ms_per_worker_minute": None if idle is None else round(idle, 4),
+            "grpc_floor_ms_per_call": round(run.floor_ms_per_call, 3) if math.isfinite(run.floor_ms_per_call)
+            else None,
             "load_average_at_start": round(run.load_average, 2)}
 
 
@@ -357,7 +359,7 @@ def _target(row: Row, value: float, limit: float | None, unit: str, what: str = 
     return dataclasses.replace(row, target=f"{what}<= {limit:g} {unit}", passed=value <= limit)
 
 
-def section(run: LoadRun, floor_ms: float = math.nan) -> Section:
+def section(run: LoadRun) -> Section:
     s = run.scenario
     goes_to = "the next round's selected workers hold it" if s.sampled else "every worker holds it"
     round_row = Row(f"round: first push -> {goes_to}", percentiles(run.round_seconds))
@@ -384,8 +386,8 @@ def section(run: LoadRun, floor_ms: float = math.nan) -> Section:
                     f"wall ({run.ps_cpu_seconds / run.measured_wall_seconds:.0%} of a core), "
                     f"{cpu_per_round * 1e3:.0f} ms per round"), cpu_per_round, s.max_cpu_per_round, "s"),
         Row("  a bare grpc.aio server, the same calls (grpc_floor.py)",
-            f"{floor_ms:.2f} ms per call, so {floor_ms * s.per_round / 1e3:.2f} s per round: the ps's own code is "
-            f"the rest" if math.isfinite(floor_ms) else "not measured"),
+            f"{run.floor_ms_per_call:.2f} ms per call, so {run.floor_ms_per_call * s.per_round / 1e3:.2f} s per "
+            f"round: the ps's own code is the rest" if math.isfinite(run.floor_ms_per_call) else "not measured"),
         Row("load generators' CPU, likewise", f"{run.swarm_cpu_seconds:.1f} s ({s.processes} processes), "
             f"{swarm_share:.0%} of the {cores} cores"),
         # Both share this machine's cores: no round can be shorter than this.
@@ -443,14 +445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   if any(default.name.startswith(prefix) for prefix in flags.only)]
     started = time.perf_counter()
     header = ["coMind load benchmark", *machine_facts(), f"run       {'quick' if flags.quick else 'full'}"]
-    runs, floors = [], []
+    runs = []
     for scenario in chosen:
         progress(f"{scenario.name} (load average {os.getloadavg()[0]:.2f})")
-        runs.append(run_load(scenario))
-        floors.append(floor_ms_per_call(scenario))
-    write_report(header, [section(run, floor) for run, floor in zip(runs, floors, strict=True)], started,
-                 flags.output, [json.dumps(summary(run) | {"grpc_floor_ms_per_call": round(floor, 3)})
-                                for run, floor in zip(runs, floors, strict=True)])
+        runs.append(dataclasses.replace(run_load(scenario), floor_ms_per_call=floor_ms_per_call(scenario)))
+    write_report(header, [section(run) for run in runs], started, flags.output,
+                 [json.dumps(summary(run)) for run in runs])
     return 0
 
 

@@ -83,7 +83,7 @@ class Member:
     peer: bytes | None = None
     # Chosen by the worker process that registered: the same process registering again is this member.
     instance: str = ""
-    # Its Round calls open on the ps: while one is, the member is live (see Rounds.hold).
+    # Its Round calls open on the ps: while one is, the member is live (Rounds.call_open).
     calls: int = 0
 
 

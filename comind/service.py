@@ -86,10 +86,11 @@ SERVER_OPTIONS = [
     ("grpc.http2.lookahead_bytes", 1 << 20),
 ]
 
+
 def keepalive_options(lease_seconds: float) -> list[tuple[str, int]]:
     """The ps pings each connection a third of a lease after it last heard from it, and ends its calls when no
-    answer comes in another third: an open Round call holds its worker's lease (``Rounds.call_open``), and over a
-    dead link it ends about as soon as the worker's renewals, which it replaces, would have stopped."""
+    answer comes in another third: an open Round call holds its worker's lease (``Rounds.call_open``), so over a
+    dead link the call must end about as soon as renewals every third of a lease would have stopped coming."""
     third = max(100, round(lease_seconds * 1000 / 3))
     # Pings without data in between are what a waiting call is: gRPC sends only two such by default. And a ping
     # unanswered ends the connection after ping_timeout (a minute by default), whatever keepalive_timeout says.

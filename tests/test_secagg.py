@@ -149,7 +149,8 @@ def test_a_masked_input_alone_looks_uniform():
     for p in parties:
         server.share(p, clients[p].share_keys(roster))
     inboxes = server.close_sharing()
-    masked = clients[0].mask(inboxes[0], np.zeros(100_000, np.uint32))
+    clients[0].premask(np.zeros(100_000, np.uint32))
+    masked = clients[0].mask(inboxes[0])
     counts = np.bincount(masked >> 24, minlength=256)
     assert chisquare(counts).pvalue > 1e-3
     assert chisquare(np.bincount(masked & 0xFF, minlength=256)).pvalue > 1e-3
@@ -261,24 +262,25 @@ def test_the_ps_refuses_shares_misaddressed_replayed_or_of_another_round():
 def test_a_worker_refuses_shares_forged_replayed_or_meant_for_another():
     setup = staged("masked_input")
     client, inbox = setup.clients[1], setup.inboxes[1]
-    x = np.zeros(SIZE, np.uint32)
+    client.premask(np.zeros(SIZE, np.uint32))
     other = setup.inboxes[2][0]
-    refused(MisaddressedShare, client, client.mask, [*inbox, other], x)
-    refused(DuplicateMessage, client, client.mask, [*inbox, inbox[0]], x)
-    refused(WrongRound, client, client.mask, [dataclasses.replace(inbox[0], round=4), *inbox[1:]], x)
+    refused(MisaddressedShare, client, client.mask, [*inbox, other])
+    refused(DuplicateMessage, client, client.mask, [*inbox, inbox[0]])
+    refused(WrongRound, client, client.mask, [dataclasses.replace(inbox[0], round=4), *inbox[1:]])
     tampered = dataclasses.replace(inbox[0], sealed=inbox[0].sealed[:-1] + bytes([inbox[0].sealed[-1] ^ 1]))
-    refused(ForgedShare, client, client.mask, [tampered, *inbox[1:]], x)
+    refused(ForgedShare, client, client.mask, [tampered, *inbox[1:]])
     # A share sealed in an earlier round, under that round's keys, does not open in this one.
     earlier = staged("masked_input", round=4).inboxes[1][0]
-    refused(ForgedShare, client, client.mask, [dataclasses.replace(earlier, round=5), *inbox[1:]], x)
-    client.mask(inbox, x)
+    refused(ForgedShare, client, client.mask, [dataclasses.replace(earlier, round=5), *inbox[1:]])
+    client.mask(inbox)
 
 
 def test_the_ps_refuses_masked_inputs_and_unmask_shares_that_break_the_protocol():
     setup = staged("masked_input")
     server, clients, inboxes = setup.server, setup.clients, setup.inboxes
-    x = np.zeros(SIZE, np.uint32)
-    masked = {p: clients[p].mask(inboxes[p], x) for p in range(4)}
+    for p in range(4):
+        clients[p].premask(np.zeros(SIZE, np.uint32))
+    masked = {p: clients[p].mask(inboxes[p]) for p in range(4)}
     refused(WrongRound, server, server.masked_input, 0, 4, masked[0])
     refused(InvalidMessage, server, server.masked_input, 0, 5, masked[0][:-1])
     for p in range(3):  # party 3 drops
@@ -305,7 +307,8 @@ def test_the_ps_refuses_masked_inputs_and_unmask_shares_that_break_the_protocol(
 def test_a_worker_reveals_shares_once_and_never_both_of_one_party():
     setup = staged("masked_input")
     client = setup.clients[0]
-    client.mask(setup.inboxes[0], np.zeros(SIZE, np.uint32))
+    client.premask(np.zeros(SIZE, np.uint32))
+    client.mask(setup.inboxes[0])
 
     both = UnmaskRequest(5, frozenset({0, 1, 2}), frozenset({2, 3}))
     refused(InvalidMessage, client, client.unmask, both)

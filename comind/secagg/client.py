@@ -137,11 +137,12 @@ class SecAggClient:
             masks.apply(masked, self._pair_key(other), pair_sign(self.party, other))
         self._premasked = masked
 
-    def mask(self, inbox: Sequence[SealedShare], encoded: np.ndarray | None = None) -> np.ndarray:
-        """``encoded`` (ring elements, :mod:`fixed_point`; None: :meth:`premask`'s) masked with this party's self
-        mask and a pairwise mask with each neighbour whose shares came in ``inbox`` (those that went on to the
-        masked input)."""
+    def mask(self, inbox: Sequence[SealedShare]) -> np.ndarray:
+        """The input :meth:`premask` took, masked with this party's self mask and a pairwise mask with each
+        neighbour whose shares came in ``inbox`` (those that went on to the masked input)."""
         expect(self.stage, Stage.MASKED_INPUT, "Relayed shares")
+        if self._premasked is None:
+            raise ValueError("Nothing to mask: premask the encoded input first.")
         roster = self.roster
         received: dict[int, tuple[bytes, bytes]] = {}
         holders_of_mine = roster.holders(self.party)
@@ -169,15 +170,12 @@ class SecAggClient:
         if len(received) < roster.threshold:
             raise TooFewSurvivors(f"Only {len(received)} of party {self.party}'s share holders shared keys, under "
                                   f"the threshold of {roster.threshold}.")
-        if encoded is not None:
-            self.premask(encoded)
         masked = self._premasked
-        if masked is None:
-            raise ValueError("Nothing to mask: pass the encoded input, or premask it first.")
-        dropped = roster.graph[self.party] - received.keys()
-        masks = primitives.Masks(masked.size)
-        for other in dropped:  # rare: a neighbour that dropped out between the roster and its shares
-            masks.apply(masked, self._pair_key(other), -pair_sign(self.party, other))
+        # Rare: a neighbour that dropped out between the roster and its shares. (A mask buffer only then.)
+        if dropped := roster.graph[self.party] - received.keys():
+            masks = primitives.Masks(masked.size)
+            for other in dropped:
+                masks.apply(masked, self._pair_key(other), -pair_sign(self.party, other))
         self._premasked = None
         self._shares = received
         self.stage = Stage.UNMASK
