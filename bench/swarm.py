@@ -118,6 +118,24 @@ def zero_change(layout: Layout, encoding: str) -> list[pb.WorkerMessage]:
     return data_messages(wire)
 
 
+async def _write(call: grpc.aio.StreamStreamCall, messages: list[pb.WorkerMessage]) -> None:
+    """Writes a Round call's messages, up to the ps's end of the call, whose status the next read then raises.
+
+    A write that meets the call's end fails; grpc.aio then usually reports
+    INTERNAL in place of the ps's status (grpc/grpc#36066), which this says.
+    """
+    try:
+        for message in messages:
+            await call.write(message)
+    except asyncio.InvalidStateError:
+        return  # the call had ended: the status is the ps's
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.INTERNAL:
+            raise
+        raise LoadError("The ps ended a Round call while the worker wrote to it; grpc.aio lost the ps's status "
+                        "(grpc/grpc#36066): the ps's log says why, if it refused the call.") from None
+
+
 class Client:
     def __init__(self, address: str, task_index: int, metadata: tuple):
         self.task_index = task_index
@@ -220,9 +238,7 @@ class Client:
                                     metadata=self._metadata)
             self._open += 1
             try:
-                await call.write(pb.WorkerMessage(hello=hello))
-                for message in update.data if update is not None else ():
-                    await call.write(message)
+                await _write(call, [pb.WorkerMessage(hello=hello), *(update.data if update is not None else ())])
                 self._contact = time.monotonic()
                 self._waiting = call
                 message = await call.read()

@@ -98,6 +98,18 @@ def keepalive_options(lease_seconds: float) -> list[tuple[str, int]]:
             ("grpc.http2.ping_timeout_ms", third), ("grpc.http2.max_pings_without_data", 0)]
 
 
+def pending_call_options(member_limit: int) -> list[tuple[str, int]]:
+    """Room in gRPC's queue of calls the ps has not yet taken up for two calls of every member it admits.
+
+    The ps takes up one call at a time on its event loop; a burst arrives faster. When the long polls of thousands
+    of waiting workers end together, they all call again at once, and gRPC's default queue (3,000 calls, and past
+    1,000 none older than 30 s) cancelled about half of a burst of 8,000 (``tests/test_call_bursts.py``): a
+    worker saw CANCELLED, or under grpc.aio, INTERNAL (grpc/grpc#36066). Queued, a call costs a few hundred bytes.
+    """
+    pending = max(3000, 2 * member_limit)
+    return [("grpc.server.max_pending_requests", pending), ("grpc.server.max_pending_requests_hard_limit", pending)]
+
+
 #: The status of each refusal.
 STATUSES: dict[type[refusals.Refusal], grpc.StatusCode] = {
     refusals.UnknownMember: grpc.StatusCode.NOT_FOUND,
@@ -456,7 +468,8 @@ def build_server(ps: ParameterServer, listen: str, token: str | None,
         [TokenInterceptor(token, on_failure=ps.metrics.auth_failures.inc)] if token else []
     interceptors.append(DecodingInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS + SERVER_OPTIONS +
-                             keepalive_options(ps.rounds.policy.lease_seconds))
+                             keepalive_options(ps.rounds.policy.lease_seconds) +
+                             pending_call_options(ps.rounds.policy.member_limit))
     handlers = _method_handlers(Service(ps))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
