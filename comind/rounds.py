@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import heapq
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -202,10 +203,12 @@ class Rounds:
         self._clock = clock
         self._seeds = seeds
         self._by_task: dict[int, str] = {}  # the member id that holds each task index
-        # No lease ends before this (exact after expire() scans): leases only grow and a new one ends last, so it
-        # stays a bound. The timers wake on every join, leave and publish; with 10,000 members, scanning them all
-        # each time cost the ps seconds of CPU while they joined and left (bench/load.py).
-        self._first_expiry = float("inf")
+        # When to look at each member's lease again, earliest first: a heap of one entry per member (and entries of
+        # members gone, dropped as they come up). A lease only grows, so an entry is a bound on its member's end:
+        # renewals, thousands a second at scale, leave the heap alone, and a member whose entry comes up renewed
+        # goes back in at its lease's new end. Scanning every member instead, at each timer wake-up, cost the ps
+        # seconds of CPU with 10,000 members (bench/load.py).
+        self._expiries: list[tuple[float, str]] = []
         #: The open round's draws under client sampling: the first, then any after its deadline.
         self.draws: list[Selection] = []
         self.selected: set[int] = set()  # the task indices the draws selected
@@ -251,7 +254,7 @@ class Rounds:
         member_id = secrets.token_hex(16)
         expires_at = self._clock() + self.policy.lease_seconds
         self.members[member_id] = Member(task_index, description, expires_at, peer, instance)
-        self._first_expiry = min(self._first_expiry, expires_at)
+        heapq.heappush(self._expiries, (expires_at, member_id))
         self._seen_tasks.add(task_index)
         self._by_task[task_index] = member_id
         return member_id
@@ -304,17 +307,21 @@ class Rounds:
     def expire(self) -> list[Member]:
         """Drops the members whose lease has ended, and returns them."""
         now = self._clock()
-        if now < self._first_expiry:
-            return []
-        gone = []
-        for member_id, member in self.members.items():
-            if member.expires_at <= now:
-                if member.calls:  # live while its call is: looked at again a lease from now
-                    member.expires_at = now + self.policy.lease_seconds
-                else:
-                    gone.append(member_id)
-        ended = [member for member in map(self.leave, gone) if member is not None]
-        self._first_expiry = min((m.expires_at for m in self.members.values()), default=float("inf"))
+        ended, renewed = [], []
+        while self._expiries and self._expiries[0][0] <= now:
+            _, member_id = heapq.heappop(self._expiries)
+            member = self.members.get(member_id)
+            if member is None:
+                continue  # it left
+            if member.expires_at <= now and member.calls:  # live while its call is: looked at again a lease on
+                member.expires_at = now + self.policy.lease_seconds
+            if member.expires_at > now:
+                renewed.append((member.expires_at, member_id))
+            else:
+                self.leave(member_id)
+                ended.append(member)
+        for entry in renewed:
+            heapq.heappush(self._expiries, entry)
         return ended
 
     def check(self, member_id: str, round: int) -> Verdict:
@@ -527,8 +534,8 @@ class Rounds:
 
     def next_event(self) -> float:
         """The next time at which something may change without a call: a lease or deadline ends."""
-        # At the bound, expire() scans and tightens it: the timers wake about once a lease, not at each renewal.
-        times = [self._first_expiry]
+        # A bound: the timers wake about once a lease for each member, not at each renewal.
+        times = [self._expiries[0][0]] if self._expiries else []
         times.extend(self._turns.values())  # asynchronous rounds' turns: at most the workers training at once
         if not self._warmed_up and self._warm_up_ends > self._clock():  # once past, nothing to wake for
             times.append(self._warm_up_ends)
