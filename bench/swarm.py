@@ -54,7 +54,7 @@ from comind.backoff import Backoff
 from comind.client import RETRYABLE, UNARY_TIMEOUT_SECONDS
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, round_call_seconds
+from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, round_call_seconds
 from comind.tensors import Assembler, Layout, chunks
 from core import EXAMPLES, make_model
 
@@ -145,6 +145,7 @@ class Client:
         self.member_id = ""
         self._lease = 10.0
         self._calls_hold_lease = False
+        self._long_poll = LONG_POLL_SECONDS
         self.encoding = encodings.FLOAT32  # what the ps takes updates as, once joined
         self.layout: Layout | None = None  # the global model's, once one arrived
         self._packed: np.ndarray | None = None  # the last global model, received into the same buffer each round
@@ -173,6 +174,7 @@ class Client:
                 await asyncio.sleep(next(delays))
         self.member_id, self._lease = reply.member_id, reply.lease_seconds
         self._calls_hold_lease = reply.calls_hold_lease
+        self._long_poll = reply.long_poll_seconds or LONG_POLL_SECONDS
         self.encoding = reply.update_encoding or encodings.FLOAT32
         self._contact = time.monotonic()
         self._keeper = asyncio.create_task(self._keep_lease())
@@ -234,7 +236,8 @@ class Client:
                 hello.update.CopyFrom(pb.UpdateHeader(kind=update.kind, round=update.round, num_examples=EXAMPLES,
                                                       tensors=update.layout.to_proto(), encoding=encoding))
             model_bytes = self.layout.nbytes if self.layout else update.layout.nbytes if update else 0
-            call = self._stub.Round(timeout=round_call_seconds(update.layout.nbytes if update else 0, model_bytes),
+            call = self._stub.Round(timeout=round_call_seconds(update.layout.nbytes if update else 0, model_bytes,
+                                                               self._long_poll),
                                     metadata=self._metadata)
             self._open += 1
             try:

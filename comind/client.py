@@ -33,7 +33,7 @@ from comind.errors import ModelMismatch, ProtocolError, PsRefusal, PsUnreachable
 from comind.metrics import WorkerMetrics
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
-from comind.protocol import GRPC_OPTIONS, RETRY_AFTER_KEY, round_call_seconds, transfer_seconds
+from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, RETRY_AFTER_KEY, round_call_seconds, transfer_seconds
 from comind.rounds import MIN_LEASE_SECONDS
 from comind.tensors import Assembler, Layout, StreamError, chunks
 
@@ -275,6 +275,7 @@ class WorkerClient:
         self._known_round = -1
         self._lease = 10.0
         self._calls_hold_lease = False  # what the ps said at join
+        self._long_poll = LONG_POLL_SECONDS  # likewise
         self._calls_open = 0
         self._last_contact = time.monotonic()
         self._closed = threading.Event()
@@ -389,9 +390,14 @@ class WorkerClient:
                 if not MIN_LEASE_SECONDS <= reply.lease_seconds < math.inf:
                     raise ProtocolError(f"The ps gave a lease of {reply.lease_seconds} s; a lease must be a "
                                         f"finite number of seconds, at least {MIN_LEASE_SECONDS}.")
+                if not 0 <= reply.long_poll_seconds < math.inf:
+                    raise ProtocolError(f"The ps gave a long poll of {reply.long_poll_seconds} s; it must be a "
+                                        f"finite number of seconds.")
                 # A longer lease needs no more frequent renewal, and would overflow threading's waits.
                 self._member_id, self._lease = reply.member_id, min(reply.lease_seconds, MAX_LEASE_SECONDS)
                 self._calls_hold_lease = reply.calls_hold_lease
+                # 0 from a ps that predates it; as long as a lease at most, for the same reason.
+                self._long_poll = min(reply.long_poll_seconds, MAX_LEASE_SECONDS) or LONG_POLL_SECONDS
                 self._known_round = reply.round
                 self.total_rounds = reply.total_rounds
                 self.replicas_to_aggregate = reply.replicas_to_aggregate or None
@@ -507,7 +513,7 @@ class WorkerClient:
                 log.warning("The ps is behind our update for round %d (it resumed from an older checkpoint).",
                             send.round)
 
-        timeout = round_call_seconds(wire.nbytes if wire is not None else 0, layout.nbytes)
+        timeout = round_call_seconds(wire.nbytes if wire is not None else 0, layout.nbytes, self._long_poll)
         if exchange is not None:
             from comind.secure_worker import STAGES_SECONDS
 

@@ -5,7 +5,8 @@ from comind.tensors import CHUNK_BYTES
 #: Room for a chunk plus a header listing many tensors.
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
 
-#: How long a Round call waits for the next model before answering "not yet".
+#: How long a Round call waits for the next model before answering "not yet", unless the ps says otherwise
+#: (``--long-poll-seconds``, in its JoinReply): under the 60 s after which proxies such as nginx end a silent stream.
 LONG_POLL_SECONDS = 30.0
 
 #: A model transfer may take this long plus its size at the rate below. The
@@ -31,6 +32,6 @@ def transfer_seconds(nbytes: int) -> float:
     return MIN_TRANSFER_SECONDS + nbytes / MIN_BYTES_PER_SECOND
 
 
-def round_call_seconds(update_bytes: int, model_bytes: int) -> float:
-    """A worker's deadline for a Round call: its update up, the long poll, the model down."""
-    return transfer_seconds(update_bytes) + LONG_POLL_SECONDS + transfer_seconds(model_bytes)
+def round_call_seconds(update_bytes: int, model_bytes: int, long_poll_seconds: float = LONG_POLL_SECONDS) -> float:
+    """A worker's deadline for a Round call: its update up, the ps's long poll, the model down."""
+    return transfer_seconds(update_bytes) + long_poll_seconds + transfer_seconds(model_bytes)

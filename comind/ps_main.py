@@ -197,7 +197,7 @@ def run_ps(settings: PsSettings) -> int:
                              max_concurrent_updates=settings.max_concurrent_updates,
                              max_examples_per_update=settings.max_examples_per_update,
                              federated_eval_every=settings.federated_eval_every)
-        server, port = service.build_server(ps, settings.listen, token, tls)
+        server, port = service.build_server(ps, settings.listen, token, tls, settings.long_poll_seconds)
         metrics.serve(settings.metrics_port, REGISTRY, settings.metrics_host)
         if not token:
             log.warning("AUTHENTICATION IS OFF: anyone who reaches this port can read and change the model. "

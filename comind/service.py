@@ -151,8 +151,9 @@ _RESULTS = {UpdateResult.ACCEPTED: pb.UPDATE_RESULT_ACCEPTED, UpdateResult.DUPLI
 
 
 class Service(pb_grpc.ParameterServerServicer):
-    def __init__(self, ps: ParameterServer):
+    def __init__(self, ps: ParameterServer, long_poll_seconds: float = LONG_POLL_SECONDS):
         self.ps = ps
+        self._long_poll = long_poll_seconds
         # Few sends at once: each holds megabytes of gRPC buffers, and a model
         # goes out faster to one worker after another than to all at once.
         # (Dozens at once saved only about 5% of the ps's CPU with a thousand
@@ -168,7 +169,8 @@ class Service(pb_grpc.ParameterServerServicer):
                              total_rounds=info.total_rounds, done=info.done,
                              replicas_to_aggregate=info.replicas_to_aggregate or 0, mode=MODES[info.mode],
                              update_encoding=info.update_encoding, rounds_mode=ROUNDS_MODES[info.rounds_mode],
-                             federated_eval_every=info.federated_eval_every, calls_hold_lease=True)
+                             federated_eval_every=info.federated_eval_every, calls_hold_lease=True,
+                             long_poll_seconds=self._long_poll)
         secure = info.secure_aggregation
         if secure is not None:
             reply.secure_aggregation.clip_range = secure.clip_range
@@ -268,8 +270,8 @@ class Service(pb_grpc.ParameterServerServicer):
         """Sends the worker's next model, or "not yet" after a long poll; a refusal in ``renewals`` ends it."""
         remaining = context.time_remaining()
         model_bytes = self.ps.model.layout.nbytes if self.ps.model else 0
-        wait = LONG_POLL_SECONDS if remaining is None else \
-            max(0.0, min(LONG_POLL_SECONDS, remaining - transfer_seconds(model_bytes)))
+        wait = self._long_poll if remaining is None else \
+            max(0.0, min(self._long_poll, remaining - transfer_seconds(model_bytes)))
         model = await _unless_refused(renewals, self.ps.next_model(hello.member_id, hello.have_round, wait))
         if model is None:
             await context.write(not_ready(self.ps.round))
@@ -460,8 +462,8 @@ def _method_handlers(service: Service) -> dict[str, grpc.RpcMethodHandler]:
     return registrations.handlers
 
 
-def build_server(ps: ParameterServer, listen: str, token: str | None,
-                 tls: TlsFiles = TlsFiles()) -> tuple[grpc.aio.Server, int]:
+def build_server(ps: ParameterServer, listen: str, token: str | None, tls: TlsFiles = TlsFiles(),
+                 long_poll_seconds: float = LONG_POLL_SECONDS) -> tuple[grpc.aio.Server, int]:
     """A gRPC server for ``ps`` bound to ``listen``; returns it and the bound port."""
     # The token is checked first: garbage from a stranger is UNAUTHENTICATED.
     interceptors: list[grpc.aio.ServerInterceptor] = \
@@ -470,7 +472,7 @@ def build_server(ps: ParameterServer, listen: str, token: str | None,
     server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS + SERVER_OPTIONS +
                              keepalive_options(ps.rounds.policy.lease_seconds) +
                              pending_call_options(ps.rounds.policy.member_limit))
-    handlers = _method_handlers(Service(ps))
+    handlers = _method_handlers(Service(ps, long_poll_seconds))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     try:

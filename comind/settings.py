@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, overload
 
 from comind import cluster_spec, config, modes, presets
+from comind.protocol import LONG_POLL_SECONDS
 
 PS, WORKER, TRAIN, LOCAL = "ps", "worker", "train", "local"
 #: Workers `comind local` starts unless told otherwise.
@@ -145,6 +146,10 @@ class PsSettings(_Cluster):
         10, "async rounds: updates trained from a version more than this many versions old are refused as stale",
         config.non_negative_int)
     lease_seconds: float = _setting(10.0, "seconds a worker stays live without a heartbeat", config.positive_float)
+    long_poll_seconds: float = _setting(
+        LONG_POLL_SECONDS, "seconds the ps holds a waiting worker's Round call before it answers \"not yet\" and "
+        "the worker calls again; longer costs the ps fewer calls per waiting worker (with client sampling, most "
+        "are), but must stay under the idle timeout of any proxy between them (nginx: 60 s)", config.positive_float)
     #: Unset, ``examples``; with worker-level DP, ``uniform`` (``ps_main.server_pipeline``).
     weighting: str | None = _setting(None, "how updates are weighted in the average (the mean only); unset: "
                                      "examples, or uniform with worker-level DP (which refuses examples)", str,

@@ -103,6 +103,35 @@ class FakeStub:
             yield pb.PsMessage(data=chunk)
 
 
+class LongPollStub(FakeStub):
+    """A ps that holds waiting calls for two minutes, and says so at join; it records each Round call's deadline."""
+
+    LONG_POLL = 120.0
+
+    def __init__(self, layout: Layout):
+        super().__init__(layout, grpc.StatusCode.UNAVAILABLE, failures=0)
+        self.deadlines: list[float] = []
+
+    def Join(self, request, timeout=None, metadata=None):
+        return pb.JoinReply(member_id="m" * 32, lease_seconds=10, round=0, total_rounds=5,
+                            long_poll_seconds=self.LONG_POLL)
+
+    def Round(self, requests, timeout=None, metadata=None):
+        self.deadlines.append(timeout)
+        return super().Round(requests, timeout, metadata)
+
+
+def test_a_round_call_allows_for_the_long_poll_the_ps_announced():
+    # With the default 30 s instead, the ps would answer "not yet" after what is left once transfers are set aside.
+    weights = [np.zeros(10, np.float32)]
+    client = WorkerClient("127.0.0.1:1")
+    stub = client._stub = LongPollStub(Layout.of(weights))  # type: ignore[assignment]
+    client.join(weights)
+    client.sync([np.ones(10, np.float32)], num_examples=1)
+    client.close()
+    assert stub.deadlines and min(stub.deadlines) >= LongPollStub.LONG_POLL + 2 * transfer_seconds(0)
+
+
 class _Responses:
     def __init__(self, messages):
         self._messages = messages

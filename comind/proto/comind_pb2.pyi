@@ -68,7 +68,7 @@ class JoinRequest(_message.Message):
     def __init__(self, task_index: _Optional[int] = ..., description: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding", "secure_aggregation", "rounds_mode", "federated_eval_every", "calls_hold_lease")
+    __slots__ = ("member_id", "lease_seconds", "round", "total_rounds", "done", "replicas_to_aggregate", "mode", "update_encoding", "secure_aggregation", "rounds_mode", "federated_eval_every", "calls_hold_lease", "long_poll_seconds")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class JoinReply(_message.Message):
     ROUNDS_MODE_FIELD_NUMBER: _ClassVar[int]
     FEDERATED_EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     CALLS_HOLD_LEASE_FIELD_NUMBER: _ClassVar[int]
+    LONG_POLL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     lease_seconds: float
     round: int
@@ -93,7 +94,8 @@ class JoinReply(_message.Message):
     rounds_mode: RoundsMode
     federated_eval_every: int
     calls_hold_lease: bool
-    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ..., secure_aggregation: _Optional[_Union[SecAggParameters, _Mapping]] = ..., rounds_mode: _Optional[_Union[RoundsMode, str]] = ..., federated_eval_every: _Optional[int] = ..., calls_hold_lease: _Optional[bool] = ...) -> None: ...
+    long_poll_seconds: float
+    def __init__(self, member_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., done: _Optional[bool] = ..., replicas_to_aggregate: _Optional[int] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., update_encoding: _Optional[str] = ..., secure_aggregation: _Optional[_Union[SecAggParameters, _Mapping]] = ..., rounds_mode: _Optional[_Union[RoundsMode, str]] = ..., federated_eval_every: _Optional[int] = ..., calls_hold_lease: _Optional[bool] = ..., long_poll_seconds: _Optional[float] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("member_id", "have_round", "update", "secagg_keys")
