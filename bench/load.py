@@ -66,6 +66,7 @@ import numpy as np
 import grpc_floor
 from comind import encodings
 from comind.metrics import UPDATE_RESULTS
+from comind.protocol import LONG_POLL_SECONDS
 from comind.tensors import Layout
 from core import (
     MB,
@@ -88,7 +89,7 @@ RESULTS = ROOT / "bench" / "results" / "load.txt"
 SWARM = Path(__file__).with_name("swarm.py")
 TOKEN = "load-benchmark-token"
 GB = 10**9
-#: Seconds over which an idle population's cost is measured (two renewals each at least, and its long polls).
+#: Seconds over which an idle population's cost is measured, at least.
 IDLE_SECONDS = 40.0
 #: comind_updates_total results that must stay at 0.
 REFUSED = tuple(result for result in UPDATE_RESULTS if result != "accepted")
@@ -109,8 +110,15 @@ class Scenario:
     max_p50: float | None = None            # round seconds
     max_p99: float | None = None
     max_rss_bytes: int = 1 * GB
-    idle_seconds: float = IDLE_SECONDS      # with sampling: the idle window
     lease_seconds: float = 10.0             # --lease-seconds (the ps's default)
+    long_poll_seconds: float = LONG_POLL_SECONDS  # --long-poll-seconds
+    idle_window: float | None = None        # seconds; None: see idle_seconds
+
+    @property
+    def idle_seconds(self) -> float:
+        """With sampling, the window over which the waiting population's cost is measured: a lease and a long
+        poll at least, so that it holds each worker's renewals and calls as often as any other such stretch."""
+        return self.idle_window or max(IDLE_SECONDS, self.lease_seconds, self.long_poll_seconds)
 
     @property
     def sampled(self) -> bool:
@@ -140,7 +148,8 @@ class Scenario:
     def flags(self) -> list[str]:
         """The ps's flags for it."""
         sampling = ["--clients-per-round", str(self.clients_per_round)] if self.sampled else []
-        return [*sampling, "--update-encoding", self.encoding, "--lease-seconds", f"{self.lease_seconds:g}"]
+        return [*sampling, "--update-encoding", self.encoding, "--lease-seconds", f"{self.lease_seconds:g}",
+                "--long-poll-seconds", f"{self.long_poll_seconds:g}"]
 
 
 def scenarios(quick: bool) -> tuple[Scenario, ...]:
@@ -405,7 +414,8 @@ def section(run: LoadRun) -> Section:
     ]
     final = ", + the final round (its model to every worker)" if s.sampled else ""
     notes = (f"{s.clients} workers in {s.processes} processes, each with its own connection; {s.per_round} per "
-             f"round, {s.encoding} updates, {s.lease_seconds:g} s leases; {s.warmup_rounds} warm-up + "
+             f"round, {s.encoding} updates, {s.lease_seconds:g} s leases, {s.long_poll_seconds:g} s long polls; "
+             f"{s.warmup_rounds} warm-up + "
              f"{s.measured_rounds} measured rounds{final}; load average {run.load_average:.2f} at the start.",
              *([f"{sum(run.recalls.values())} Round calls made again, by the status that ended the one before "
                 f"({', '.join(f'{code} {n}' for code, n in sorted(run.recalls.items()))}): INTERNAL when a renewal "
@@ -428,6 +438,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         "machine, a smoke test); its targets still apply")
     parser.add_argument("--population", type=int, help="connected workers in the sampled scenario, instead of "
                         "10,000 (a machine that cannot hold that many clients)")
+    parser.add_argument("--long-poll-seconds", type=float, help="the ps's long poll in the sampled scenario, "
+                        f"instead of its default, {LONG_POLL_SECONDS:g} s (what waiting workers cost it)")
     parser.add_argument("--only", action="append", help="run only the scenarios whose name starts with this "
                         "(repeatable)")
 
@@ -440,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             first = chosen[index]
             name = first.name.replace(f"{first.clients:,}", f"{count:,}")
             chosen[index] = dataclasses.replace(first, name=name, clients=count)
+    if flags.long_poll_seconds is not None:
+        chosen[1] = dataclasses.replace(chosen[1], long_poll_seconds=flags.long_poll_seconds)
     if flags.only:  # by the scenarios' own names, before --workers and --population
         chosen = [s for s, default in zip(chosen, scenarios(flags.quick), strict=True)
                   if any(default.name.startswith(prefix) for prefix in flags.only)]

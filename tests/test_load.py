@@ -22,7 +22,7 @@ from load import Scenario, run_load, section
 #: Leases of 30 s rather than 10: CI's shared cores can stall a load generator's event loop (2,000 clients
 #: in 2 processes, each receiving the final model) past a third of a 10 s lease; bench/load.py keeps the default.
 SCENARIO = Scenario("2,000 workers x 0.4 MB, 100 per round", clients=2000, model_bytes=400_000, warmup_rounds=1,
-                    measured_rounds=4, processes=2, clients_per_round=100, idle_seconds=3.0, lease_seconds=30.0)
+                    measured_rounds=4, processes=2, clients_per_round=100, idle_window=3.0, lease_seconds=30.0)
 #: The selected workers' updates may sit in the ps's receive windows at once
 #: (0.4 MB each, 40 MB in all), plus about 100 MB for an idle ps holding the
 #: model, plus what 2,000 connections and their waiting calls hold; a ps
