@@ -51,7 +51,7 @@ import numpy as np
 from comind import encodings
 from comind.auth import call_metadata
 from comind.backoff import Backoff
-from comind.client import RETRYABLE, UNARY_TIMEOUT_SECONDS
+from comind.client import RETRYABLE, UNARY_TIMEOUT_SECONDS, renewal_due
 from comind.proto import comind_pb2 as pb
 from comind.proto import comind_pb2_grpc as pb_grpc
 from comind.protocol import GRPC_OPTIONS, LONG_POLL_SECONDS, round_call_seconds
@@ -152,6 +152,7 @@ class Client:
         self._open = 0        # Round calls open: while one is, no heartbeat is needed
         self._waiting: grpc.aio.StreamStreamCall | None = None  # the open call that waits for its model
         self._renewed: grpc.aio.StreamStreamCall | None = None  # the last call a renewal went into
+        self._waiting_since = 0.0  # time.monotonic() when that call began to wait
         self._contact = 0.0   # time.monotonic() of the last message that renewed the lease
         self._keeper: asyncio.Task | None = None
         # Round calls made again (see round()), by the status that ended the one before.
@@ -179,15 +180,19 @@ class Client:
         self._contact = time.monotonic()
         self._keeper = asyncio.create_task(self._keep_lease())
 
+    def _renewal_due(self) -> float:
+        if self._calls_hold_lease and self._waiting is not None:
+            return renewal_due(self._contact, self._waiting_since, self._lease, self._long_poll)
+        return self._contact + self._lease / 3
+
     async def _keep_lease(self) -> None:
         """WorkerClient's rule: a third of the lease after the last contact, a Heartbeat when no call is open, or
-        a renewal into a call that waits for its model (a lease after the last contact where the ps says an open
-        call holds the lease: the renewal then only probes the link)."""
+        a renewal into a call that waits for its model (where the ps says an open call holds the lease, when
+        :func:`comind.client.renewal_due` says: the renewal then only probes the link)."""
         while True:
-            period = self._lease if self._calls_hold_lease and self._waiting is not None else self._lease / 3
-            await asyncio.sleep(max(0.0, self._contact + period - time.monotonic()))
-            if time.monotonic() - self._contact < period:
-                continue  # a call renewed it meanwhile
+            await asyncio.sleep(max(0.0, self._renewal_due() - time.monotonic()))
+            if time.monotonic() < self._renewal_due():
+                continue  # a call renewed it meanwhile, or began to wait
             self._contact = time.monotonic()
             call = self._waiting
             if call is not None:
@@ -242,7 +247,7 @@ class Client:
             self._open += 1
             try:
                 await _write(call, [pb.WorkerMessage(hello=hello), *(update.data if update is not None else ())])
-                self._contact = time.monotonic()
+                self._contact = self._waiting_since = time.monotonic()
                 self._waiting = call
                 message = await call.read()
                 if message is not grpc.aio.EOF and message.HasField("receipt"):

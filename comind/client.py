@@ -484,14 +484,18 @@ class WorkerClient:
                     yield pb.WorkerMessage(data=data)
                 else:
                     yield pb.WorkerMessage(end=True)
+            last = waiting_since = time.monotonic()  # the ps's long poll starts about now
             while not finished.is_set():
                 try:
-                    message = outbox.get(timeout=self._renewal_seconds())
+                    message = outbox.get(timeout=max(0.0, self._renewal_due(last, waiting_since) - time.monotonic()))
                 except queue.Empty:
                     message = pb.WorkerMessage(renewal=True)
                 if message is None:  # the call is over
                     return
                 yield message
+                last = time.monotonic()
+                if not message.renewal:  # a secure aggregation stage's: the ps's long poll starts after the last
+                    waiting_since = last
 
         def on_receipt(receipt: pb.Receipt) -> None:
             if send is None or receipt.round != send.round or receipt.result not in _RECEIPTS:
@@ -605,14 +609,12 @@ class WorkerClient:
 
     # Lease --------------------------------------------------------------------
 
-    def _renewal_seconds(self) -> float:
-        """How long a waiting Round call goes without a message before a renewal goes into it.
-
-        A third of a lease; a whole lease where the call holds the lease on the ps, which then needs no renewal:
-        there the renewal is this worker's probe of its own link. Over a connection the ps dropped while the link
-        was down, it meets a reset and the worker calls again at once, where gRPC's own pings would take 30 s.
-        """
-        return self._lease if self._calls_hold_lease else self._lease / 3
+    def _renewal_due(self, last_message: float, waiting_since: float) -> float:
+        """When a renewal goes into a waiting Round call (``time.monotonic()``): a third of a lease after its last
+        message, or where the call holds the lease on the ps, :func:`renewal_due`."""
+        if self._calls_hold_lease:
+            return renewal_due(last_message, waiting_since, self._lease, self._long_poll)
+        return last_message + self._lease / 3
 
     def _call_opened(self) -> None:
         with self._lock:
@@ -658,6 +660,19 @@ class WorkerClient:
             self._membership()
         with self._lock:
             self._last_contact = time.monotonic()
+
+
+def renewal_due(last_message: float, waiting_since: float, lease: float, long_poll: float) -> float:
+    """When a worker sends a renewal into a Round call that waits for its model, where the call holds its lease.
+
+    The ps needs none: the renewal is the worker's probe of its own link. Over a connection the ps dropped while
+    the link was down, it meets a reset and the worker calls again at once, where gRPC's own pings would take
+    30 s. It goes a lease after the call's last message, but not near the end of the ps's long poll, due about
+    ``waiting_since + long_poll``: that end (the ps's "not yet") probes the link as well, and a renewal written
+    as it comes meets the end of the call. Then the probe waits until the end is a third of a lease late.
+    """
+    due, poll_end, margin = last_message + lease, waiting_since + long_poll, lease / 3
+    return max(due, poll_end + margin) if due > poll_end - margin else due
 
 
 def _retry_after(error: grpc.RpcError) -> float | None:

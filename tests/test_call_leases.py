@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from comind.client import renewal_due
 from comind.proto import comind_pb2 as pb
 from raw_protocol import RawClient, update_messages
 
@@ -83,3 +85,16 @@ def test_a_frozen_worker_loses_its_lease_though_its_call_is_open(start_ps):
         finally:
             waiter.kill()
             waiter.wait()
+
+
+def test_a_waiting_call_is_probed_once_a_lease_but_not_as_the_long_poll_ends():
+    # A 10 s lease and a 30 s long poll from t = 0: probes at 10 and 20; not at 30, when the ps's "not yet" comes
+    # (a renewal written then meets the end of the call), but at 33.3 if that end is late.
+    assert renewal_due(0, 0, lease=10, long_poll=30) == 10
+    assert renewal_due(10, 0, lease=10, long_poll=30) == 20
+    assert renewal_due(20, 0, lease=10, long_poll=30) == pytest.approx(30 + 10 / 3)
+    # A lease as long as the long poll: no probe while the ps keeps to its poll.
+    assert renewal_due(0, 0, lease=30, long_poll=30) == 40
+    # A long poll longer than the lease: one probe, at the lease.
+    assert renewal_due(0, 0, lease=30, long_poll=55) == 30
+    assert renewal_due(30, 0, lease=30, long_poll=55) == 65
