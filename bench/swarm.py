@@ -181,9 +181,8 @@ class Client:
         self._keeper = asyncio.create_task(self._keep_lease())
 
     def _renewal_due(self) -> float:
-        if self._calls_hold_lease and self._waiting is not None:
-            return renewal_due(self._contact, self._waiting_since, self._lease, self._long_poll)
-        return self._contact + self._lease / 3
+        return renewal_due(self._contact, self._waiting_since, self._lease, self._long_poll,
+                           self._calls_hold_lease and self._waiting is not None)
 
     async def _keep_lease(self) -> None:
         """WorkerClient's rule: a third of the lease after the last contact, a Heartbeat when no call is open, or

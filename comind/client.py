@@ -487,7 +487,8 @@ class WorkerClient:
             last = waiting_since = time.monotonic()  # the ps's long poll starts about now
             while not finished.is_set():
                 try:
-                    message = outbox.get(timeout=max(0.0, self._renewal_due(last, waiting_since) - time.monotonic()))
+                    due = renewal_due(last, waiting_since, self._lease, self._long_poll, self._calls_hold_lease)
+                    message = outbox.get(timeout=max(0.0, due - time.monotonic()))
                 except queue.Empty:
                     message = pb.WorkerMessage(renewal=True)
                 if message is None:  # the call is over
@@ -609,13 +610,6 @@ class WorkerClient:
 
     # Lease --------------------------------------------------------------------
 
-    def _renewal_due(self, last_message: float, waiting_since: float) -> float:
-        """When a renewal goes into a waiting Round call (``time.monotonic()``): a third of a lease after its last
-        message, or where the call holds the lease on the ps, :func:`renewal_due`."""
-        if self._calls_hold_lease:
-            return renewal_due(last_message, waiting_since, self._lease, self._long_poll)
-        return last_message + self._lease / 3
-
     def _call_opened(self) -> None:
         with self._lock:
             self._calls_open += 1
@@ -662,15 +656,19 @@ class WorkerClient:
             self._last_contact = time.monotonic()
 
 
-def renewal_due(last_message: float, waiting_since: float, lease: float, long_poll: float) -> float:
-    """When a worker sends a renewal into a Round call that waits for its model, where the call holds its lease.
+def renewal_due(last_message: float, waiting_since: float, lease: float, long_poll: float,
+                calls_hold_lease: bool = True) -> float:
+    """When a worker renews its lease (``time.monotonic()``): a third of a lease after its last message, unless
+    it waits in a Round call that holds its lease (``calls_hold_lease``, as the ps said at join).
 
-    The ps needs none: the renewal is the worker's probe of its own link. Over a connection the ps dropped while
+    Then the ps needs none: the renewal is the worker's probe of its own link. Over a connection the ps dropped while
     the link was down, it meets a reset and the worker calls again at once, where gRPC's own pings would take
     30 s. It goes a lease after the call's last message, but not near the end of the ps's long poll, due about
     ``waiting_since + long_poll``: that end (the ps's "not yet") probes the link as well, and a renewal written
     as it comes meets the end of the call. Then the probe waits until the end is a third of a lease late.
     """
+    if not calls_hold_lease:
+        return last_message + lease / 3
     due, poll_end, margin = last_message + lease, waiting_since + long_poll, lease / 3
     return max(due, poll_end + margin) if due > poll_end - margin else due
 

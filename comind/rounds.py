@@ -294,8 +294,7 @@ class Rounds:
             yield
         finally:
             member.calls -= 1
-            if self.members.get(member_id) is member:
-                member.expires_at = self._clock() + self.policy.lease_seconds
+            self.renew(member_id)  # unless it left meanwhile
 
     def leave(self, member_id: str) -> Member | None:
         member = self.members.pop(member_id, None)

@@ -39,8 +39,8 @@ round did not select  ``NOT_SELECTED``       model follows once selected
 A worker's part in a round is one ``Round`` call: a hello (with its update's
 header, if it has one), the update's bytes, a receipt, and the next global
 model. While the call is open it holds the worker's lease, and the ps's
-keepalive pings watch the link; the worker's renewals, once a lease, probe
-its own side of it.
+keepalive pings watch the link; the worker's renewals probe its own side of
+it (``comind.client.renewal_due``).
 
 A refusal that may succeed later carries the seconds to wait in the trailing
 metadata :data:`comind.protocol.RETRY_AFTER_KEY`.

@@ -39,14 +39,12 @@ class Slots:
         """
         seconds = transfer_seconds(nbytes)
         deadline = asyncio.get_running_loop().time() + seconds
-        if self._semaphore.locked():
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._semaphore.acquire()
-            except TimeoutError:
-                raise Busy(f"The ps was busy {self._what} other models for {seconds:.0f} s; retry.") from None
-        else:  # a free slot: taken at once, without a timer (thousands of calls a round)
-            await self._semaphore.acquire()
+        try:
+            # A free slot is taken at once: no timer for it (thousands of calls a round).
+            async with asyncio.timeout_at(deadline if self._semaphore.locked() else None):
+                await self._semaphore.acquire()
+        except TimeoutError:
+            raise Busy(f"The ps was busy {self._what} other models for {seconds:.0f} s; retry.") from None
         try:
             yield deadline
         except TimeoutError:
